@@ -1,0 +1,108 @@
+"""Every Kafka topic the pipeline uses, in one place.
+
+Names carry a version suffix; raw (unredacted) data has a short retention,
+state topics are compacted and keyed by what they describe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["TOPICS", "TopicSpec", "Topics", "topic_names"]
+
+_HOUR_MS = 3_600_000
+_DAY_MS = 24 * _HOUR_MS
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """A topic's contract: name, key, value schema and broker configuration."""
+
+    name: str
+    key: str
+    value_schema: str | None
+    retention_ms: int | None = None
+    compacted: bool = False
+    partitions: int | None = None  # None: the settings' default
+    extra_config: dict[str, str] = field(default_factory=dict)
+
+    def config(self) -> dict[str, str]:
+        """Broker-side topic configuration."""
+        cfg: dict[str, str] = {"cleanup.policy": "compact" if self.compacted else "delete"}
+        if self.retention_ms is not None:
+            cfg["retention.ms"] = str(self.retention_ms)
+        if self.compacted:
+            # Keep the latest value per key promptly visible to new subscribers.
+            cfg["min.compaction.lag.ms"] = "0"
+            cfg["segment.ms"] = str(_HOUR_MS)
+        cfg.update(self.extra_config)
+        return cfg
+
+
+TOPICS: dict[str, TopicSpec] = {
+    spec.name: spec
+    for spec in (
+        TopicSpec(
+            "feedback.raw.v1",
+            key="subject: user_id | client ip | source",
+            value_schema="feedback_event_v1",
+            # Unredacted: keep only long enough to survive a worker outage.
+            retention_ms=1 * _DAY_MS,
+        ),
+        TopicSpec("feedback.clean.v1", key="subject", value_schema="feedback_event_v1", retention_ms=7 * _DAY_MS),
+        TopicSpec("feedback.rejected.v1", key="subject", value_schema=None, retention_ms=7 * _DAY_MS),
+        TopicSpec("feedback.dlq.v1", key="original key", value_schema="dead_letter_v1", retention_ms=14 * _DAY_MS),
+        TopicSpec("feedback.directive-bias.v1", key="directive", value_schema=None, compacted=True),
+        TopicSpec("feedback.reputation.v1", key="source", value_schema=None, compacted=True),
+        TopicSpec("feedback.triage.v1", key="triage id", value_schema=None, compacted=True),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The concrete topic names for one deployment (``prefix`` isolates tests and tenants)."""
+
+    prefix: str = ""
+
+    def name(self, base: str) -> str:
+        if base not in TOPICS:
+            raise KeyError(f"unknown topic {base!r}; known: {', '.join(TOPICS)}")
+        return f"{self.prefix}{base}"
+
+    @property
+    def raw(self) -> str:
+        return self.name("feedback.raw.v1")
+
+    @property
+    def clean(self) -> str:
+        return self.name("feedback.clean.v1")
+
+    @property
+    def rejected(self) -> str:
+        return self.name("feedback.rejected.v1")
+
+    @property
+    def dlq(self) -> str:
+        return self.name("feedback.dlq.v1")
+
+    @property
+    def directive_bias(self) -> str:
+        return self.name("feedback.directive-bias.v1")
+
+    @property
+    def reputation(self) -> str:
+        return self.name("feedback.reputation.v1")
+
+    @property
+    def triage(self) -> str:
+        return self.name("feedback.triage.v1")
+
+    def specs(self) -> dict[str, TopicSpec]:
+        """Concrete name → spec for every topic."""
+        return {self.name(base): spec for base, spec in TOPICS.items()}
+
+
+def topic_names(prefix: str = "") -> list[str]:
+    """All concrete topic names for ``prefix``."""
+    return list(Topics(prefix).specs())

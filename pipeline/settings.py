@@ -79,6 +79,14 @@ class Settings(BaseSettings):
             raise ValueError("may contain only letters, digits, '.', '_' and '-'")
         return value
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``FEEDBACK_*`` variables, to hand to a child process."""
+        return {
+            f"FEEDBACK_{name.upper()}": str(value)
+            for name, value in self.model_dump().items()
+            if value is not None
+        }
+
     @property
     def kafka_bootstrap(self) -> str:
         """The bootstrap servers every Kafka client uses."""

@@ -1,0 +1,241 @@
+"""The ``feedback`` command line."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.errors import PipelineError
+from pipeline.logs import configure_logging
+from pipeline.settings import Settings, get_settings
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Feedback-event pipeline: local stack, producers, worker, sinks.")
+console = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    settings = get_settings()
+    configure_logging(settings)
+    return settings
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+# --- local stack -------------------------------------------------------------
+@app.command()
+def up() -> None:
+    """Start the local stack (Kafka, embedded ClickHouse), create topics and tables. Idempotent."""
+    from pipeline.kafka_admin import ensure_topics
+    from pipeline.localstack import LocalStack
+    from sinks.clickhouse import connect
+    from sinks.migrations import apply_migrations
+
+    settings = _settings()
+    LocalStack(settings).up()
+    created = ensure_topics(settings)
+    applied = apply_migrations(connect(settings), settings.clickhouse_database)
+    console.print(
+        f"[green]up[/green]: Kafka {settings.kafka_bootstrap}, ClickHouse {settings.clickhouse_endpoint} "
+        f"({len(created)} topics created, {len(applied)} migrations applied)"
+    )
+
+
+@app.command()
+def down() -> None:
+    """Stop the local stack (by the PIDs it recorded). Idempotent."""
+    from pipeline.localstack import LocalStack
+
+    LocalStack(_settings()).down()
+    console.print("[green]down[/green]")
+
+
+@app.command()
+def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """Show whether the local services run, with their PIDs, addresses and logs."""
+    from dataclasses import asdict
+
+    from pipeline.localstack import LocalStack
+
+    statuses = [asdict(s) for s in LocalStack(_settings()).status()]
+    if as_json:
+        _print_json(statuses)
+        return
+    table = Table("service", "running", "pid", "address", "log")
+    for s in statuses:
+        table.add_row(
+            str(s.get("name")), "yes" if s.get("running") else "no", str(s.get("pid") or "-"),
+            str(s.get("address") or s.get("bootstrap") or "-"), str(s.get("log_path") or s.get("log") or "-"),
+        )
+    Console().print(table)
+
+
+@app.command()
+def topics() -> None:
+    """Create any missing pipeline topics."""
+    from pipeline.kafka_admin import ensure_topics
+
+    created = ensure_topics(_settings())
+    console.print(f"{len(created)} topic(s) created")
+
+
+@app.command()
+def migrate() -> None:
+    """Apply ClickHouse migrations (idempotent)."""
+    from sinks.clickhouse import connect
+    from sinks.migrations import apply_migrations
+
+    settings = _settings()
+    applied = apply_migrations(connect(settings), settings.clickhouse_database)
+    console.print(f"{len(applied)} migration(s) applied")
+
+
+# --- producing ---------------------------------------------------------------
+def _read_events(source: str) -> list[tuple[int, dict[str, Any] | None, str]]:
+    """(line number, parsed object or None, parse error) for JSON Lines or a JSON array."""
+    text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            items = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            return [(1, None, f"not valid JSON: {exc}")]
+        return [(i + 1, item, "") for i, item in enumerate(items)]
+    out: list[tuple[int, dict[str, Any] | None, str]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((number, orjson.loads(line), ""))
+        except orjson.JSONDecodeError as exc:
+            out.append((number, None, f"not valid JSON: {exc}"))
+    return out
+
+
+def _first_problem(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "event"
+    message = err["msg"].removeprefix("Value error, ")
+    if message.startswith(f"{field}:") or message.startswith("payload"):
+        return message
+    return f"{field}: {message}"
+
+
+@app.command()
+def produce(
+    source: Annotated[str, typer.Argument(help="File of JSON events (JSON Lines or an array), or - for stdin.")] = "-",
+    generate: Annotated[int, typer.Option("--generate", help="Publish N synthetic events instead.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for --generate.")] = 7,
+) -> None:
+    """Publish events to feedback.raw.v1. Every event is validated first: if any is invalid,
+    one line per problem names the field and the rule, and nothing is published."""
+    from producers.producer import FeedbackProducer
+    from producers.synthetic import generate_events
+    from schemas.models import FeedbackEvent
+
+    settings = _settings()
+    if generate:
+        events = list(generate_events(generate, seed=seed))
+    else:
+        events, problems = [], []
+        for number, obj, error in _read_events(source):
+            if obj is None:
+                problems.append(f"line {number}: {error}")
+                continue
+            try:
+                events.append(FeedbackEvent.model_validate(obj))
+            except ValidationError as exc:
+                problems.append(f"line {number}: {_first_problem(exc)}")
+        if problems:
+            for problem in problems:
+                typer.echo(f"invalid event: {problem}", err=True)
+            typer.echo(f"nothing published ({len(problems)} invalid event(s))", err=True)
+            raise typer.Exit(2)
+    with FeedbackProducer(settings) as producer:
+        producer.send_many(events)
+    console.print(f"published {len(events)} event(s) to {producer.topic}")
+
+
+# --- long-running processes -----------------------------------------------------
+@app.command()
+def worker() -> None:
+    """Run the stream worker (Faust): feedback.raw.v1 → feedback.clean.v1 / feedback.dlq.v1."""
+    from stream_processors.app import run_worker
+
+    run_worker(_settings())
+
+
+@app.command()
+def sink(
+    idle_exit: Annotated[float | None, typer.Option(help="Exit after this many idle seconds.")] = None,
+) -> None:
+    """Run the sinks: clean events → ClickHouse + JSONL, dead letters → ClickHouse."""
+    from sinks.feedback_sink import DeadLetterSink, EventSink
+
+    settings = _settings()
+    sinks = [EventSink(settings), DeadLetterSink(settings)]
+    threads = [threading.Thread(target=s.run, kwargs={"idle_exit_s": idle_exit}, name=s.name) for s in sinks]
+
+    def _stop(*_: object) -> None:
+        for s in sinks:
+            s.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(0.5)
+
+
+# --- inspection ----------------------------------------------------------------
+@app.command()
+def stats(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """Counts per Kafka topic, ClickHouse table and JSONL file."""
+    from pipeline.stats import collect_stats
+
+    data = collect_stats(_settings())
+    if as_json:
+        _print_json(data)
+        return
+    from pipeline.demo import print_stats
+
+    print_stats(data)
+
+
+@app.command()
+def demo(
+    events: Annotated[int, typer.Option(help="How many synthetic events to send.")] = 3000,
+    poison: Annotated[int, typer.Option(help="How many undecodable messages to inject.")] = 5,
+) -> None:
+    """Start the local stack, run worker and sink on generated feedback, and show what landed."""
+    from pipeline.demo import run_demo
+
+    raise typer.Exit(run_demo(_settings(), events=events, poison=poison))
+
+
+def main() -> None:
+    """Entry point: turns the project's errors into one clear line and exit code 1."""
+    try:
+        app()
+    except PipelineError as exc:
+        console.print(f"[red]error[/red]: {exc}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""``feedback demo``: the whole pipeline on generated feedback, in one command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.settings import Settings
+
+__all__ = ["print_stats", "run_demo"]
+
+console = Console()
+
+POISON_SAMPLES = (
+    b'{"source": "plain-json", "type": "thumbs"}',
+    b"\xc3\x01" + b"\x00" * 8 + b"unknown schema",
+    b"\x00\x00\x00\x00\x2a not registered",
+    b"",
+    b"\xc3\x01\x16",
+)
+
+
+def print_stats(data: dict[str, Any]) -> None:
+    """Render ``collect_stats`` output as tables."""
+    table = Table("where", "what", "count", title="What landed")
+    for name, count in data.get("kafka", {}).items():
+        table.add_row("kafka", name, str(count))
+    for name, count in data.get("clickhouse", {}).items():
+        table.add_row("clickhouse", name, str(count))
+    jsonl = data.get("jsonl", {})
+    for name, count in jsonl.get("files", {}).items():
+        table.add_row("jsonl", name, str(count))
+    console.print(table)
+
+
+def _start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    fh = open(log, "ab")  # noqa: SIM115 - handed to the child
+    return subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def run_demo(settings: Settings, *, events: int, poison: int, timeout_s: float = 150.0) -> int:
+    """Run the demo; returns 0 when every event landed exactly once, 1 otherwise."""
+    from pipeline.kafka_admin import ensure_topics
+    from pipeline.localstack import LocalStack
+    from pipeline.stats import collect_stats
+    from producers.producer import FeedbackProducer
+    from producers.synthetic import generate_events
+    from sinks.clickhouse import connect
+    from sinks.migrations import apply_migrations
+
+    started = time.monotonic()
+    run_id = time.strftime("%Y%m%d%H%M%S")
+    demo = settings.model_copy(
+        update={
+            "topic_prefix": f"demo.{run_id}.",
+            "clickhouse_database": f"demo_{run_id}",
+            "path": settings.path / "demo" / run_id,
+            "sink_group": f"demo-{run_id}-sink",
+        }
+    )
+    console.print(f"[bold]feedback demo[/bold] run {run_id}: {events} events + {poison} poison messages")
+    console.print("starting the local stack (Kafka KRaft + embedded ClickHouse)…")
+    LocalStack(settings).up()
+    ensure_topics(demo)
+    client = connect(demo)
+    apply_migrations(client, demo.clickhouse_database)
+
+    env = {**os.environ, **demo.to_env()}
+    logs = settings.state_dir / "demo" / run_id
+    logs.mkdir(parents=True, exist_ok=True)
+    cli = [sys.executable, "-m", "pipeline.cli"]
+    procs = [
+        _start([*cli, "worker"], env, logs / "worker.log"),
+        _start([*cli, "sink"], env, logs / "sink.log"),
+    ]
+    try:
+        with FeedbackProducer(demo) as producer:
+            producer.send_many(generate_events(events, seed=int(run_id[-6:])))
+            for i in range(poison):
+                producer.send_raw(POISON_SAMPLES[i % len(POISON_SAMPLES)], key=b"demo-poison")
+        console.print(f"published {events + poison} messages to {producer.topic}; waiting for the pipeline…")
+        deadline = time.monotonic() + timeout_s
+        landed: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            for proc in procs:
+                if proc.poll() is not None:
+                    console.print(f"[red]a pipeline process exited early[/red]; see logs in {logs}")
+                    return 1
+            landed = collect_stats(demo)
+            ch = landed.get("clickhouse", {})
+            if ch.get("feedback_events_final") == events and ch.get("dlq_events") == poison and landed["jsonl"]["lines"] == events:
+                break
+            time.sleep(1.0)
+        print_stats(landed)
+        _print_rows(client, demo)
+        ch = landed.get("clickhouse", {})
+        ok = ch.get("feedback_events_final") == events and ch.get("dlq_events") == poison and landed["jsonl"]["lines"] == events
+        verdict = "[green]every event landed exactly once[/green]" if ok else "[red]counts do not match[/red]"
+        console.print(f"{verdict} in {time.monotonic() - started:.0f}s")
+        console.print(
+            f"explore: FEEDBACK_TOPIC_PREFIX={demo.topic_prefix} FEEDBACK_CLICKHOUSE_DATABASE={demo.clickhouse_database} "
+            f"FEEDBACK_PATH={demo.path} .venv/bin/feedback stats\n"
+            f"query:   curl '{settings.clickhouse_endpoint}/?query=SELECT+type,count()+FROM+{demo.clickhouse_database}.feedback_events+GROUP+BY+type'\n"
+            "stop the stack: .venv/bin/feedback down   (logs: " + str(logs) + ")"
+        )
+        return 0 if ok else 1
+    finally:
+        for proc in procs:
+            _stop(proc)
+
+
+def _print_rows(client: Any, settings: Settings) -> None:
+    result = client.query(
+        f"SELECT ts, source, type, severity, model_version, user_id FROM `{settings.clickhouse_database}`.feedback_events "
+        "FINAL ORDER BY ts DESC LIMIT 5"
+    )
+    table = Table(*result.column_names, title="A few rows in ClickHouse")
+    for row in result.result_rows:
+        table.add_row(*(str(v) for v in row))
+    console.print(table)

@@ -1,0 +1,79 @@
+"""Creating the pipeline's topics and reading their sizes."""
+
+from __future__ import annotations
+
+import logging
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from pipeline.errors import StackError
+from pipeline.settings import Settings
+from schemas.topics import Topics
+
+__all__ = ["ensure_topics", "topic_message_counts"]
+
+log = logging.getLogger(__name__)
+
+
+def ensure_topics(settings: Settings, topics: Topics | None = None, timeout: float = 30.0) -> list[str]:
+    """Create every pipeline topic that does not exist yet; returns the names created.
+
+    Raises :class:`StackError` when the broker is unreachable or refuses a topic.
+    """
+    topics = topics or Topics(settings.topic_prefix)
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    try:
+        existing = set(admin.list_topics(timeout=timeout).topics)
+    except KafkaException as exc:
+        raise StackError(
+            f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc}. Start it with `feedback up`."
+        ) from None
+    wanted = [
+        NewTopic(
+            name,
+            num_partitions=spec.partitions or settings.topic_partitions,
+            replication_factor=-1,  # the broker default: 1 locally, the cluster's default elsewhere
+            config=spec.config(),
+        )
+        for name, spec in topics.specs().items()
+        if name not in existing
+    ]
+    created: list[str] = []
+    if not wanted:
+        return created
+    for name, future in admin.create_topics(wanted, operation_timeout=timeout).items():
+        try:
+            future.result(timeout=timeout)
+            created.append(name)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise StackError(f"cannot create topic {name}: {exc.args[0].str()}") from None
+    log.info("topics_created count=%d", len(created))
+    return created
+
+
+def topic_message_counts(settings: Settings, names: list[str], timeout: float = 10.0) -> dict[str, int]:
+    """Messages currently held per topic (high minus low watermark, summed over partitions).
+
+    A topic that does not exist counts as 0.
+    """
+    consumer = Consumer(
+        {"bootstrap.servers": settings.kafka_bootstrap, "group.id": "feedback-stats", "enable.auto.commit": False}
+    )
+    try:
+        metadata = consumer.list_topics(timeout=timeout)
+        counts: dict[str, int] = {}
+        for name in names:
+            topic = metadata.topics.get(name)
+            if topic is None or topic.error is not None:
+                counts[name] = 0
+                continue
+            total = 0
+            for partition in topic.partitions:
+                low, high = consumer.get_watermark_offsets(TopicPartition(name, partition), timeout=timeout)
+                total += max(0, high - low)
+            counts[name] = total
+        return counts
+    finally:
+        consumer.close()

@@ -1,0 +1,137 @@
+"""The thin producer: validate, hash, Avro-encode, publish.
+
+Producers never redact or sample; the stream does that once for everyone.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from confluent_kafka import KafkaError, Message, Producer
+
+from pipeline.errors import TransientError
+from pipeline.settings import Settings, get_settings
+from schemas.models import FeedbackEvent
+from schemas.serde import AvroSerde
+from schemas.topics import Topics
+
+__all__ = ["DeliveryError", "FeedbackProducer", "subject_key"]
+
+log = logging.getLogger(__name__)
+
+
+class DeliveryError(TransientError):
+    """Kafka did not acknowledge some events. ``failures`` holds (event_id, reason) pairs."""
+
+    def __init__(self, failures: list[tuple[str, str]]) -> None:
+        self.failures = failures
+        first_id, first_reason = failures[0]
+        super().__init__(
+            f"{len(failures)} event(s) not acknowledged by Kafka (first: {first_id}: {first_reason}); "
+            "they were not published and can be sent again"
+        )
+
+
+def subject_key(event: FeedbackEvent) -> bytes:
+    """The partition key: user_id, else client ip, else source — so a subject's
+    rate-limit bucket and dedup state live in one partition."""
+    return (event.user_id or event.client_ip or event.source).encode("utf-8")
+
+
+class FeedbackProducer:
+    """Publishes :class:`FeedbackEvent` to ``feedback.raw.v1`` with idempotence and acks=all.
+
+    ``send`` is asynchronous; ``flush`` waits for every acknowledgement and raises
+    :class:`DeliveryError` if any event was not delivered. Use as a context manager
+    so ``close`` flushes.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        topic: str | None = None,
+        serde: AvroSerde | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.settings = settings or get_settings()
+        self.topic = topic or Topics(self.settings.topic_prefix).raw
+        self.serde = serde or AvroSerde.from_url(self.settings.schema_registry_url)
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.settings.kafka_bootstrap,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "batch.size": 1_000_000,
+            "compression.type": "lz4",
+            "message.timeout.ms": 120_000,
+            "client.id": "feedback-producer",
+        }
+        conf.update(config or {})
+        self._producer = Producer(conf)
+        self._lock = threading.Lock()
+        self._failures: list[tuple[str, str]] = []
+        self.delivered = 0
+
+    # --- publishing ------------------------------------------------------
+    def send(self, event: FeedbackEvent) -> None:
+        """Queue one event; raises :class:`DeliveryError` only via :meth:`flush`."""
+        self.send_raw(self.serde.encode(event.to_avro()), key=subject_key(event), label=event.event_id)
+
+    def send_many(self, events: Iterable[FeedbackEvent]) -> int:
+        """Queue many events; returns how many were queued."""
+        n = 0
+        for event in events:
+            self.send(event)
+            n += 1
+        return n
+
+    def send_raw(self, value: bytes, key: bytes | None = None, label: str = "raw") -> None:
+        """Queue already-encoded bytes (used to replay or to test poison handling)."""
+
+        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+            if err is None:
+                self.delivered += 1
+                return
+            with self._lock:
+                self._failures.append((label, err.str()))
+
+        while True:
+            try:
+                self._producer.produce(self.topic, value=value, key=key, on_delivery=on_delivery)
+                break
+            except BufferError:
+                # Local queue full: serve delivery reports to make room, then retry.
+                self._producer.poll(0.05)
+        self._producer.poll(0)
+
+    def flush(self, timeout: float = 60.0) -> None:
+        """Wait for every queued event to be acknowledged.
+
+        Raises :class:`DeliveryError` naming the events Kafka did not acknowledge,
+        or :class:`TransientError` if some are still in flight after ``timeout``.
+        """
+        remaining = self._producer.flush(timeout)
+        with self._lock:
+            failures, self._failures = self._failures, []
+        if failures:
+            log.warning("delivery_failed count=%d", len(failures))
+            raise DeliveryError(failures)
+        if remaining:
+            raise TransientError(
+                f"{remaining} event(s) still unacknowledged after {timeout:.0f}s; is Kafka at "
+                f"{self.settings.kafka_bootstrap} up?"
+            )
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Flush and release the producer."""
+        self.flush(timeout)
+
+    def __enter__(self) -> FeedbackProducer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

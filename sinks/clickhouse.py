@@ -1,0 +1,135 @@
+"""ClickHouse access over HTTP (a real server, or the embedded chDB server locally)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import clickhouse_connect
+import orjson
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
+from urllib3.exceptions import HTTPError
+
+from pipeline.errors import StackError, TransientError
+from pipeline.settings import Settings
+
+__all__ = ["EVENT_COLUMNS", "ClickHouseWriter", "connect", "event_row"]
+
+log = logging.getLogger(__name__)
+
+EVENT_COLUMNS: tuple[str, ...] = (
+    "event_id",
+    "ts",
+    "source",
+    "type",
+    "severity",
+    "user_id",
+    "session_id",
+    "interaction_id",
+    "model_version",
+    "prompt_version",
+    "value",
+    "confidence",
+    "tags",
+    "idempotency_key",
+    "payload_text",
+    "payload_comment",
+    "corrected_response",
+    "payload",
+    "hash",
+    "kafka_partition",
+    "kafka_offset",
+)
+
+
+def connect(settings: Settings, database: str | None = None) -> Client:
+    """A clickhouse-connect HTTP client for ``settings.clickhouse_endpoint``.
+
+    Raises :class:`StackError` naming the URL when ClickHouse does not answer.
+    """
+    try:
+        return clickhouse_connect.get_client(
+            dsn=settings.clickhouse_endpoint,
+            username=settings.clickhouse_user,
+            password=settings.clickhouse_password,
+            database=database or "default",
+            compress="lz4",
+            connect_timeout=5,
+            send_receive_timeout=60,
+            autogenerate_session_id=False,
+        )
+    except (OperationalError, HTTPError) as exc:
+        raise StackError(
+            f"cannot reach ClickHouse at {settings.clickhouse_endpoint}: {type(exc).__name__}. "
+            "Start the local stack with `feedback up`, or set FEEDBACK_CLICKHOUSE_URL."
+        ) from None
+
+
+def _json_value(value: Any) -> str:
+    return value if isinstance(value, str) else orjson.dumps(value).decode()
+
+
+def event_row(record: dict[str, Any], partition: int, offset: int) -> list[Any]:
+    """One ``feedback_events`` row (in :data:`EVENT_COLUMNS` order) from a decoded Avro record.
+
+    ``client_ip`` is deliberately not stored.
+    """
+    payload = record["payload"]
+    ts: datetime = record["ts"]
+    return [
+        record["event_id"],
+        ts,
+        record["source"],
+        record["type"],
+        record["severity"],
+        record["user_id"],
+        record["session_id"],
+        record["interaction_id"],
+        record["model_version"],
+        record["prompt_version"],
+        record["value"],
+        record["confidence"],
+        record["tags"],
+        record["idempotency_key"],
+        payload["text"],
+        payload["comment"],
+        payload["corrected_response"],
+        {k: _json_value(v) for k, v in payload["extra"].items()},
+        record["hash"],
+        partition,
+        offset,
+    ]
+
+
+class ClickHouseWriter:
+    """Inserts rows into one table with a deterministic deduplication token per batch."""
+
+    def __init__(self, client: Client, database: str, table: str, columns: Sequence[str]) -> None:
+        self.client = client
+        self.database = database
+        self.table = table
+        self.columns = list(columns)
+
+    def insert(self, rows: list[list[Any]], token: str) -> None:
+        """Insert ``rows``; a retried insert with the same ``token`` is not applied twice.
+
+        Raises :class:`TransientError` when ClickHouse is unreachable (retry later) and
+        ``DatabaseError`` when it rejects the data.
+        """
+        if not rows:
+            return
+        try:
+            self.client.insert(
+                self.table,
+                rows,
+                column_names=self.columns,
+                database=self.database,
+                settings={"insert_deduplication_token": token},
+            )
+        except (OperationalError, HTTPError, ConnectionError) as exc:
+            raise TransientError(f"ClickHouse unavailable: {type(exc).__name__}") from None
+        except DatabaseError:
+            raise

@@ -1,0 +1,120 @@
+"""ClickHouse DDL, in one place, as numbered idempotent migrations.
+
+``apply_migrations`` records what it applied in ``schema_migrations`` and only
+runs what is new, so it is safe on every sink start.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from clickhouse_connect.driver.client import Client
+
+__all__ = ["MIGRATIONS", "Migration", "apply_migrations"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "feedback_events",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS feedback_events
+            (
+                event_id            String,
+                ts                  DateTime64(6, 'UTC'),
+                source              LowCardinality(String),
+                type                LowCardinality(String),
+                severity            LowCardinality(String),
+                user_id             Nullable(String),
+                session_id          Nullable(String),
+                interaction_id      Nullable(String),
+                model_version       LowCardinality(Nullable(String)),
+                prompt_version      LowCardinality(Nullable(String)),
+                value               Nullable(Float64),
+                confidence          Nullable(Float64),
+                tags                Array(LowCardinality(String)),
+                idempotency_key     Nullable(String),
+                payload_text        Nullable(String),
+                payload_comment     Nullable(String),
+                corrected_response  Nullable(String),
+                payload             Map(String, String) COMMENT 'non-text payload values, JSON-encoded',
+                hash                FixedString(64),
+                kafka_partition     UInt32,
+                kafka_offset        UInt64,
+                ingested_at         DateTime64(3, 'UTC') DEFAULT now64(3)
+            )
+            ENGINE = ReplacingMergeTree
+            PARTITION BY toYYYYMM(ts)
+            ORDER BY (source, type, toDate(ts), event_id)
+            SETTINGS non_replicated_deduplication_window = 10000
+            """,
+        ),
+    ),
+    Migration(
+        2,
+        "dlq_events",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS dlq_events
+            (
+                ts            DateTime64(6, 'UTC'),
+                stage         LowCardinality(String),
+                error         String,
+                topic         LowCardinality(String),
+                partition     UInt32,
+                offset        UInt64,
+                raw_bytes     UInt32 COMMENT 'size of the original message; the bytes stay in Kafka',
+                ingested_at   DateTime64(3, 'UTC') DEFAULT now64(3)
+            )
+            ENGINE = ReplacingMergeTree
+            PARTITION BY toYYYYMM(ts)
+            ORDER BY (topic, partition, offset)
+            SETTINGS non_replicated_deduplication_window = 10000
+            """,
+        ),
+    ),
+)
+
+_LEDGER = """
+CREATE TABLE IF NOT EXISTS schema_migrations
+(
+    version     UInt32,
+    name        String,
+    applied_at  DateTime64(3, 'UTC') DEFAULT now64(3)
+)
+ENGINE = ReplacingMergeTree
+ORDER BY version
+"""
+
+
+def apply_migrations(client: Client, database: str) -> list[int]:
+    """Create ``database`` and apply every migration not yet recorded; returns the versions applied."""
+    client.command(f"CREATE DATABASE IF NOT EXISTS `{database}`")
+    client.command(_LEDGER.replace("schema_migrations", f"`{database}`.schema_migrations"))
+    done = {row[0] for row in client.query(f"SELECT version FROM `{database}`.schema_migrations FINAL").result_rows}
+    applied: list[int] = []
+    for migration in MIGRATIONS:
+        if migration.version in done:
+            continue
+        for statement in migration.statements:
+            client.command(statement.replace("IF NOT EXISTS ", f"IF NOT EXISTS `{database}`.", 1))
+        client.insert(
+            f"schema_migrations",
+            [[migration.version, migration.name]],
+            column_names=["version", "name"],
+            database=database,
+        )
+        applied.append(migration.version)
+        log.info("migration_applied version=%d name=%s", migration.version, migration.name)
+    return applied

@@ -1,0 +1,100 @@
+"""Pure pieces of the skeleton: gate routing, row and line building, JSONL files, topics."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+import pytest
+
+from schemas import AvroSerde, FeedbackEvent, Topics
+from schemas.topics import TOPICS
+from sinks.clickhouse import EVENT_COLUMNS, event_row
+from sinks.feedback_sink import batch_token
+from sinks.jsonl import JsonlWriter, event_json
+from stream_processors.gate import GateCodecs, route_raw
+
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+CODECS = GateCodecs(events=AvroSerde(), dead_letters=AvroSerde("dead_letter_v1"))
+
+
+def _event(**kw: object) -> FeedbackEvent:
+    base = {"source": "dream_ui", "type": "thumbs", "ts": "2026-11-22T23:59:59Z", "client_ip": "198.51.100.7"}
+    return FeedbackEvent.model_validate({**base, **kw})
+
+
+def _route(value: bytes | None) -> object:
+    return route_raw(value, codecs=CODECS, key=b"k", topic="feedback.raw.v1", partition=2, offset=41, now=NOW)
+
+
+def test_good_event_is_routed_clean_and_re_encoded() -> None:
+    event = _event(payload={"comment": "c"})
+    routed = _route(AvroSerde().encode(event.to_avro()))
+    assert routed.destination == "clean"
+    assert FeedbackEvent.from_avro(AvroSerde().decode(routed.value)) == event
+
+
+def test_poison_is_dead_lettered_with_stage_reason_coordinates_and_bytes() -> None:
+    routed = _route(b"garbage")
+    assert routed.destination == "dlq"
+    letter = AvroSerde("dead_letter_v1").decode(routed.value)
+    assert letter["stage"] == "decode"
+    assert "unknown framing" in letter["error"]
+    assert (letter["topic"], letter["partition"], letter["offset"]) == ("feedback.raw.v1", 2, 41)
+    assert letter["raw"] == b"garbage" and letter["key"] == b"k"
+    assert letter["ts"] == NOW
+
+
+def test_event_row_matches_columns_and_drops_client_ip() -> None:
+    record = AvroSerde().decode(AvroSerde().encode(_event(payload={"comment": "c", "stars": 4, "ok": True}).to_avro()))
+    row = dict(zip(EVENT_COLUMNS, event_row(record, 3, 99), strict=True))
+    assert row["payload_comment"] == "c"
+    assert row["payload"] == {"stars": "4", "ok": "true"}
+    assert (row["kafka_partition"], row["kafka_offset"]) == (3, 99)
+    assert "198.51.100.7" not in repr(row)
+
+
+def test_jsonl_writer_appends_by_utc_day_and_omits_client_ip(tmp_path: Path) -> None:
+    serde = AvroSerde()
+    records = [
+        serde.decode(serde.encode(_event(ts=ts, payload={"comment": "x"}).to_avro()))
+        for ts in ("2026-11-22T23:59:59Z", "2026-11-23T00:00:00Z", "2026-11-23T01:00:00+02:00")
+    ]
+    writer = JsonlWriter(tmp_path)
+    writer.write(records)
+    writer.write(records[:1])
+    files = {p.name: p.read_bytes().splitlines() for p in tmp_path.iterdir()}
+    assert sorted(files) == ["feedback-2026-11-22.jsonl", "feedback-2026-11-23.jsonl"]
+    assert len(files["feedback-2026-11-22.jsonl"]) == 3  # 23:59:59Z twice, and 01:00+02:00 is 23:00Z
+    assert len(files["feedback-2026-11-23.jsonl"]) == 1
+    line = orjson.loads(files["feedback-2026-11-23.jsonl"][0])
+    assert line["ts"] == "2026-11-23T00:00:00.000000Z"
+    assert line["payload"] == {"comment": "x"}
+    assert "client_ip" not in line
+    assert line == event_json(records[1])
+
+
+def test_batch_token_is_deterministic_per_partition_range() -> None:
+    assert batch_token("t", "x", 1, 10, 20) == batch_token("t", "x", 1, 10, 20)
+    assert batch_token("t", "x", 1, 10, 20) != batch_token("t", "x", 2, 10, 20)
+
+
+def test_topic_specs() -> None:
+    assert set(TOPICS) == {
+        "feedback.raw.v1",
+        "feedback.clean.v1",
+        "feedback.rejected.v1",
+        "feedback.dlq.v1",
+        "feedback.directive-bias.v1",
+        "feedback.reputation.v1",
+        "feedback.triage.v1",
+    }
+    raw = TOPICS["feedback.raw.v1"].config()
+    assert int(raw["retention.ms"]) <= 24 * 3600 * 1000
+    assert raw["cleanup.policy"] == "delete"
+    for name in ("feedback.directive-bias.v1", "feedback.reputation.v1", "feedback.triage.v1"):
+        assert TOPICS[name].config()["cleanup.policy"] == "compact"
+    assert Topics("t1.").raw == "t1.feedback.raw.v1"
+    with pytest.raises(KeyError):
+        Topics().name("feedback.unknown.v1")

@@ -21,7 +21,9 @@ from pipeline.settings import Settings, get_settings
 
 __all__ = ["app", "main"]
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Feedback-event pipeline: local stack, producers, worker, sinks.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Feedback-event pipeline: local stack, producers, worker, sinks."
+)
 console = Console(stderr=True)
 
 
@@ -77,8 +79,11 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
     table = Table("service", "running", "pid", "address", "log")
     for s in statuses:
         table.add_row(
-            str(s.get("name")), "yes" if s.get("running") else "no", str(s.get("pid") or "-"),
-            str(s.get("address") or s.get("bootstrap") or "-"), str(s.get("log_path") or s.get("log") or "-"),
+            str(s.get("name")),
+            "yes" if s.get("running") else "no",
+            str(s.get("pid") or "-"),
+            str(s.get("address") or s.get("bootstrap") or "-"),
+            str(s.get("log_path") or s.get("log") or "-"),
         )
     Console().print(table)
 

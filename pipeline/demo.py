@@ -99,26 +99,25 @@ def run_demo(settings: Settings, *, events: int, poison: int, timeout_s: float =
         deadline = time.monotonic() + timeout_s
         landed: dict[str, Any] = {}
         while time.monotonic() < deadline:
-            for proc in procs:
-                if proc.poll() is not None:
-                    console.print(f"[red]a pipeline process exited early[/red]; see logs in {logs}")
-                    return 1
+            if any(proc.poll() is not None for proc in procs):
+                console.print(f"[red]a pipeline process exited early[/red]; see logs in {logs}")
+                return 1
             landed = collect_stats(demo)
-            ch = landed.get("clickhouse", {})
-            if ch.get("feedback_events_final") == events and ch.get("dlq_events") == poison and landed["jsonl"]["lines"] == events:
+            if _all_landed(landed, events, poison):
                 break
             time.sleep(1.0)
         print_stats(landed)
         _print_rows(client, demo)
-        ch = landed.get("clickhouse", {})
-        ok = ch.get("feedback_events_final") == events and ch.get("dlq_events") == poison and landed["jsonl"]["lines"] == events
+        ok = _all_landed(landed, events, poison)
         verdict = "[green]every event landed exactly once[/green]" if ok else "[red]counts do not match[/red]"
         console.print(f"{verdict} in {time.monotonic() - started:.0f}s")
+        db = demo.clickhouse_database
         console.print(
-            f"explore: FEEDBACK_TOPIC_PREFIX={demo.topic_prefix} FEEDBACK_CLICKHOUSE_DATABASE={demo.clickhouse_database} "
+            f"explore: FEEDBACK_TOPIC_PREFIX={demo.topic_prefix} FEEDBACK_CLICKHOUSE_DATABASE={db} "
             f"FEEDBACK_PATH={demo.path} .venv/bin/feedback stats\n"
-            f"query:   curl '{settings.clickhouse_endpoint}/?query=SELECT+type,count()+FROM+{demo.clickhouse_database}.feedback_events+GROUP+BY+type'\n"
-            "stop the stack: .venv/bin/feedback down   (logs: " + str(logs) + ")"
+            f"query:   curl '{settings.clickhouse_endpoint}/?query="
+            f"SELECT+type,count()+FROM+{db}.feedback_events+GROUP+BY+type'\n"
+            f"stop the stack: .venv/bin/feedback down   (logs: {logs})"
         )
         return 0 if ok else 1
     finally:
@@ -126,10 +125,19 @@ def run_demo(settings: Settings, *, events: int, poison: int, timeout_s: float =
             _stop(proc)
 
 
+def _all_landed(landed: dict[str, Any], events: int, poison: int) -> bool:
+    ch = landed.get("clickhouse", {})
+    return (
+        ch.get("feedback_events_final") == events
+        and ch.get("dlq_events") == poison
+        and landed.get("jsonl", {}).get("lines") == events
+    )
+
+
 def _print_rows(client: Any, settings: Settings) -> None:
     result = client.query(
-        f"SELECT ts, source, type, severity, model_version, user_id FROM `{settings.clickhouse_database}`.feedback_events "
-        "FINAL ORDER BY ts DESC LIMIT 5"
+        "SELECT ts, source, type, severity, model_version, user_id "
+        f"FROM `{settings.clickhouse_database}`.feedback_events FINAL ORDER BY ts DESC LIMIT 5"
     )
     table = Table(*result.column_names, title="A few rows in ClickHouse")
     for row in result.result_rows:

@@ -33,9 +33,7 @@ class Settings(BaseSettings):
     )
     kafka_port: int = Field(default=9092, ge=1, le=65535, description="Local broker port.")
     kafka_controller_port: int = Field(default=9093, ge=1, le=65535)
-    topic_prefix: str = Field(
-        default="", description="Prepended to every topic name (isolates tests and tenants)."
-    )
+    topic_prefix: str = Field(default="", description="Prepended to every topic name (isolates tests and tenants).")
     topic_partitions: int = Field(default=6, ge=1, le=1024)
     schema_registry_url: str | None = Field(
         default=None, description="Confluent Schema Registry URL; unset: single-object encoding."
@@ -82,9 +80,7 @@ class Settings(BaseSettings):
     def to_env(self) -> dict[str, str]:
         """These settings as ``FEEDBACK_*`` variables, to hand to a child process."""
         return {
-            f"FEEDBACK_{name.upper()}": str(value)
-            for name, value in self.model_dump().items()
-            if value is not None
+            f"FEEDBACK_{name.upper()}": str(value) for name, value in self.model_dump().items() if value is not None
         }
 
     @property
@@ -113,7 +109,6 @@ def get_settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         problems = "; ".join(
-            f"FEEDBACK_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
-            for err in exc.errors()
+            f"FEEDBACK_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
         )
         raise ConfigError(f"invalid settings: {problems}") from None

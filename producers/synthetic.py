@@ -31,7 +31,10 @@ def _payload(kind: str, rng: random.Random) -> dict[str, object]:
         case "correction":
             return {"corrected_response": "The capital of Australia is Canberra."}
         case "implicit":
-            return {"signal": rng.choice(("copy", "citation_click", "read_time")), "read_time_ms": rng.randint(200, 90_000)}
+            return {
+                "signal": rng.choice(("copy", "citation_click", "read_time")),
+                "read_time_ms": rng.randint(200, 90_000),
+            }
         case "veto":
             return {"reason_code": rng.choice(("pii_leak", "unsafe_advice", "policy"))}
         case "latency":

@@ -20,8 +20,8 @@ __all__ = [
     "Payload",
     "Scalar",
     "Severity",
-    "new_event_id",
     "format_ts",
+    "new_event_id",
     "to_utc",
 ]
 

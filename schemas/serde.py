@@ -162,7 +162,9 @@ class AvroSerde:
             writer = self._writer_for_id(schema_id)
             body = _CONFLUENT_HEADER
         else:
-            raise PoisonEvent(f"unknown framing (first byte 0x{data[0]:02x}); expected Avro single-object or schema-registry framing")
+            raise PoisonEvent(
+                f"unknown framing (first byte 0x{data[0]:02x}); expected Avro single-object or schema-registry framing"
+            )
         buf = io.BytesIO(data)
         buf.seek(body)
         try:

@@ -90,7 +90,9 @@ class BatchingSink(ABC):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            for msg in self._consumer.consume(num_messages=min(10_000, self.batch_rows - len(batch)), timeout=remaining):
+            for msg in self._consumer.consume(
+                num_messages=min(10_000, self.batch_rows - len(batch)), timeout=remaining
+            ):
                 err = msg.error()
                 if err is None:
                     batch.append(msg)

@@ -55,9 +55,7 @@ class EventSink(BatchingSink):
         apply_migrations(client, settings.clickhouse_database)
         self.clickhouse = ClickHouseWriter(client, settings.clickhouse_database, "feedback_events", EVENT_COLUMNS)
         self.jsonl = JsonlWriter(settings.path)
-        self._dlq = Producer(
-            {"bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True, "acks": "all"}
-        )
+        self._dlq = Producer({"bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True, "acks": "all"})
         self.dead_lettered = 0
 
     def flush(self, messages: Sequence[Message]) -> None:

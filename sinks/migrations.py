@@ -110,7 +110,7 @@ def apply_migrations(client: Client, database: str) -> list[int]:
         for statement in migration.statements:
             client.command(statement.replace("IF NOT EXISTS ", f"IF NOT EXISTS `{database}`.", 1))
         client.insert(
-            f"schema_migrations",
+            "schema_migrations",
             [[migration.version, migration.name]],
             column_names=["version", "name"],
             database=database,

@@ -33,7 +33,9 @@ def pipeline_process(settings: Settings, command: str, log: Path) -> Iterator[su
                 proc.wait(10)
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str, procs: list[subprocess.Popen[bytes]] = ()) -> None:  # type: ignore[assignment]
+def wait_for(
+    predicate: Callable[[], bool], timeout: float, what: str, procs: list[subprocess.Popen[bytes]] = ()
+) -> None:  # type: ignore[assignment]
     """Poll ``predicate`` until true; fail with ``what`` after ``timeout`` or if a process died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -52,7 +52,12 @@ def test_ten_thousand_events_land_exactly_once_and_poison_goes_to_the_dlq(isolat
             "poison in the DLQ topic",
             [worker, sink],
         )
-        wait_for(lambda: _final_count(isolated, "dlq_events") >= len(POISON), 60, "dead letters in ClickHouse", [worker, sink])
+        wait_for(
+            lambda: _final_count(isolated, "dlq_events") >= len(POISON),
+            60,
+            "dead letters in ClickHouse",
+            [worker, sink],
+        )
 
     client = connect(isolated)
     db = isolated.clickhouse_database
@@ -71,10 +76,19 @@ def test_ten_thousand_events_land_exactly_once_and_poison_goes_to_the_dlq(isolat
     for event_id, digest, source, type_, severity, user_id, model_version in sample:
         e = by_id[event_id]
         assert (digest, source, type_, severity, user_id, model_version) == (
-            e.hash, e.source, e.type, e.severity.value, e.user_id, e.model_version
+            e.hash,
+            e.source,
+            e.type,
+            e.severity.value,
+            e.user_id,
+            e.model_version,
         )
 
-    lines = [orjson.loads(line) for f in sorted(isolated.path.glob("feedback-*.jsonl")) for line in f.read_bytes().splitlines()]
+    lines = [
+        orjson.loads(line)
+        for f in sorted(isolated.path.glob("feedback-*.jsonl"))
+        for line in f.read_bytes().splitlines()
+    ]
     assert len(lines) == N_EVENTS
     assert {line["event_id"] for line in lines} == expected
     assert all("client_ip" not in line for line in lines)
@@ -87,7 +101,11 @@ def test_ten_thousand_events_land_exactly_once_and_poison_goes_to_the_dlq(isolat
     from confluent_kafka import Consumer
 
     consumer = Consumer(
-        {"bootstrap.servers": isolated.kafka_bootstrap, "group.id": f"{isolated.topic_prefix}check", "auto.offset.reset": "earliest"}
+        {
+            "bootstrap.servers": isolated.kafka_bootstrap,
+            "group.id": f"{isolated.topic_prefix}check",
+            "auto.offset.reset": "earliest",
+        }
     )
     consumer.subscribe([topics.dlq])
     letters = []

@@ -52,5 +52,5 @@ def test_produce_rejects_invalid_events_naming_field_and_rule_and_publishes_noth
     assert "line 2: severity:" in err and "'debug', 'info', 'warn', 'error' or 'critical'" in err
     assert "line 3: payload.stars: must be a string, number, boolean or null" in err
     assert "line 4: not valid JSON" in err
-    assert not any(l.startswith("invalid event: line 1:") for l in err.splitlines())
+    assert not any(x.startswith("invalid event: line 1:") for x in err.splitlines())
     assert "nothing published (3 invalid event(s))" in err

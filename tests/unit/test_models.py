@@ -50,7 +50,7 @@ def test_flat_payload_splits_free_text_from_the_map() -> None:
 def test_invalid_events_name_the_field_and_rule(update: dict, loc: str, fragment: str) -> None:
     with pytest.raises(ValidationError) as info:
         FeedbackEvent.model_validate({"source": "s", "type": "t", **update})
-    assert any(l.startswith(loc) for l in _error_locs(info.value)), _error_locs(info.value)
+    assert any(x.startswith(loc) for x in _error_locs(info.value)), _error_locs(info.value)
     assert fragment in str(info.value)
 
 

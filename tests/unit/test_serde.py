@@ -44,7 +44,11 @@ def test_fingerprint_matches_the_avro_spec_vector() -> None:
     comment=st.text(max_size=200),
     extra=st.dictionaries(
         st.text(min_size=1, max_size=20),
-        st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=50),
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**63), 2**63 - 1)
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text(max_size=50),
         max_size=8,
     ),
     value=st.none() | st.floats(-1, 1),
@@ -123,7 +127,7 @@ def test_confluent_framing_round_trip_and_cross_decode() -> None:
     [
         (b"", "empty"),
         (None, "empty"),
-        (b"{\"source\": \"json\"}", "unknown framing"),
+        (b'{"source": "json"}', "unknown framing"),
         (SINGLE_OBJECT_MAGIC + b"\x01\x02", "truncated"),
         (b"\x00\x00", "truncated"),
         (SINGLE_OBJECT_MAGIC + b"\xff" * 8 + b"abc", "unknown schema fingerprint"),

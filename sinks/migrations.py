@@ -49,7 +49,7 @@ MIGRATIONS: tuple[Migration, ...] = (
                 payload_comment     Nullable(String),
                 corrected_response  Nullable(String),
                 payload             Map(String, String) COMMENT 'non-text payload values, JSON-encoded',
-                hash                FixedString(64),
+                hash                String,
                 kafka_partition     UInt32,
                 kafka_offset        UInt64,
                 ingested_at         DateTime64(3, 'UTC') DEFAULT now64(3)

@@ -7,6 +7,7 @@ PID and verifies it is still our process (PIDs are reused), never by name.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -136,6 +137,7 @@ class ManagedProcess:
                 if self.pid() is None:
                     break
                 time.sleep(0.1)
+        _reap(pid)
         self.pid_file.unlink(missing_ok=True)
 
 
@@ -155,10 +157,8 @@ def _is_zombie(pid: int) -> bool:
 
 def _reap(pid: int) -> None:
     """Collect our own exited child so it does not linger as a zombie."""
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def _java(java: str | None) -> str:

@@ -212,7 +212,7 @@ class _Handler(BaseHTTPRequestHandler):
         # Without TCP_NODELAY, small request/response pairs wait on delayed ACKs.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # our own access log below never includes query text
 
     def do_GET(self) -> None:

@@ -7,7 +7,6 @@ PID and verifies it is still our process (PIDs are reused), never by name.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
@@ -137,7 +136,10 @@ class ManagedProcess:
                 if self.pid() is None:
                     break
                 time.sleep(0.1)
-        _reap(pid)
+        for _ in range(100):  # our own child must be collected, or it lingers as a zombie
+            if _reap(pid):
+                break
+            time.sleep(0.05)
         self.pid_file.unlink(missing_ok=True)
 
 
@@ -155,10 +157,13 @@ def _is_zombie(pid: int) -> bool:
         return True
 
 
-def _reap(pid: int) -> None:
-    """Collect our own exited child so it does not linger as a zombie."""
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
+def _reap(pid: int) -> bool:
+    """Collect our exited child; True once it is gone (or was never our child to collect)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return done == pid
 
 
 def _java(java: str | None) -> str:

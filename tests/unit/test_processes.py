@@ -58,7 +58,7 @@ def test_a_foreign_pid_is_never_ours(tmp_path: Path) -> None:
 
 def test_missing_java_names_the_fix(tmp_path: Path) -> None:
     kafka = LocalKafka(Settings(state_dir=tmp_path), java=str(tmp_path / "no-java"))
-    with pytest.raises(StackError, match="Java 17\\+ is required.*openjdk-17-jre-headless.*JAVA_HOME"):
+    with pytest.raises(StackError, match=r"Java 17\+ is required.*openjdk-17-jre-headless.*JAVA_HOME"):
         kafka.start()
 
 

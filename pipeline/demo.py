@@ -117,7 +117,8 @@ def run_demo(settings: Settings, *, events: int, poison: int, timeout_s: float =
             f"FEEDBACK_PATH={demo.path} .venv/bin/feedback stats\n"
             f"query:   curl '{settings.clickhouse_endpoint}/?query="
             f"SELECT+type,count()+FROM+{db}.feedback_events+GROUP+BY+type'\n"
-            f"stop the stack: .venv/bin/feedback down   (logs: {logs})"
+            f"stop the stack: .venv/bin/feedback down   (logs: {logs})",
+            soft_wrap=True,
         )
         return 0 if ok else 1
     finally:
@@ -141,5 +142,5 @@ def _print_rows(client: Any, settings: Settings) -> None:
     )
     table = Table(*result.column_names, title="A few rows in ClickHouse")
     for row in result.result_rows:
-        table.add_row(*(str(v) for v in row))
+        table.add_row(*(str(v)[:23] for v in row))
     console.print(table)

@@ -258,6 +258,7 @@ class LocalKafka:
         """Start the broker unless it runs; returns when it serves metadata. Raises StackError."""
         if self.process.is_running():
             return
+        java = _java(self.java)
         s = self.settings
         for port, var in (
             (s.kafka_port, "FEEDBACK_KAFKA_PORT"),
@@ -267,7 +268,6 @@ class LocalKafka:
                 raise StackError(
                     f"127.0.0.1:{port} is in use by another process: stop it or choose another port with {var}."
                 )
-        java = _java(self.java)
         self.ensure_jars()
         self._write_config()
         if not (self.data / "meta.properties").exists():

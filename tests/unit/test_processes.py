@@ -57,7 +57,10 @@ def test_a_foreign_pid_is_never_ours(tmp_path: Path) -> None:
 
 
 def test_missing_java_names_the_fix(tmp_path: Path) -> None:
-    kafka = LocalKafka(Settings(state_dir=tmp_path), java=str(tmp_path / "no-java"))
+    from tests.conftest import _free_port
+
+    settings = Settings(state_dir=tmp_path, kafka_port=_free_port(), kafka_controller_port=_free_port())
+    kafka = LocalKafka(settings, java=str(tmp_path / "no-java"))
     with pytest.raises(StackError, match=r"Java 17\+ is required.*openjdk-17-jre-headless.*JAVA_HOME"):
         kafka.start()
 

@@ -10,10 +10,12 @@ PYTEST_ARGS ?=
 
 .PHONY: setup demo test unit integration bench up down status lint clean
 
+# pip's build chatter goes to a log, shown only when the install fails.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	@echo "installing Python packages into $(VENV) (log: $(VENV)/pip.log)"
+	@{ $(BIN)/pip install -q --upgrade pip && $(BIN)/pip install -q -e '.[dev]'; } > $(VENV)/pip.log 2>&1 \
+		|| { tail -40 $(VENV)/pip.log; exit 1; }
 	touch $@
 
 # Kafka broker jars from Maven Central (versions pinned in pipeline/kafka/pom.xml).

@@ -144,6 +144,8 @@ class FeedbackEvent(BaseModel):
     tags: list[Annotated[str, Field(max_length=128)]] = Field(default_factory=list, max_length=64)
     idempotency_key: OptionalId = None
     client_ip: Annotated[str | None, Field(default=None, max_length=64)] = None
+    sample_rate: Annotated[float | None, Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)] = None
+    text_dropped: bool = False
     hash: str = ""
 
     @field_validator("ts")
@@ -188,6 +190,8 @@ class FeedbackEvent(BaseModel):
             "tags": self.tags,
             "idempotency_key": self.idempotency_key,
             "client_ip": self.client_ip,
+            "sample_rate": self.sample_rate,
+            "text_dropped": self.text_dropped,
             "hash": self.hash,
         }
 

@@ -7,6 +7,7 @@ runs what is new, so it is safe on every sink start.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 from clickhouse_connect.driver.client import Client
@@ -86,6 +87,18 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        3,
+        "feedback_events gate annotations",
+        (
+            "ALTER TABLE feedback_events ADD COLUMN IF NOT EXISTS sample_rate Nullable(Float64) "
+            "COMMENT 're-weight by 1/sample_rate' AFTER confidence",
+            "ALTER TABLE feedback_events ADD COLUMN IF NOT EXISTS text_dropped Bool DEFAULT false AFTER sample_rate",
+        ),
+    ),
+)
+
 _LEDGER = """
 CREATE TABLE IF NOT EXISTS schema_migrations
 (
@@ -98,6 +111,17 @@ ORDER BY version
 """
 
 
+_TABLE_HEAD = re.compile(r"((?:CREATE TABLE IF NOT EXISTS|ALTER TABLE)\s+)")
+
+
+def _qualify(statement: str, database: str) -> str:
+    """Put ``database`` in front of the statement's table name."""
+    qualified, n = _TABLE_HEAD.subn(lambda m: f"{m.group(1)}`{database}`.", statement, count=1)
+    if not n:
+        raise ValueError(f"migration statement without a table: {statement[:60]}")
+    return qualified
+
+
 def apply_migrations(client: Client, database: str) -> list[int]:
     """Create ``database`` and apply every migration not yet recorded; returns the versions applied."""
     client.command(f"CREATE DATABASE IF NOT EXISTS `{database}`")
@@ -108,7 +132,7 @@ def apply_migrations(client: Client, database: str) -> list[int]:
         if migration.version in done:
             continue
         for statement in migration.statements:
-            client.command(statement.replace("IF NOT EXISTS ", f"IF NOT EXISTS `{database}`.", 1))
+            client.command(_qualify(statement, database))
         client.insert(
             "schema_migrations",
             [[migration.version, migration.name]],

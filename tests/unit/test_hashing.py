@@ -79,3 +79,11 @@ def test_same_hash_in_a_fresh_process_with_another_hash_seed() -> None:
         timeout=60,
     )
     assert json.loads(out.stdout) == [c["sha256"] for c in VECTORS]
+
+
+def test_gate_annotations_do_not_change_the_hash() -> None:
+    base = FeedbackEvent.model_validate(VECTORS[0]["event"])
+    annotated = FeedbackEvent.model_validate(
+        {**base.to_json_dict(), "hash": "", "sample_rate": 0.5, "text_dropped": True}
+    )
+    assert annotated.hash == base.hash

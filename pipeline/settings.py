@@ -11,10 +11,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+import orjson
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.errors import ConfigError
+from stream_processors.bias import DEFAULT_DIRECTIVES
 
 __all__ = ["Settings", "get_settings"]
 
@@ -24,7 +26,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 class Settings(BaseSettings):
     """Settings shared by the CLI, the producers, the worker and the sinks."""
 
-    model_config = SettingsConfigDict(env_prefix="FEEDBACK_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="FEEDBACK_", frozen=True, extra="ignore", populate_by_name=True)
 
     # --- Kafka -------------------------------------------------------------
     bootstrap_servers: str | None = Field(
@@ -66,6 +68,52 @@ class Settings(BaseSettings):
     sink_batch_rows: int = Field(default=50_000, ge=1)
     sink_batch_ms: int = Field(default=500, ge=1)
 
+    worker_metrics_port: int = Field(
+        default=9108, ge=0, le=65535, description="Prometheus endpoint of the worker on 127.0.0.1 (0: off)."
+    )
+    table_store: Literal["rocksdb", "memory"] = Field(
+        default="rocksdb", description="Faust table store; the changelogs in Kafka are the source of truth."
+    )
+
+    # --- the gate ----------------------------------------------------------
+    allow_text: bool = Field(
+        default=False,
+        validation_alias=AliasChoices("FEEDBACK_ALLOW_TEXT", "ALLOW_TEXT"),
+        description="Keep payload.text (ALLOW_TEXT is accepted too). Off: the text is dropped and the event says so.",
+    )
+    rate_limit_per_minute: float = Field(default=60.0, gt=0, description="Token-bucket rate per subject.")
+    rate_limit_burst: float | None = Field(default=None, ge=1, description="Bucket size; unset: the per-minute rate.")
+    rate_limit_overrides: dict[str, float] = Field(
+        default_factory=dict, description='Per-source events per minute, JSON: {"oracle": 600}.'
+    )
+    dedup_window_s: float = Field(default=24 * 3600.0, gt=0, description="How long a dedup key is remembered.")
+    sample_rates: dict[str, float] = Field(
+        default_factory=dict, description='Per-type keep rate in [0, 1], JSON: {"implicit": 0.1}. Default 1.0.'
+    )
+    pseudonymize_user_id: bool = Field(default=True, description="Replace user_id by a keyed HMAC downstream.")
+    pseudonym_key: SecretStr | None = Field(
+        default=None,
+        description="HMAC key for user_id pseudonyms. Unset with the local stack: generated once under state_dir.",
+    )
+    max_payload_bytes: int = Field(default=64 * 1024, ge=1)
+    max_text_chars: int = Field(default=32 * 1024, ge=1)
+    max_future_s: float = Field(default=300.0, ge=0, description="How far ahead of arrival an event's ts may be.")
+    max_age_days: float = Field(default=90.0, gt=0, description="Older events are rejected (the retention).")
+
+    # --- state: directive bias and reputation -------------------------------
+    bias_half_life_s: float = Field(default=3600.0, gt=0)
+    bias_step: float = Field(default=0.1, gt=0, le=1, description="Raise per event before severity and reputation.")
+    bias_directives: dict[str, str] = Field(
+        default_factory=lambda: dict(DEFAULT_DIRECTIVES), description="Feedback type → directive, JSON."
+    )
+    bias_by_model_version: bool = Field(default=False, description="Scope directive bias by model_version.")
+    bias_publish_interval_s: float = Field(
+        default=0.5, ge=0, description="At most one published update per key per interval."
+    )
+    reputation_alpha: float = Field(default=0.05, gt=0, le=1)
+    reputation_threshold: float = Field(default=0.5, ge=0, le=1)
+    reputation_min_observations: int = Field(default=20, ge=1)
+
     # --- logging -----------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = False
@@ -77,11 +125,32 @@ class Settings(BaseSettings):
             raise ValueError("may contain only letters, digits, '.', '_' and '-'")
         return value
 
+    @field_validator("sample_rates")
+    @classmethod
+    def _rates_are_probabilities(cls, value: dict[str, float]) -> dict[str, float]:
+        for event_type, rate in value.items():
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"rate for {event_type!r} must be in [0, 1], got {rate}")
+        return value
+
+    @field_validator("rate_limit_overrides")
+    @classmethod
+    def _overrides_are_positive(cls, value: dict[str, float]) -> dict[str, float]:
+        for source, rate in value.items():
+            if rate <= 0:
+                raise ValueError(f"rate for source {source!r} must be > 0, got {rate}")
+        return value
+
     def to_env(self) -> dict[str, str]:
         """These settings as ``FEEDBACK_*`` variables, to hand to a child process."""
-        return {
-            f"FEEDBACK_{name.upper()}": str(value) for name, value in self.model_dump().items() if value is not None
-        }
+        env: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            env[f"FEEDBACK_{name.upper()}"] = orjson.dumps(value).decode() if isinstance(value, dict) else str(value)
+        return env
 
     @property
     def kafka_bootstrap(self) -> str:
@@ -102,13 +171,18 @@ class Settings(BaseSettings):
         return self.clickhouse_url is None
 
 
+def _env_name(loc: tuple[int | str, ...]) -> str:
+    name = str(loc[0]).upper() if loc else "?"
+    if not name.startswith("FEEDBACK_") and name != "ALLOW_TEXT":
+        name = f"FEEDBACK_{name}"
+    return "_".join([name, *(str(p).upper() for p in loc[1:])])
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process-wide settings. Raises :class:`ConfigError` naming the bad variable."""
     try:
         return Settings()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"FEEDBACK_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{_env_name(err['loc'])}: {err['msg']}" for err in exc.errors())
         raise ConfigError(f"invalid settings: {problems}") from None

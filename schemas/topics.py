@@ -52,6 +52,9 @@ TOPICS: dict[str, TopicSpec] = {
         TopicSpec("feedback.clean.v1", key="subject", value_schema="feedback_event_v1", retention_ms=7 * _DAY_MS),
         TopicSpec("feedback.rejected.v1", key="subject", value_schema=None, retention_ms=7 * _DAY_MS),
         TopicSpec("feedback.dlq.v1", key="original key", value_schema="dead_letter_v1", retention_ms=14 * _DAY_MS),
+        # Internal: the gate's per-event decisions for the state agents (JSON, no payload).
+        TopicSpec("feedback.outcomes.v1", key="source", value_schema=None, retention_ms=1 * _DAY_MS),
+        TopicSpec("feedback.bias-input.v1", key="directive", value_schema=None, retention_ms=1 * _DAY_MS),
         TopicSpec("feedback.directive-bias.v1", key="directive", value_schema=None, compacted=True),
         TopicSpec("feedback.reputation.v1", key="source", value_schema=None, compacted=True),
         TopicSpec("feedback.triage.v1", key="triage id", value_schema=None, compacted=True),
@@ -85,6 +88,14 @@ class Topics:
     @property
     def dlq(self) -> str:
         return self.name("feedback.dlq.v1")
+
+    @property
+    def outcomes(self) -> str:
+        return self.name("feedback.outcomes.v1")
+
+    @property
+    def bias_input(self) -> str:
+        return self.name("feedback.bias-input.v1")
 
     @property
     def directive_bias(self) -> str:

@@ -20,6 +20,7 @@ Formulas (all results clamped to [-1, 1]):
 | implicit read_time | ``read_time_ms`` | clamp((s - 15) / 45, -1, 1) x 0.5 | 0.3 |
 | implicit follow_up | ``signal="follow_up"`` | -0.3 | 0.3 |
 | bad_output, safety, veto | — | -1 | 1.0 |
+| regret | — | -1 | 0.9 |
 | latency | — | -0.5 | 1.0 |
 """
 
@@ -120,6 +121,7 @@ for _type, _adapter in {
     "bad_output": lambda p: (-1.0, 1.0),
     "safety": lambda p: (-1.0, 1.0),
     "veto": lambda p: (-1.0, 1.0),
+    "regret": lambda p: (-1.0, 0.9),
     "latency": lambda p: (-0.5, 1.0),
 }.items():
     register_adapter(_type, _adapter)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from typer.testing import CliRunner
 
@@ -16,7 +18,40 @@ def test_settings_from_env_and_derived_endpoints(monkeypatch: pytest.MonkeyPatch
     s = Settings()
     assert s.kafka_bootstrap == "127.0.0.1:19092" and s.uses_local_kafka
     assert s.clickhouse_endpoint == "http://ch.internal:8123" and not s.uses_embedded_clickhouse
-    assert Settings(**{k.removeprefix("FEEDBACK_").lower(): v for k, v in s.to_env().items()}) == s
+    # A child process handed to_env() sees the same settings (dicts travel as JSON, secrets in clear).
+    s = Settings(sample_rates={"implicit": 0.25}, pseudonym_key="0123456789abcdef", allow_text=True)
+    for name, value in s.to_env().items():
+        monkeypatch.setenv(name, value)
+    assert Settings() == s
+
+
+def test_allow_text_accepts_the_seed_name_and_the_prefixed_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().allow_text is False
+    monkeypatch.setenv("ALLOW_TEXT", "true")
+    assert Settings().allow_text is True
+    monkeypatch.delenv("ALLOW_TEXT")
+    monkeypatch.setenv("FEEDBACK_ALLOW_TEXT", "1")
+    assert Settings().allow_text is True
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "rule"),
+    [
+        ("FEEDBACK_SAMPLE_RATES", '{"implicit": 1.5}', "must be in [0, 1]"),
+        ("FEEDBACK_RATE_LIMIT_OVERRIDES", '{"oracle": 0}', "must be > 0"),
+        ("FEEDBACK_BIAS_HALF_LIFE_S", "0", "greater than 0"),
+    ],
+)
+def test_bad_gate_settings_name_the_variable_and_rule(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, rule: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match=f"{name}: .*{re.escape(rule)}"):
+            get_settings()
+    finally:
+        get_settings.cache_clear()
 
 
 def test_bad_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,4 @@
-"""Pure pieces of the skeleton: gate routing, row and line building, JSONL files, topics."""
+"""Pure pieces of the sinks: row and line building, JSONL files, batch tokens, topics."""
 
 from __future__ import annotations
 
@@ -13,37 +13,13 @@ from schemas.topics import TOPICS
 from sinks.clickhouse import EVENT_COLUMNS, event_row
 from sinks.feedback_sink import batch_token
 from sinks.jsonl import JsonlWriter, event_json
-from stream_processors.gate import GateCodecs, route_raw
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
-CODECS = GateCodecs(events=AvroSerde(), dead_letters=AvroSerde("dead_letter_v1"))
 
 
 def _event(**kw: object) -> FeedbackEvent:
     base = {"source": "dream_ui", "type": "thumbs", "ts": "2026-11-22T23:59:59Z", "client_ip": "198.51.100.7"}
     return FeedbackEvent.model_validate({**base, **kw})
-
-
-def _route(value: bytes | None) -> object:
-    return route_raw(value, codecs=CODECS, key=b"k", topic="feedback.raw.v1", partition=2, offset=41, now=NOW)
-
-
-def test_good_event_is_routed_clean_and_re_encoded() -> None:
-    event = _event(payload={"comment": "c"})
-    routed = _route(AvroSerde().encode(event.to_avro()))
-    assert routed.destination == "clean"
-    assert FeedbackEvent.from_avro(AvroSerde().decode(routed.value)) == event
-
-
-def test_poison_is_dead_lettered_with_stage_reason_coordinates_and_bytes() -> None:
-    routed = _route(b"garbage")
-    assert routed.destination == "dlq"
-    letter = AvroSerde("dead_letter_v1").decode(routed.value)
-    assert letter["stage"] == "decode"
-    assert "unknown framing" in letter["error"]
-    assert (letter["topic"], letter["partition"], letter["offset"]) == ("feedback.raw.v1", 2, 41)
-    assert letter["raw"] == b"garbage" and letter["key"] == b"k"
-    assert letter["ts"] == NOW
 
 
 def test_event_row_matches_columns_and_drops_client_ip() -> None:
@@ -86,6 +62,8 @@ def test_topic_specs() -> None:
         "feedback.clean.v1",
         "feedback.rejected.v1",
         "feedback.dlq.v1",
+        "feedback.outcomes.v1",
+        "feedback.bias-input.v1",
         "feedback.directive-bias.v1",
         "feedback.reputation.v1",
         "feedback.triage.v1",

@@ -1,0 +1,71 @@
+"""The worker's Prometheus metrics (text endpoint on 127.0.0.1:``worker_metrics_port``).
+
+Label values that come from events (source, type) are capped: after
+:data:`MAX_LABEL_VALUES` distinct values, the rest are counted as ``other`` so a
+misbehaving producer cannot blow up the metric cardinality.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+__all__ = ["MAX_LABEL_VALUES", "GateMetrics", "LabelCap"]
+
+MAX_LABEL_VALUES = 100
+
+
+class LabelCap:
+    """Pass through the first ``limit`` distinct values, then ``other``."""
+
+    def __init__(self, limit: int = MAX_LABEL_VALUES) -> None:
+        self.limit = limit
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        with self._lock:
+            if len(self._seen) < self.limit:
+                self._seen.add(value)
+                return value
+        return "other"
+
+
+class GateMetrics:
+    """Counters for every gate decision, the state agents' updates, and consumer lag."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.cap_source = LabelCap()
+        self.cap_type = LabelCap()
+        self.feedback = Counter("feedback", "Events accepted onto feedback.clean.v1.", ["source", "type"], registry=r)
+        self.veto = Counter("feedback_veto", "Guardian vetoes accepted.", registry=r)
+        self.regret = Counter("feedback_regret", "Regret signals accepted.", registry=r)
+        self.rate_limited = Counter("feedback_rate_limited", "Events over their subject's rate limit.", registry=r)
+        self.rejected = Counter("feedback_rejected", "Events sent to feedback.rejected.v1.", ["reason"], registry=r)
+        self.duplicates = Counter("feedback_duplicates", "Duplicates dropped inside the dedup window.", registry=r)
+        self.redactions = Counter("feedback_redactions", "PII spans replaced, by kind.", ["kind"], registry=r)
+        self.text_dropped = Counter("feedback_text_dropped", "Events whose payload.text was removed.", registry=r)
+        self.sampled_out = Counter("feedback_sampled_out", "Events dropped by sampling.", ["type"], registry=r)
+        self.dlq = Counter("feedback_dlq", "Messages sent to feedback.dlq.v1.", ["stage"], registry=r)
+        self.state_updates = Counter(
+            "feedback_state_updates", "State table updates applied (replays excluded).", ["table"], registry=r
+        )
+        self.state_replays = Counter(
+            "feedback_state_replays", "Messages skipped as already applied (after a restart).", ["table"], registry=r
+        )
+        self.published = Counter(
+            "feedback_state_published", "Updates published to state topics.", ["topic"], registry=r
+        )
+        self.lag = Gauge(
+            "feedback_consumer_lag", "Messages behind the high watermark.", ["topic", "partition"], registry=r
+        )
+
+    def serve(self, port: int) -> None:
+        """Start the HTTP endpoint on 127.0.0.1 (a daemon thread)."""
+        if port:
+            start_http_server(port, addr="127.0.0.1", registry=self.registry)

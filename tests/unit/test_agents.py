@@ -1,0 +1,270 @@
+"""The Faust agents, driven with Faust's test context (no broker): gate, reputation, directive bias."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import generate_latest
+
+from pipeline.settings import Settings
+from schemas import FeedbackEvent
+from schemas.serde import AvroSerde
+from schemas.state_records import decode_bias, decode_reputation
+from schemas.topics import Topics
+from stream_processors.app import FeedbackApp, create_app
+from stream_processors.redact import pseudonymize
+
+T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
+KEY = "agent-test-pseudonym-key"
+EVENTS = AvroSerde("feedback_event_v1")
+REJECTED = AvroSerde("rejected_v1")
+TOPICS = Topics()
+SETTLE_S = 0.6
+
+
+class Harness:
+    """One app in test mode: outputs captured per topic, tables in memory."""
+
+    def __init__(self, tmp: Path, **settings: Any) -> None:
+        base = {
+            "table_store": "memory", "state_dir": tmp, "pseudonym_key": KEY, "worker_metrics_port": 0,
+            "rate_limit_per_minute": 5, "bias_publish_interval_s": 0.0,
+        }  # fmt: skip
+        self.settings = Settings(**{**base, **settings})
+        self.fa: FeedbackApp = create_app(self.settings)
+        self.fa.app.finalize()
+        self.fa.app.flow_control.resume()
+        self.sent: dict[str, list[tuple[bytes | None, bytes]]] = defaultdict(list)
+
+        async def capture(topic: str, *, key: bytes | None, value: bytes) -> None:
+            self.sent[topic].append((key, value))
+
+        self.fa.send = capture  # type: ignore[method-assign]
+
+    def table(self, name: str) -> dict[str, Any]:
+        return dict(self.fa.tables[name].items())
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.fa.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+    def clean(self) -> list[dict[str, Any]]:
+        return [EVENTS.decode(v) for _, v in self.sent[TOPICS.clean]]
+
+    def rejected(self) -> list[dict[str, Any]]:
+        return [REJECTED.decode(v) for _, v in self.sent[TOPICS.rejected]]
+
+    async def feed(
+        self,
+        agent: str,
+        messages: list[tuple[bytes | None, bytes, float]],
+        until: Callable[[], bool],
+        *,
+        replay_from: int | None = None,
+    ) -> None:
+        """Put ``messages`` (key, value, timestamp) through ``agent`` and wait for ``until``;
+        with ``replay_from``, put them again from that offset on, as a restarted worker would."""
+        async with self.fa.agents[agent].test_context() as ctx:
+            for key, value, ts in messages:
+                await ctx.put(value, key=key, timestamp=ts)
+            await _settle(until)
+            if replay_from is not None:
+                ctx.sent_offset = replay_from
+                for key, value, ts in messages[replay_from:]:
+                    await ctx.put(value, key=key, timestamp=ts)
+            await asyncio.sleep(SETTLE_S)  # take_events hands a partial batch over after WITHIN_S
+
+    async def cascade(self) -> None:
+        """Feed the gate's outcomes to the reputation agent, and its increments to the bias agent."""
+        outcomes = [(k, v, 0.0) for k, v in self.sent[TOPICS.outcomes]]
+        await self.feed("reputation", outcomes, lambda: sum(self._observations()) >= len(outcomes))
+        increments = [(k, v, 0.0) for k, v in self.sent[TOPICS.bias_input]]
+        await self.feed(
+            "bias", increments, lambda: sum(v["events"] for v in self.table("bias").values()) >= len(increments)
+        )
+        assert self.fa.publish_state is not None
+        await self.fa.publish_state(force=True)
+
+    def _observations(self) -> Iterator[int]:
+        return (v["observations"] for v in self.table("reputation").values())
+
+
+async def _settle(done: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError("the agent did not finish in time")
+        await asyncio.sleep(0.05)
+
+
+def _event(offset_s: float = 0.0, **kw: Any) -> tuple[bytes, bytes, float]:
+    base: dict[str, Any] = {"source": "dream_ui", "type": "thumbs", "ts": T0 + timedelta(seconds=offset_s)}
+    base.setdefault("payload", {"direction": "up"})
+    event = FeedbackEvent.model_validate({**base, **kw})
+    key = (event.user_id or event.client_ip or event.source).encode()
+    return key, EVENTS.encode(event.to_avro()), (T0 + timedelta(seconds=offset_s)).timestamp()
+
+
+def _crafted() -> list[tuple[bytes, bytes, float]]:
+    msgs = []
+    # A thumbs-down with PII in the comment and text that must be dropped.
+    msgs.append(_event(0, user_id="alice", interaction_id="i-1", payload={
+        "direction": "down", "comment": "call me at +1 415 555 0100 or alice@example.com",
+        "text": "model answer text"}))  # fmt: skip
+    # The same explicit signal again (another event id): a duplicate by (interaction_id, type).
+    msgs.append(_event(1, user_id="alice", interaction_id="i-1", payload={"direction": "down"}))
+    # A burst of 8 from one user; the limit is 5 per minute (burst 5): 5 pass... minus what alice already used.
+    msgs += [
+        _event(2 + i * 0.01, user_id="bob", payload={"direction": "up"}, idempotency_key=f"b{i}") for i in range(8)
+    ]
+    # Directive feeders.
+    msgs.append(_event(3, type="bad_output", user_id="carol", severity="error", payload={}))
+    msgs.append(_event(3.5, type="latency", user_id="dave", severity="warn", payload={}))
+    msgs.append(_event(4, type="veto", source="guardian", severity="critical", payload={}))
+    # Invalid: 10 minutes in the future of its arrival.
+    key, value, ts = _event(600, user_id="erin")
+    msgs.append((key, value, ts - 600))
+    # Poison.
+    msgs.append((b"mallory", b"\x00not avro", T0.timestamp()))
+    return msgs
+
+
+def test_gate_applies_every_rule_and_counts_it(tmp_path: Path) -> None:
+    h = Harness(tmp_path, sample_rates={"veto": 0.0, "latency": 1.0})
+    msgs = _crafted()
+    asyncio.run(h.feed("gate", msgs, lambda: len(h.sent[TOPICS.outcomes]) >= len(msgs) - 1))
+
+    clean = h.clean()
+    by_type = defaultdict(list)
+    for event in clean:
+        by_type[event["type"]].append(event)
+    # alice's first event: redacted, text dropped, pseudonymized, client ip gone, normalized.
+    first = by_type["thumbs"][0]
+    assert first["payload"]["comment"] == "call me at [PHONE] or [EMAIL]"
+    assert first["payload"]["text"] is None and first["text_dropped"] is True
+    assert first["user_id"] == pseudonymize("alice", KEY.encode())
+    assert (first["value"], first["confidence"]) == (-1.0, 1.0)
+    # bob: 5 of 8 within the bucket.
+    assert sum(1 for e in by_type["thumbs"] if e["user_id"] == pseudonymize("bob", KEY.encode())) == 5
+    # The veto survives a 0.0 sample rate; every kept event records its rate.
+    assert len(by_type["veto"]) == 1 and all(e["sample_rate"] == 1.0 for e in clean)
+    assert len(by_type["bad_output"]) == 1 and len(by_type["latency"]) == 1
+    assert len(clean) == 1 + 5 + 3
+
+    reasons = sorted(r["reason"] for r in h.rejected())
+    assert reasons == ["duplicate", "invalid", "rate_limited", "rate_limited", "rate_limited"]
+    invalid = next(r for r in h.rejected() if r["reason"] == "invalid")
+    assert invalid["field"] == "ts" and "future" in invalid["rule"] and invalid["offset"] == len(msgs) - 2
+    # No personal data anywhere downstream: keys and rejected records carry pseudonyms or sources.
+    downstream = b"".join(k or b"" for t in (TOPICS.clean, TOPICS.rejected) for k, _ in h.sent[t])
+    assert b"alice" not in downstream and b"bob" not in downstream
+    (letter,) = [AvroSerde("dead_letter_v1").decode(v) for _, v in h.sent[TOPICS.dlq]]
+    assert letter["stage"] == "decode" and letter["raw"] == b"\x00not avro" and letter["offset"] == len(msgs) - 1
+    assert letter["key"] == b"mallory" and letter["topic"] == TOPICS.raw
+
+    assert h.metric("feedback_total", source="dream_ui", type="thumbs") == 6
+    assert h.metric("feedback_veto_total") == 1
+    assert h.metric("feedback_rate_limited_total") == 3
+    assert h.metric("feedback_duplicates_total") == 1
+    assert h.metric("feedback_rejected_total", reason="invalid") == 1
+    assert h.metric("feedback_redactions_total", kind="EMAIL") == 1
+    assert h.metric("feedback_redactions_total", kind="PHONE") == 1
+    assert h.metric("feedback_dlq_total", stage="decode") == 1
+    assert h.metric("feedback_text_dropped_total") == 1
+    assert b"feedback_consumer_lag" in generate_latest(h.fa.metrics.registry)
+
+    # The tables: bob's bucket is empty, remembers the last offset applied and which were limited.
+    bob = h.table("subjects")["bob"]
+    assert bob["bucket"][0] < 1 and bob["offset"] == 9 and bob["limited"] == [7, 8, 9]
+    assert "i:i-1:thumbs" in h.table("seen")
+
+
+def test_sampling_drops_by_type_and_counts(tmp_path: Path) -> None:
+    h = Harness(tmp_path, sample_rates={"implicit": 0.0}, rate_limit_per_minute=1000)
+    msgs = [
+        _event(i * 0.1, type="implicit", user_id=f"u{i}", payload={"signal": "copy"}, idempotency_key=f"k{i}")
+        for i in range(10)
+    ]
+    msgs.append(_event(2, type="safety", user_id="s", payload={}))
+    asyncio.run(h.feed("gate", msgs, lambda: len(h.sent[TOPICS.outcomes]) >= len(msgs)))
+    assert [e["type"] for e in h.clean()] == ["safety"]
+    assert h.metric("feedback_sampled_out_total", type="implicit") == 10
+    assert not h.rejected()
+
+
+def test_gate_replay_of_the_same_offsets_changes_nothing_twice(tmp_path: Path) -> None:
+    once = Harness(tmp_path / "once")
+    msgs = _crafted()
+    asyncio.run(once.feed("gate", msgs, lambda: len(once.sent[TOPICS.outcomes]) >= len(msgs) - 1))
+
+    twice = Harness(tmp_path / "twice")
+    asyncio.run(twice.feed("gate", msgs, lambda: len(twice.sent[TOPICS.outcomes]) >= len(msgs) - 1, replay_from=2))
+    assert twice.table("subjects") == once.table("subjects")
+    assert twice.table("seen") == once.table("seen")
+    # The replay repeats every decision: nothing that passed is now limited or a duplicate.
+    replayed = twice.clean()[len(once.clean()) :]
+    assert sorted(e["event_id"] for e in replayed) == sorted(e["event_id"] for e in once.clean()[1:])
+
+
+def test_reputation_and_bias_follow_the_gate_and_ignore_replays(tmp_path: Path) -> None:
+    h = Harness(tmp_path, bias_step=0.2, bias_half_life_s=600)
+    msgs = _crafted()
+
+    async def run() -> None:
+        await h.feed("gate", msgs, lambda: len(h.sent[TOPICS.outcomes]) >= len(msgs) - 1)
+        await h.cascade()
+        # Replaying every outcome and increment (a crash of the state agents) changes no value.
+        before = (h.table("reputation"), h.table("bias"))
+        outcomes = [(k, v, 0.0) for k, v in h.sent[TOPICS.outcomes]]
+        await h.feed("reputation", outcomes, lambda: True)
+        increments = [(k, v, 0.0) for k, v in h.sent[TOPICS.bias_input]]
+        await h.feed("bias", increments, lambda: True)
+        assert (h.table("reputation"), h.table("bias")) == before
+
+    asyncio.run(run())
+    rep = {k.decode(): decode_reputation(v) for k, v in h.sent[TOPICS.reputation]}
+    dream = rep["dream_ui"]
+    assert dream.observations == len(msgs) - 2  # every decoded event but guardian's veto
+    assert 0 < dream.score < 1 and not dream.downweighted and dream.weight == 1.0
+    assert rep["guardian"].score == 1.0
+
+    bias = {k.decode(): decode_bias(v) for k, v in h.sent[TOPICS.directive_bias]}
+    assert set(bias) == {"increase_grounding", "reduce_novelty", "boost_safety"}
+    # One event each: step x severity scale (error 1.0, warn 0.75, critical 1.5 → clamped by nothing at 0.3).
+    assert bias["increase_grounding"].value == pytest.approx(0.2 * 1.0)
+    assert bias["reduce_novelty"].value == pytest.approx(0.2 * 0.75)
+    assert bias["boost_safety"].value == pytest.approx(0.2 * 1.5)
+    assert bias["boost_safety"].half_life_s == 600 and bias["boost_safety"].events == 1
+    assert h.metric("feedback_state_replays_total", table="reputation") == len(h.sent[TOPICS.outcomes])
+
+
+def test_bias_is_scoped_by_model_version_when_configured(tmp_path: Path) -> None:
+    h = Harness(tmp_path, bias_by_model_version=True)
+    msgs = [
+        _event(0, type="bad_output", user_id="a", model_version="m-1", payload={}),
+        _event(1, type="bad_output", user_id="b", model_version="m-2", payload={}),
+        _event(2, type="bad_output", user_id="c", model_version="m-2", payload={}),
+    ]
+
+    async def run() -> None:
+        await h.feed("gate", msgs, lambda: len(h.sent[TOPICS.outcomes]) >= 3)
+        await h.cascade()
+
+    asyncio.run(run())
+    bias = {k.decode(): decode_bias(v) for k, v in h.sent[TOPICS.directive_bias]}
+    assert set(bias) == {"increase_grounding|m-1", "increase_grounding|m-2"}
+    assert bias["increase_grounding|m-2"].events == 2 and bias["increase_grounding|m-2"].model_version == "m-2"
+
+
+def test_undecodable_state_messages_are_dead_lettered(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    asyncio.run(h.feed("reputation", [(b"x", b"{not json", 0.0)], lambda: bool(h.sent[TOPICS.dlq])))
+    letter = AvroSerde("dead_letter_v1").decode(h.sent[TOPICS.dlq][0][1])
+    assert letter["stage"] == "reputation" and "outcome" in letter["error"]

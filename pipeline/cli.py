@@ -187,11 +187,10 @@ def worker() -> None:
 def sink(
     idle_exit: Annotated[float | None, typer.Option(help="Exit after this many idle seconds.")] = None,
 ) -> None:
-    """Run the sinks: clean events → ClickHouse + JSONL, dead letters → ClickHouse."""
-    from sinks.feedback_sink import DeadLetterSink, EventSink
+    """Run the sinks: clean events → ClickHouse + JSONL; rejections and dead letters → ClickHouse."""
+    from sinks.feedback_sink import all_sinks
 
-    settings = _settings()
-    sinks = [EventSink(settings), DeadLetterSink(settings)]
+    sinks = all_sinks(_settings())
     threads = [threading.Thread(target=s.run, kwargs={"idle_exit_s": idle_exit}, name=s.name) for s in sinks]
 
     def _stop(*_: object) -> None:

@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     worker_metrics_port: int = Field(
         default=9108, ge=0, le=65535, description="Prometheus endpoint of the worker on 127.0.0.1 (0: off)."
     )
+    kafka_session_timeout_s: float = Field(
+        default=30.0,
+        ge=6,
+        le=300,
+        description="Consumer group session timeout: how soon a dead worker's partitions move.",
+    )
     table_store: Literal["rocksdb", "memory"] = Field(
         default="rocksdb", description="Faust table store; the changelogs in Kafka are the source of truth."
     )

@@ -26,7 +26,11 @@ def jsonl_counts(directory: Path) -> dict[str, int]:
 
 
 def clickhouse_counts(settings: Settings) -> dict[str, Any]:
-    """Row counts per table; ``feedback_events`` also after FINAL (deduplicated)."""
+    """Row counts per table; ``feedback_events`` also after FINAL (deduplicated).
+
+    ``dlq_events`` and ``rejected_events`` are counted after FINAL; ``rejected_by_reason``
+    breaks the latter down by the gate's reason.
+    """
     from sinks.clickhouse import connect
 
     client = connect(settings)
@@ -43,7 +47,24 @@ def clickhouse_counts(settings: Settings) -> dict[str, Any]:
         out["feedback_events_final"] = int(client.command(f"SELECT count() FROM `{db}`.feedback_events FINAL"))
     if "dlq_events" in exists:
         out["dlq_events"] = int(client.command(f"SELECT count() FROM `{db}`.dlq_events FINAL"))
+    if "rejected_events" in exists:
+        out["rejected_events"] = int(client.command(f"SELECT count() FROM `{db}`.rejected_events FINAL"))
+        reasons = client.query(
+            f"SELECT reason, count() FROM `{db}`.rejected_events FINAL GROUP BY reason ORDER BY reason"
+        ).result_rows
+        out["rejected_by_reason"] = {str(reason): int(n) for reason, n in reasons}
     return out
+
+
+def _rejected_summary(stats: dict[str, Any], topic: str) -> dict[str, Any]:
+    """The gate's refusals in one place: messages on the rejected topic, rows (FINAL), per reason."""
+    kafka, ch = stats.get("kafka", {}), stats.get("clickhouse", {})
+    return {
+        "topic": topic,
+        "kafka": kafka.get(topic),
+        "clickhouse_final": ch.get("rejected_events"),
+        "by_reason": ch.get("rejected_by_reason", {}),
+    }
 
 
 def collect_stats(settings: Settings) -> dict[str, Any]:
@@ -58,6 +79,7 @@ def collect_stats(settings: Settings) -> dict[str, Any]:
         stats["clickhouse"] = clickhouse_counts(settings)
     except StackError as exc:
         stats["clickhouse"] = {"error": str(exc)}
+    stats["rejected"] = _rejected_summary(stats, topics.rejected)
     files = jsonl_counts(settings.path)
     stats["jsonl"] = {"path": str(settings.path), "files": files, "lines": sum(files.values())}
     return stats

@@ -77,9 +77,15 @@ class FeedbackProducer:
         self.delivered = 0
 
     # --- publishing ------------------------------------------------------
-    def send(self, event: FeedbackEvent) -> None:
-        """Queue one event; raises :class:`DeliveryError` only via :meth:`flush`."""
-        self.send_raw(self.serde.encode(event.to_avro()), key=subject_key(event), label=event.event_id)
+    def send(self, event: FeedbackEvent, *, timestamp_ms: int | None = None) -> None:
+        """Queue one event; raises :class:`DeliveryError` only via :meth:`flush`.
+
+        ``timestamp_ms`` sets the message time (default: now). The gate's rate limiter and
+        time bounds use it as the arrival time, so replaying an archive with its original
+        arrival times reproduces the original decisions.
+        """
+        value = self.serde.encode(event.to_avro())
+        self.send_raw(value, key=subject_key(event), label=event.event_id, timestamp_ms=timestamp_ms)
 
     def send_many(self, events: Iterable[FeedbackEvent]) -> int:
         """Queue many events; returns how many were queued."""
@@ -89,7 +95,9 @@ class FeedbackProducer:
             n += 1
         return n
 
-    def send_raw(self, value: bytes, key: bytes | None = None, label: str = "raw") -> None:
+    def send_raw(
+        self, value: bytes, key: bytes | None = None, label: str = "raw", *, timestamp_ms: int | None = None
+    ) -> None:
         """Queue already-encoded bytes (used to replay or to test poison handling)."""
 
         def on_delivery(err: KafkaError | None, _msg: Message) -> None:
@@ -101,7 +109,8 @@ class FeedbackProducer:
 
         while True:
             try:
-                self._producer.produce(self.topic, value=value, key=key, on_delivery=on_delivery)
+                extra = {} if timestamp_ms is None else {"timestamp": timestamp_ms}
+                self._producer.produce(self.topic, value=value, key=key, on_delivery=on_delivery, **extra)
                 break
             except BufferError:
                 # Local queue full: serve delivery reports to make room, then retry.

@@ -52,6 +52,7 @@ class BatchingSink(ABC):
             "fetch.max.bytes": 64 * 1024 * 1024,
             "max.partition.fetch.bytes": 16 * 1024 * 1024,
             "client.id": f"feedback-{self.name}",
+            "session.timeout.ms": int(settings.kafka_session_timeout_s * 1000),
         }
         conf.update(consumer_config or {})
         self._consumer = Consumer(conf)

@@ -99,6 +99,37 @@ MIGRATIONS += (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        4,
+        "rejected_events",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS rejected_events
+            (
+                event_id      String,
+                source        LowCardinality(String),
+                type          LowCardinality(String),
+                ts            Nullable(DateTime64(6, 'UTC')),
+                hash          String,
+                reason        LowCardinality(String) COMMENT 'invalid | rate_limited | duplicate',
+                field         String COMMENT 'the field that broke a rule (empty when none)',
+                rule          String,
+                topic         LowCardinality(String) COMMENT 'the refused message: topic, partition, offset',
+                partition     Int32,
+                offset        Int64,
+                rejected_at   DateTime64(6, 'UTC'),
+                ingested_at   DateTime64(3, 'UTC') DEFAULT now64(3)
+            )
+            ENGINE = ReplacingMergeTree
+            PARTITION BY toYYYYMM(rejected_at)
+            ORDER BY (topic, partition, offset)
+            SETTINGS non_replicated_deduplication_window = 10000
+            """,
+        ),
+    ),
+)
+
 _LEDGER = """
 CREATE TABLE IF NOT EXISTS schema_migrations
 (

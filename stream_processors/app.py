@@ -113,9 +113,12 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
         "producer_acks": -1,
         "consumer_auto_offset_reset": "earliest",
         "store": "rocksdb://" if settings.table_store == "rocksdb" else "memory://",
-        "datadir": str(settings.state_dir / "worker" / settings.worker_id),
+        # Per app id: local table state must never outlive the topics it was built from.
+        "datadir": str(settings.state_dir / "worker" / f"{settings.topic_prefix}{settings.worker_id}"),
         "web_enabled": False,
         "table_standby_replicas": 0,
+        "broker_session_timeout": settings.kafka_session_timeout_s,
+        "broker_heartbeat_interval": max(1.0, settings.kafka_session_timeout_s / 10),
     }
     conf.update(overrides)
     Path(conf["datadir"]).parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,8 @@ from producers.synthetic import generate_events
 from schemas.serde import AvroSerde
 from schemas.topics import Topics
 from sinks.clickhouse import connect
+from stream_processors.config import pseudonym_key
+from stream_processors.redact import pseudonymize
 from tests.integration.pipeline_procs import pipeline_process, wait_for
 
 pytestmark = pytest.mark.integration
@@ -70,6 +72,8 @@ def test_ten_thousand_events_land_exactly_once_and_poison_goes_to_the_dlq(isolat
 
     # The content survives the trip: hashes and fields match what was produced.
     by_id = {e.event_id: e for e in events}
+    key = pseudonym_key(isolated)
+    assert key is not None and events[0].user_id is not None
     sample = client.query(
         f"SELECT event_id, hash, source, type, severity, user_id, model_version FROM `{db}`.feedback_events LIMIT 50"
     ).result_rows
@@ -80,7 +84,7 @@ def test_ten_thousand_events_land_exactly_once_and_poison_goes_to_the_dlq(isolat
             e.source,
             e.type,
             e.severity.value,
-            e.user_id,
+            pseudonymize(e.user_id, key),  # personal ids leave the gate pseudonymized
             e.model_version,
         )
 

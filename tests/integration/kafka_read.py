@@ -1,0 +1,58 @@
+"""Reading topics back in integration tests (plain confluent-kafka, no consumer group state)."""
+
+from __future__ import annotations
+
+import uuid
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from pipeline.settings import Settings
+
+__all__ = ["latest_by_key", "read_topic"]
+
+
+def read_topic(settings: Settings, topic: str, timeout: float = 20.0) -> list[tuple[bytes | None, bytes | None]]:
+    """Every message currently in ``topic`` (all partitions, up to the high watermarks), as (key, value)."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": f"test-reader-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+        }
+    )
+    try:
+        meta = consumer.list_topics(topic, timeout=timeout).topics[topic]
+        ends: dict[int, int] = {}
+        for p in meta.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+            if high > low:
+                ends[p] = high
+        if not ends:
+            return []
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+        out: list[tuple[bytes | None, bytes | None]] = []
+        done: set[int] = set()
+        while len(done) < len(ends):
+            msg = consumer.poll(timeout)
+            if msg is None:
+                raise AssertionError(f"timed out reading {topic}")
+            if msg.error():
+                continue
+            out.append((msg.key(), msg.value()))
+            if msg.offset() >= ends[msg.partition()] - 1:
+                done.add(msg.partition())
+        return out
+    finally:
+        consumer.close()
+
+
+def latest_by_key(settings: Settings, topic: str) -> dict[str, bytes]:
+    """The latest value per key of a compacted topic (tombstones remove the key)."""
+    latest: dict[str, bytes] = {}
+    for key, value in read_topic(settings, topic):
+        name = (key or b"").decode()
+        if value is None:
+            latest.pop(name, None)
+        else:
+            latest[name] = value
+    return latest

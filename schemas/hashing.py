@@ -6,7 +6,7 @@ in UTC, fields that are null left out (so a new optional field does not change
 old hashes), the payload in its flat form. Excluded: ``event_id`` and ``hash``
 (identity, not content), ``client_ip`` (transport metadata, and hashing it
 would make the hash a quasi-identifier), and the gate's annotations
-``sample_rate`` and ``text_dropped``. The fixed vectors in
+``sample_rate``, ``text_dropped`` and ``propagation_weight``. The fixed vectors in
 ``schemas/vectors/hash_vectors.json`` pin the result across processes and
 Python versions.
 """
@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 
 __all__ = ["EXCLUDED_FROM_HASH", "canonical_json", "compute_hash"]
 
-EXCLUDED_FROM_HASH = frozenset({"event_id", "hash", "client_ip", "sample_rate", "text_dropped"})
+EXCLUDED_FROM_HASH = frozenset(
+    {"event_id", "hash", "client_ip", "sample_rate", "text_dropped", "propagation_weight"}
+)
 
 
 def canonical_content(event: FeedbackEvent) -> dict[str, Any]:

@@ -146,6 +146,7 @@ class FeedbackEvent(BaseModel):
     client_ip: Annotated[str | None, Field(default=None, max_length=64)] = None
     sample_rate: Annotated[float | None, Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)] = None
     text_dropped: bool = False
+    propagation_weight: Annotated[float | None, Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)] = None
     hash: str = ""
 
     @field_validator("ts")
@@ -192,6 +193,7 @@ class FeedbackEvent(BaseModel):
             "client_ip": self.client_ip,
             "sample_rate": self.sample_rate,
             "text_dropped": self.text_dropped,
+            "propagation_weight": self.propagation_weight,
             "hash": self.hash,
         }
 

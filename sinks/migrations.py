@@ -130,6 +130,17 @@ MIGRATIONS += (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        5,
+        "feedback_events propagation_weight",
+        (
+            "ALTER TABLE feedback_events ADD COLUMN IF NOT EXISTS propagation_weight Nullable(Float64) "
+            "COMMENT '1 for one interaction; session-level feedback: weight per interaction' AFTER text_dropped",
+        ),
+    ),
+)
+
 _LEDGER = """
 CREATE TABLE IF NOT EXISTS schema_migrations
 (

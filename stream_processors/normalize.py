@@ -22,6 +22,11 @@ Formulas (all results clamped to [-1, 1]):
 | bad_output, safety, veto | — | -1 | 1.0 |
 | regret | — | -1 | 0.9 |
 | latency | — | -0.5 | 1.0 |
+
+Session-level feedback (``session_id`` set, no ``interaction_id``) also gets a
+``propagation_weight``: the share of its weight each interaction of the session
+receives (payload ``propagation_weight`` in [0, 1], default 0.5); feedback on one
+interaction has weight 1.0.
 """
 
 from __future__ import annotations
@@ -31,10 +36,19 @@ from typing import Any
 
 from pipeline.errors import InvalidEvent
 
-__all__ = ["Adapter", "adapters", "normalize", "register_adapter", "unregister_adapter"]
+__all__ = [
+    "SESSION_PROPAGATION_WEIGHT",
+    "Adapter",
+    "adapters",
+    "normalize",
+    "propagation_weight",
+    "register_adapter",
+    "unregister_adapter",
+]
 
 Adapter = Callable[[dict[str, Any]], tuple[float, float]]
 _ADAPTERS: dict[str, Adapter] = {}
+SESSION_PROPAGATION_WEIGHT = 0.5
 
 
 def register_adapter(signal_type: str, adapter: Adapter) -> None:
@@ -127,13 +141,28 @@ for _type, _adapter in {
     register_adapter(_type, _adapter)
 
 
-def normalize(event: dict[str, Any]) -> dict[str, Any]:
-    """The event with ``value`` and ``confidence`` set (a copy). Raises :class:`InvalidEvent`.
+def propagation_weight(event: dict[str, Any]) -> float:
+    """1.0 for feedback on one interaction. Session-level feedback (a session_id and no
+    interaction_id) applies to every interaction of the session at a reduced weight: the
+    payload's ``propagation_weight`` in [0, 1], else :data:`SESSION_PROPAGATION_WEIGHT`."""
+    if not event.get("session_id") or event.get("interaction_id"):
+        return 1.0
+    weight = event["payload"]["extra"].get("propagation_weight")
+    if weight is None:
+        return SESSION_PROPAGATION_WEIGHT
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0.0 <= weight <= 1.0:
+        raise InvalidEvent("payload.propagation_weight", "must be a number in [0, 1]")
+    return float(weight)
 
-    A producer-set value is kept (confidence defaults to 1.0); a type without an
-    adapter keeps ``value`` as it came (possibly null).
+
+def normalize(event: dict[str, Any]) -> dict[str, Any]:
+    """The event with ``value``, ``confidence`` and ``propagation_weight`` set (a copy).
+
+    Raises :class:`InvalidEvent`. A producer-set value is kept (confidence defaults to
+    1.0); a type without an adapter keeps ``value`` as it came (possibly null).
     """
     out = dict(event)
+    out["propagation_weight"] = propagation_weight(out)
     if out.get("value") is not None:
         out["confidence"] = 1.0 if out.get("confidence") is None else out["confidence"]
         return out

@@ -71,6 +71,7 @@ def _crafted() -> tuple[list[FeedbackEvent], dict[str, str]]:
     add((_e(600, source="oracle", type="bad_output", severity="warn", user_id="u2"), "clean"))
     add((_e(30, source="oracle", type="latency", severity="warn", user_id="u3"), "clean"))
     add((_e(30, source="oracle", type="safety", severity="critical", user_id="u4"), "clean"))
+    add((_e(45, user_id="sam", session_id="sess-1", type="rating", payload={"stars": 2}), "clean"))  # session-level
     for i in range(3):
         add((_e(40 + i, user_id=f"reader-{i}", type="implicit", payload={"signal": "copy"}), "sampled_out"))
     future = FeedbackEvent.model_validate({**_e(0, user_id="erin").model_dump(), "ts": NOW + timedelta(minutes=10)})
@@ -148,7 +149,7 @@ def test_crafted_stream_lands_exactly_as_the_rules_say(isolated: Settings, tmp_p
 
         rows = client.query(
             f"SELECT event_id, user_id, type, payload_comment, payload_text, corrected_response, text_dropped,"
-            f" sample_rate, value FROM `{db}`.feedback_events FINAL"
+            f" sample_rate, value, propagation_weight FROM `{db}`.feedback_events FINAL"
         ).named_results()
         rows = list(rows)
     assert {r["event_id"] for r in rows} == clean_ids
@@ -163,6 +164,9 @@ def test_crafted_stream_lands_exactly_as_the_rules_say(isolated: Settings, tmp_p
     d = next(r for r in rows if r["type"] == "correction")
     assert d["payload_comment"] == "card [CARD] please" and d["corrected_response"] == "Canberra"
     assert all(r["sample_rate"] == 1.0 for r in rows)
+    session = next(r for r in rows if r["type"] == "rating" and r["propagation_weight"] != 1.0)
+    assert session["propagation_weight"] == 0.5 and session["value"] == -0.5
+    assert sum(1 for r in rows if r["propagation_weight"] == 1.0) == len(rows) - 1
     assert not any(r["user_id"] in ("alice", "bob", "carol", "dave") for r in rows)
 
     rejected = [AvroSerde("rejected_v1").decode(v) for _, v in read_topic(settings, topics.rejected)]

@@ -102,3 +102,20 @@ def test_validation_limits() -> None:
             validate(record, NOW, limits)
         assert info.value.field == field
         assert rule in info.value.rule
+
+
+def test_session_level_feedback_carries_a_propagation_weight() -> None:
+    from stream_processors.normalize import SESSION_PROPAGATION_WEIGHT, normalize
+
+    def rec(**kw: object) -> dict[str, object]:
+        base = {"source": "s", "type": "rating", "ts": "2026-11-23T00:00:00Z", "payload": {"stars": 5}}
+        return FeedbackEvent.model_validate({**base, **kw}).to_avro()
+
+    assert normalize(rec(session_id="s1", interaction_id="i1"))["propagation_weight"] == 1.0
+    assert normalize(rec())["propagation_weight"] == 1.0
+    assert normalize(rec(session_id="s1"))["propagation_weight"] == SESSION_PROPAGATION_WEIGHT == 0.5
+    custom = rec(session_id="s1", payload={"stars": 5, "propagation_weight": 0.25})
+    assert normalize(custom)["propagation_weight"] == 0.25
+    with pytest.raises(InvalidEvent) as exc:
+        normalize(rec(session_id="s1", payload={"stars": 5, "propagation_weight": 2}))
+    assert (exc.value.field, exc.value.rule) == ("payload.propagation_weight", "must be a number in [0, 1]")

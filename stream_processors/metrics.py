@@ -7,11 +7,14 @@ misbehaving producer cannot blow up the metric cardinality.
 
 from __future__ import annotations
 
+import logging
 import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 __all__ = ["MAX_LABEL_VALUES", "GateMetrics", "LabelCap"]
+
+log = logging.getLogger(__name__)
 
 MAX_LABEL_VALUES = 100
 
@@ -65,7 +68,15 @@ class GateMetrics:
             "feedback_consumer_lag", "Messages behind the high watermark.", ["topic", "partition"], registry=r
         )
 
-    def serve(self, port: int) -> None:
-        """Start the HTTP endpoint on 127.0.0.1 (a daemon thread)."""
-        if port:
+    def serve(self, port: int) -> bool:
+        """Start the HTTP endpoint on 127.0.0.1 (a daemon thread). A taken port disables
+        the endpoint with a warning instead of stopping the worker."""
+        if not port:
+            return False
+        try:
             start_http_server(port, addr="127.0.0.1", registry=self.registry)
+        except OSError as exc:
+            log.warning("metrics_disabled port=%d error=%s (set FEEDBACK_WORKER_METRICS_PORT)", port, exc.strerror)
+            return False
+        log.info("metrics_serving port=%d", port)
+        return True

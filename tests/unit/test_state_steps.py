@@ -150,3 +150,21 @@ def test_gate_config_from_settings(tmp_path: Path) -> None:
 def test_label_cap_bounds_cardinality() -> None:
     cap = LabelCap(limit=2)
     assert [cap(v) for v in ("a", "b", "c", "a", "d")] == ["a", "b", "other", "a", "other"]
+
+
+def test_metrics_endpoint_serves_and_a_taken_port_only_disables_it() -> None:
+    import socket
+    import urllib.request
+
+    from stream_processors.metrics import GateMetrics
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    metrics = GateMetrics()
+    metrics.rate_limited.inc(3)
+    assert metrics.serve(port)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert "feedback_rate_limited_total 3.0" in body
+    assert not GateMetrics().serve(port)  # taken: warn, keep running
+    assert not GateMetrics().serve(0)

@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     clickhouse_database: str = "feedback"
     clickhouse_user: str = "default"
     clickhouse_password: str = ""
+    clickhouse_retention_days: int = Field(
+        default=90, ge=0, description="TTL of feedback_events and the other event tables (0: keep forever)."
+    )
+    clickhouse_cluster: str | None = Field(
+        default=None, description="Cluster name: tables become Replicated* with ON CLUSTER DDL. Unset: one server."
+    )
 
     # --- files and state ---------------------------------------------------
     state_dir: Path = Field(

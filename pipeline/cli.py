@@ -101,11 +101,13 @@ def topics() -> None:
 def migrate() -> None:
     """Apply ClickHouse migrations (idempotent)."""
     from sinks.clickhouse import connect
-    from sinks.migrations import apply_migrations
+    from sinks.migrations import migrate as apply_all
 
     settings = _settings()
-    applied = apply_migrations(connect(settings), settings.clickhouse_database)
-    console.print(f"{len(applied)} migration(s) applied")
+    applied = apply_all(connect(settings), settings)
+    console.print(
+        f"{len(applied)} migration(s) applied; retention {settings.clickhouse_retention_days or 'forever'} days"
+    )
 
 
 # --- producing ---------------------------------------------------------------

@@ -16,7 +16,7 @@ from urllib3.exceptions import HTTPError
 from pipeline.errors import StackError, TransientError
 from pipeline.settings import Settings
 
-__all__ = ["EVENT_COLUMNS", "ClickHouseWriter", "connect", "event_row"]
+__all__ = ["EVENT_COLUMNS", "ClickHouseWriter", "batch_token", "connect", "event_row"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,11 @@ EVENT_COLUMNS: tuple[str, ...] = (
     "kafka_partition",
     "kafka_offset",
 )
+
+
+def batch_token(table: str, topic: str, partition: int, first: int, last: int) -> str:
+    """Deterministic insert_deduplication_token for one partition's offset range."""
+    return f"{table}:{topic}:{partition}:{first}-{last}"
 
 
 def connect(settings: Settings, database: str | None = None) -> Client:
@@ -133,7 +138,8 @@ class ClickHouseWriter:
                 rows,
                 column_names=self.columns,
                 database=self.database,
-                settings={"insert_deduplication_token": token},
+                # The rollups' materialized views must skip a deduplicated block too.
+                settings={"insert_deduplication_token": token, "deduplicate_blocks_in_dependent_materialized_views": 1},
             )
         except (OperationalError, HTTPError, ConnectionError) as exc:
             raise TransientError(f"ClickHouse unavailable: {type(exc).__name__}") from None

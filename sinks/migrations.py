@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 from clickhouse_connect.driver.client import Client
 
-__all__ = ["MIGRATIONS", "Migration", "apply_migrations"]
+from pipeline.settings import Settings
+
+__all__ = ["MIGRATIONS", "RETENTION", "Migration", "apply_migrations", "for_cluster", "migrate", "sync_retention"]
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +143,143 @@ MIGRATIONS += (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        6,
+        "state history and triage",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS {db}.reputation_history
+            (
+                source           LowCardinality(String),
+                score            Float64,
+                observations     UInt64,
+                downweighted     Bool,
+                weight           Float64,
+                published_at     DateTime64(3, 'UTC') COMMENT 'Kafka timestamp of the update',
+                kafka_partition  UInt32,
+                kafka_offset     UInt64
+            )
+            ENGINE = ReplacingMergeTree
+            PARTITION BY toYYYYMM(published_at)
+            ORDER BY (source, kafka_partition, kafka_offset)
+            SETTINGS non_replicated_deduplication_window = 10000
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS {db}.directive_bias_history
+            (
+                directive        LowCardinality(String),
+                model_version    LowCardinality(Nullable(String)),
+                value            Float64 COMMENT 'bias at updated_at; decays with half_life_s',
+                updated_at       DateTime64(6, 'UTC') COMMENT 'event time of the last event applied',
+                half_life_s      Float64,
+                events           UInt64,
+                published_at     DateTime64(3, 'UTC'),
+                kafka_partition  UInt32,
+                kafka_offset     UInt64
+            )
+            ENGINE = ReplacingMergeTree
+            PARTITION BY toYYYYMM(published_at)
+            ORDER BY (directive, kafka_partition, kafka_offset)
+            SETTINGS non_replicated_deduplication_window = 10000
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS {db}.triage
+            (
+                triage_id    String,
+                event_id     String,
+                source       LowCardinality(String),
+                type         LowCardinality(String),
+                status       LowCardinality(String) COMMENT 'open | labeled | resolved',
+                label        LowCardinality(String) COMMENT 'e.g. noise, bug, model_error (empty while open)',
+                note         String,
+                created_at   DateTime64(3, 'UTC'),
+                updated_at   DateTime64(3, 'UTC'),
+                version      UInt64 COMMENT 'the latest version of a triage item wins'
+            )
+            ENGINE = ReplacingMergeTree(version)
+            ORDER BY triage_id
+            """,
+        ),
+    ),
+    Migration(
+        7,
+        "rollups",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS {db}.feedback_daily
+            (
+                day             Date,
+                source          LowCardinality(String),
+                type            LowCardinality(String),
+                model_version   LowCardinality(String),
+                prompt_version  LowCardinality(String),
+                events          UInt64,
+                value_sum       Float64,
+                value_count     UInt64 COMMENT 'events with a value: mean = value_sum / value_count',
+                weighted_events Float64 COMMENT 'sum of 1 / sample_rate: events before sampling',
+                thumbs_up       UInt64,
+                thumbs_down     UInt64
+            )
+            ENGINE = SummingMergeTree
+            PARTITION BY toYYYYMM(day)
+            ORDER BY (day, source, type, model_version, prompt_version)
+            SETTINGS non_replicated_deduplication_window = 10000
+            """,
+            """
+            CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.feedback_daily_mv TO {db}.feedback_daily AS
+            SELECT
+                toDate(ts) AS day,
+                source,
+                type,
+                ifNull(model_version, '') AS model_version,
+                ifNull(prompt_version, '') AS prompt_version,
+                count() AS events,
+                sum(ifNull(value, 0)) AS value_sum,
+                countIf(value IS NOT NULL) AS value_count,
+                sum(1 / ifNull(sample_rate, 1)) AS weighted_events,
+                countIf(type = 'thumbs' AND value > 0) AS thumbs_up,
+                countIf(type = 'thumbs' AND value < 0) AS thumbs_down
+            FROM {db}.feedback_events
+            GROUP BY day, source, type, model_version, prompt_version
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS {db}.interaction_stats
+            (
+                interaction_id  String,
+                feedback_count  SimpleAggregateFunction(sum, UInt64),
+                value_sum       SimpleAggregateFunction(sum, Float64),
+                value_count     SimpleAggregateFunction(sum, UInt64),
+                first_at        SimpleAggregateFunction(min, DateTime64(6, 'UTC')),
+                last_at         SimpleAggregateFunction(max, DateTime64(6, 'UTC')),
+                last_type       AggregateFunction(argMax, String, DateTime64(6, 'UTC')),
+                last_value      AggregateFunction(argMax, Nullable(Float64), DateTime64(6, 'UTC'))
+            )
+            ENGINE = AggregatingMergeTree
+            ORDER BY interaction_id
+            SETTINGS non_replicated_deduplication_window = 10000
+            """,
+            """
+            CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.interaction_stats_mv TO {db}.interaction_stats AS
+            SELECT
+                assumeNotNull(interaction_id) AS interaction_id,
+                count() AS feedback_count,
+                sum(ifNull(value, 0)) AS value_sum,
+                countIf(value IS NOT NULL) AS value_count,
+                min(ts) AS first_at,
+                max(ts) AS last_at,
+                argMaxState(toString(type), ts) AS last_type,
+                argMaxState(value, ts) AS last_value
+            FROM {db}.feedback_events
+            WHERE interaction_id IS NOT NULL
+            GROUP BY interaction_id
+            """,
+        ),
+    ),
+)
+
 _LEDGER = """
-CREATE TABLE IF NOT EXISTS schema_migrations
+CREATE TABLE IF NOT EXISTS {db}.schema_migrations
 (
     version     UInt32,
     name        String,
@@ -164,17 +301,96 @@ def _qualify(statement: str, database: str) -> str:
     return qualified
 
 
-def apply_migrations(client: Client, database: str) -> list[int]:
-    """Create ``database`` and apply every migration not yet recorded; returns the versions applied."""
-    client.command(f"CREATE DATABASE IF NOT EXISTS `{database}`")
-    client.command(_LEDGER.replace("schema_migrations", f"`{database}`.schema_migrations"))
+def _render(statement: str, database: str, cluster: str | None = None) -> str:
+    """Migrations 1-5 name one table and get the database put in front; later ones say ``{db}``."""
+    rendered = statement.replace("{db}", f"`{database}`") if "{db}" in statement else _qualify(statement, database)
+    return for_cluster(rendered, cluster) if cluster else rendered
+
+
+_CREATE_HEAD = re.compile(
+    r"^(\s*(?:CREATE (?:TABLE|MATERIALIZED VIEW|DATABASE) IF NOT EXISTS|ALTER TABLE)\s+(`[^`]+`(?:\.\S+)?|\S+))"
+)
+_ENGINE = re.compile(r"ENGINE = (Replacing|Summing|Aggregating|)MergeTree(?:\(([^)]*)\))?")
+
+
+def for_cluster(statement: str, cluster: str) -> str:
+    """The same DDL for a cluster: ``ON CLUSTER`` after the object name and Replicated engines
+    (ZooKeeper path per shard, database and table; replica from the server's macros)."""
+    statement, n = _CREATE_HEAD.subn(lambda m: f"{m.group(1)} ON CLUSTER `{cluster}`", statement, count=1)
+    if not n:
+        raise ValueError(f"cannot place ON CLUSTER in: {statement.strip()[:60]}")
+
+    def replicated(m: re.Match[str]) -> str:
+        kind, args = m.group(1), m.group(2)
+        path = "'/clickhouse/tables/{shard}/{database}/{table}', '{replica}'"
+        return f"ENGINE = Replicated{kind}MergeTree({path}{', ' + args if args else ''})"
+
+    # Replicated tables deduplicate through Keeper; the non-replicated window setting does not apply.
+    statement = re.sub(r"SETTINGS non_replicated_deduplication_window = \d+,?\s*", "SETTINGS ", statement)
+    statement = re.sub(r"\s*SETTINGS\s*$", "\n", statement)
+    return _ENGINE.sub(replicated, statement)
+
+
+def distributed_tables(database: str, cluster: str) -> list[str]:
+    """``<table>_all`` Distributed tables over the sharded event tables (query these on a cluster)."""
+    shard_keys = {"feedback_events": "cityHash64(event_id)", "rejected_events": "cityHash64(topic, partition, offset)"}
+    return [
+        f"CREATE TABLE IF NOT EXISTS `{database}`.{table}_all ON CLUSTER `{cluster}` AS `{database}`.{table} "
+        f"ENGINE = Distributed(`{cluster}`, `{database}`, {table}, {key})"
+        for table, key in shard_keys.items()
+    ]
+
+
+#: Tables with a time-to-live, and the column it counts from.
+RETENTION = {"feedback_events": "ts", "rejected_events": "rejected_at", "dlq_events": "ts"}
+_TTL = re.compile(r"\bTTL (.+?)(?: SETTINGS |$)")
+
+
+def sync_retention(client: Client, database: str, days: int) -> list[str]:
+    """Make each table's TTL ``days`` (0: none). Changes only what differs; existing parts are
+    not rewritten (``materialize_ttl_after_modify=0``): old rows go at the next merge."""
+    changed = []
+    for table, column in RETENTION.items():
+        ddl = client.command(
+            "SELECT create_table_query FROM system.tables WHERE database = {db:String} AND name = {t:String}",
+            parameters={"db": database, "t": table},
+        )
+        if not ddl:
+            continue
+        current = _TTL.search(str(ddl))
+        want = f"toDateTime({column}) + toIntervalDay({days})"
+        if days and (current is None or current.group(1).strip() != want):
+            client.command(
+                f"ALTER TABLE `{database}`.{table} MODIFY TTL toDateTime({column}) + INTERVAL {days} DAY",
+                settings={"materialize_ttl_after_modify": 0},
+            )
+            changed.append(table)
+        elif not days and current is not None:
+            client.command(f"ALTER TABLE `{database}`.{table} REMOVE TTL")
+            changed.append(table)
+    if changed:
+        log.info("retention_set days=%d tables=%s", days, ",".join(changed))
+    return changed
+
+
+def apply_migrations(
+    client: Client, database: str, *, retention_days: int | None = None, cluster: str | None = None
+) -> list[int]:
+    """Create ``database`` and apply every migration not yet recorded; returns the versions applied.
+
+    With ``retention_days`` the tables' TTLs are brought in line too; with ``cluster`` the DDL
+    runs ``ON CLUSTER`` with Replicated engines, and ``<table>_all`` Distributed tables are added.
+    """
+    on_cluster = f" ON CLUSTER `{cluster}`" if cluster else ""
+    client.command(f"CREATE DATABASE IF NOT EXISTS `{database}`{on_cluster}")
+    client.command(_render(_LEDGER, database, cluster))
     done = {row[0] for row in client.query(f"SELECT version FROM `{database}`.schema_migrations FINAL").result_rows}
     applied: list[int] = []
     for migration in MIGRATIONS:
         if migration.version in done:
             continue
         for statement in migration.statements:
-            client.command(_qualify(statement, database))
+            client.command(_render(statement, database, cluster))
         client.insert(
             "schema_migrations",
             [[migration.version, migration.name]],
@@ -183,4 +399,19 @@ def apply_migrations(client: Client, database: str) -> list[int]:
         )
         applied.append(migration.version)
         log.info("migration_applied version=%d name=%s", migration.version, migration.name)
+    if cluster:
+        for statement in distributed_tables(database, cluster):
+            client.command(statement)
+    if retention_days is not None:
+        sync_retention(client, database, retention_days)
     return applied
+
+
+def migrate(client: Client, settings: Settings) -> list[int]:
+    """:func:`apply_migrations` with the settings' database, retention and cluster (what sinks run on start)."""
+    return apply_migrations(
+        client,
+        settings.clickhouse_database,
+        retention_days=settings.clickhouse_retention_days,
+        cluster=settings.clickhouse_cluster,
+    )

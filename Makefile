@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 JARS   := $(LIBS)/.fetched
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test unit integration up down status lint clean
+.PHONY: setup demo test unit integration bench up down status lint clean
 
 # pip's build chatter goes to a log, shown only when the install fails.
 $(STAMP): pyproject.toml
@@ -40,6 +40,10 @@ unit: setup
 
 integration: setup
 	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS)
+
+# Benchmarks start their own private stack; results append to benchmarks/results/.
+bench: setup
+	$(BIN)/python -m benchmarks.bench_sink $(BENCH_ARGS)
 
 up: setup
 	$(BIN)/feedback up

@@ -168,7 +168,9 @@ class AvroSerde:
         buf = io.BytesIO(data)
         buf.seek(body)
         try:
-            record = fastavro.schemaless_reader(buf, writer, self.reader_schema)
+            # Resolving a schema against itself only costs time: skip it for the current writer.
+            reader = None if writer is self.reader_schema else self.reader_schema
+            record = fastavro.schemaless_reader(buf, writer, reader)
         except Exception as exc:  # fastavro raises many types (EOFError, ValueError, IndexError...)
             raise PoisonEvent(f"avro decode failed: {type(exc).__name__}") from None
         if buf.tell() != len(data):

@@ -1,0 +1,145 @@
+"""ClickHouse sink throughput: rows/s from Kafka into ClickHouse, against a bare insert.
+
+Run with ``make bench`` (or ``python -m benchmarks.bench_sink --rows 200000``). It
+starts a private local stack (Kafka KRaft + embedded ClickHouse) on free ports in
+a temporary directory, then measures, in the same run:
+
+* **bare**: ``clickhouse-connect`` inserting prebuilt rows of the same columns into
+  ``feedback_events``, in batches of ``sink_batch_rows`` — the ceiling;
+* **sink**: the real ``EventSink`` consuming the same events from
+  ``feedback.clean.v1`` (decode, rows, ClickHouse insert with its dedup token,
+  JSONL fsync, offset commit). The clock starts when the first batch is durable, so
+  consumer-group start-up is not counted, and stops when ClickHouse holds every row.
+
+It prints a JSON line and appends it to ``benchmarks/results/bench_sink.jsonl``.
+Targets (issue 5): sink at least 0.7 of bare, and ≥ 150,000 rows/s on the embedded store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import socket
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from pipeline.kafka_admin import ensure_topics
+from pipeline.localstack import LocalStack
+from pipeline.settings import PROJECT_ROOT, Settings
+from producers.producer import FeedbackProducer
+from producers.synthetic import generate_events
+from schemas.serde import AvroSerde
+from sinks.clickhouse import EVENT_COLUMNS, connect, event_row
+from sinks.feedback_sink import EventSink
+from sinks.migrations import migrate
+from stream_processors.normalize import normalize
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_sink.jsonl"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _stack(state: Path) -> tuple[LocalStack, Settings]:
+    libs = PROJECT_ROOT / ".local" / "kafka" / "libs"
+    (state / "kafka").mkdir(parents=True)
+    if libs.is_dir():
+        (state / "kafka" / "libs").symlink_to(libs)
+    settings = Settings(
+        state_dir=state,
+        kafka_port=_free_port(),
+        kafka_controller_port=_free_port(),
+        clickhouse_port=_free_port(),
+        topic_partitions=2,
+        path=state / "jsonl",
+        log_level="WARNING",
+    )
+    stack = LocalStack(settings)
+    stack.up()
+    return stack, settings
+
+
+def bare_insert(settings: Settings, records: list[dict[str, Any]], batch: int) -> float:
+    """Rows/s of clickhouse-connect inserting prebuilt rows (the same columns) in ``batch``-row inserts."""
+    db = f"{settings.clickhouse_database}_bare"
+    client = connect(settings)
+    migrate(client, settings.model_copy(update={"clickhouse_database": db}))
+    rows = [event_row(r, 0, i) for i, r in enumerate(records)]
+    started = time.perf_counter()
+    for i in range(0, len(rows), batch):
+        client.insert("feedback_events", rows[i : i + batch], column_names=EVENT_COLUMNS, database=db)
+    return len(rows) / (time.perf_counter() - started)
+
+
+def sink_rate(settings: Settings, n: int) -> tuple[float, int]:
+    """Rows/s of the EventSink from Kafka into ClickHouse, from its first durable batch to the last row."""
+    sink = EventSink(settings)
+    thread = threading.Thread(target=sink.run, kwargs={"idle_exit_s": 5.0}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 600
+    while sink.rows_written == 0:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise SystemExit("the sink wrote nothing")
+        time.sleep(0.005)
+    first_rows, started = sink.rows_written, time.perf_counter()
+    while sink.rows_written < n:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise SystemExit(f"the sink stopped at {sink.rows_written} of {n} rows")
+        time.sleep(0.005)
+    elapsed = time.perf_counter() - started
+    sink.stop()
+    thread.join(30)
+    landed = int(connect(settings).command(f"SELECT count() FROM `{settings.clickhouse_database}`.feedback_events"))
+    if landed != n:
+        raise SystemExit(f"ClickHouse holds {landed} rows, expected {n}")
+    return (n - first_rows) / elapsed, sink.batches
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=300_000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="feedback-bench-") as tmp:
+        stack, settings = _stack(Path(tmp))
+        try:
+            serde = AvroSerde()
+            events = list(generate_events(args.rows, seed=1))
+            records = [normalize(serde.decode(serde.encode(e.to_avro()))) for e in events]
+            ensure_topics(settings)
+            with FeedbackProducer(settings, topic=f"{settings.topic_prefix}feedback.clean.v1") as producer:
+                for record in records:
+                    producer.send_raw(serde.encode(record), key=record["source"].encode())
+            bare = bare_insert(settings, records, settings.sink_batch_rows)
+            sink, batches = sink_rate(settings, args.rows)
+        finally:
+            stack.down()
+    result = {
+        "benchmark": "clickhouse_sink",
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "rows": args.rows,
+        "batch_rows": settings.sink_batch_rows,
+        "batch_ms": settings.sink_batch_ms,
+        "sink_batches": batches,
+        "bare_rows_per_s": round(bare),
+        "sink_rows_per_s": round(sink),
+        "ratio": round(sink / bare, 3),
+        "targets": {"ratio": 0.7, "sink_rows_per_s": 150_000},
+        "machine": f"{platform.machine()} {platform.python_version()}",
+    }
+    RESULTS.parent.mkdir(exist_ok=True)
+    with RESULTS.open("ab") as fh:
+        fh.write(orjson.dumps(result) + b"\n")
+    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+
+
+if __name__ == "__main__":
+    main()

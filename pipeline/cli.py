@@ -224,6 +224,77 @@ def stats(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable
 
 
 @app.command()
+def bias(
+    mode: Annotated[str | None, typer.Argument(help="`watch`: print the current values, then each update.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output (JSON lines with watch).")] = False,
+    max_seconds: Annotated[float | None, typer.Option(help="Stop watching after this long.")] = None,
+) -> None:
+    """Directive bias per directive (and model version): as published, and decayed to now."""
+    import time
+    from datetime import UTC, datetime
+
+    from producers.subscriber import BiasSubscriber
+
+    if mode not in (None, "watch"):
+        raise typer.BadParameter(f"unknown mode {mode!r}; the only mode is `watch`", param_hint="MODE")
+    settings = _settings()
+    with BiasSubscriber(settings) as subscriber:
+        records = subscriber.snapshot()
+        if mode is None:
+            now = datetime.now(UTC)
+            rows = [{**r.to_json(), "value_now": round(r.at(now), 6)} for _, r in sorted(records.items())]
+            if as_json:
+                _print_json(rows)
+                return
+            table = Table("key", "value", "now", "updated_at", "events", title="Directive bias")
+            for r in rows:
+                table.add_row(r["key"], f"{r['value']:.4f}", f"{r['value_now']:.4f}", r["updated_at"], str(r["events"]))
+            Console().print(table)
+            return
+        deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        pending = [r for _, r in sorted(records.items())]
+        while deadline is None or time.monotonic() < deadline:
+            for record in pending or subscriber.poll(0.5):
+                line = {**record.to_json(), "value_now": round(record.at(datetime.now(UTC)), 6)}
+                if as_json:
+                    sys.stdout.write(orjson.dumps(line).decode() + "\n")
+                else:
+                    sys.stdout.write(f"{line['key']}  {line['value']:.4f}  (now {line['value_now']:.4f})\n")
+                sys.stdout.flush()
+            pending = []
+
+
+@app.command()
+def reputation(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """Source reputation: EWMA score, observations, and whether the source is down-weighted."""
+    from producers.subscriber import read_reputation
+
+    rows = [r.to_json() for _, r in sorted(read_reputation(_settings()).items())]
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("source", "score", "observations", "downweighted", "weight", title="Source reputation")
+    for r in rows:
+        table.add_row(
+            r["source"], f"{r['score']:.4f}", str(r["observations"]), str(r["downweighted"]), f"{r['weight']:.3f}"
+        )
+    Console().print(table)
+
+
+@app.command()
+def redact() -> None:
+    """Redact PII in JSON events read from stdin (one per line); write them to stdout, in order.
+
+    The gate's redaction: every string of ``payload`` and the top-level free-text fields
+    ``text``, ``comment`` and ``corrected_response`` (a flat payload). Exit 2 at the first
+    line that is not a JSON object (its content is never echoed).
+    """
+    from pipeline.redact_cli import redact_stream
+
+    raise typer.Exit(redact_stream(sys.stdin.buffer, sys.stdout.buffer, sys.stderr))
+
+
+@app.command()
 def demo(
     events: Annotated[int, typer.Option(help="How many synthetic events to send.")] = 3000,
     poison: Annotated[int, typer.Option(help="How many undecodable messages to inject.")] = 5,

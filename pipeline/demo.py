@@ -33,7 +33,11 @@ def print_stats(data: dict[str, Any]) -> None:
     for name, count in data.get("kafka", {}).items():
         table.add_row("kafka", name, str(count))
     for name, count in data.get("clickhouse", {}).items():
-        table.add_row("clickhouse", name, str(count))
+        if isinstance(count, dict):  # a breakdown, e.g. rejections by reason
+            for part, n in count.items():
+                table.add_row("clickhouse", f"{name.removesuffix('_by_reason')}: {part}", str(n))
+        else:
+            table.add_row("clickhouse", name, str(count))
     jsonl = data.get("jsonl", {})
     for name, count in jsonl.get("files", {}).items():
         table.add_row("jsonl", name, str(count))
@@ -63,7 +67,7 @@ def run_demo(settings: Settings, *, events: int, poison: int, timeout_s: float =
     from producers.producer import FeedbackProducer
     from producers.synthetic import generate_events
     from sinks.clickhouse import connect
-    from sinks.migrations import apply_migrations
+    from sinks.migrations import migrate
 
     started = time.monotonic()
     run_id = time.strftime("%Y%m%d%H%M%S")
@@ -80,7 +84,7 @@ def run_demo(settings: Settings, *, events: int, poison: int, timeout_s: float =
     LocalStack(settings).up()
     ensure_topics(demo)
     client = connect(demo)
-    apply_migrations(client, demo.clickhouse_database)
+    migrate(client, demo)
 
     env = {**os.environ, **demo.to_env()}
     logs = settings.state_dir / "demo" / run_id
@@ -91,11 +95,20 @@ def run_demo(settings: Settings, *, events: int, poison: int, timeout_s: float =
         _start([*cli, "sink"], env, logs / "sink.log"),
     ]
     try:
+        generated = list(generate_events(events, seed=int(run_id[-6:])))
+        showcase = _showcase(generated)
         with FeedbackProducer(demo) as producer:
-            producer.send_many(generate_events(events, seed=int(run_id[-6:])))
+            producer.send_many(generated)
+            for event, arrival_ms in showcase:
+                producer.send(event, timestamp_ms=arrival_ms)
             for i in range(poison):
                 producer.send_raw(POISON_SAMPLES[i % len(POISON_SAMPLES)], key=b"demo-poison")
-        console.print(f"published {events + poison} messages to {producer.topic}; waiting for the pipeline…")
+        sent = events + len(showcase) + poison
+        console.print(
+            f"published {sent} messages to {producer.topic} (with {DUPLICATES} duplicates, a burst of {BURST} from "
+            f"one user, PII in a comment); waiting for the pipeline…"
+        )
+        clean = events + RATE_LIMIT + 1
         deadline = time.monotonic() + timeout_s
         landed: dict[str, Any] = {}
         while time.monotonic() < deadline:
@@ -103,12 +116,13 @@ def run_demo(settings: Settings, *, events: int, poison: int, timeout_s: float =
                 console.print(f"[red]a pipeline process exited early[/red]; see logs in {logs}")
                 return 1
             landed = collect_stats(demo)
-            if _all_landed(landed, events, poison):
+            if _all_landed(landed, clean, poison):
                 break
             time.sleep(1.0)
         print_stats(landed)
         _print_rows(client, demo)
-        ok = _all_landed(landed, events, poison)
+        _print_state(demo)
+        ok = _all_landed(landed, clean, poison)
         verdict = "[green]every event landed exactly once[/green]" if ok else "[red]counts do not match[/red]"
         console.print(f"{verdict} in {time.monotonic() - started:.0f}s")
         db = demo.clickhouse_database
@@ -126,21 +140,66 @@ def run_demo(settings: Settings, *, events: int, poison: int, timeout_s: float =
             _stop(proc)
 
 
-def _all_landed(landed: dict[str, Any], events: int, poison: int) -> bool:
+DUPLICATES = 20
+BURST = 80
+RATE_LIMIT = 60  # the default: 60 per minute per subject
+
+
+def _showcase(generated: list[Any]) -> list[tuple[Any, int]]:
+    """Events that put the gate to work: re-sent duplicates, a burst from one user arriving at
+    one instant (so exactly RATE_LIMIT pass), and a comment with PII."""
+    from datetime import UTC, datetime
+
+    from schemas import FeedbackEvent
+
+    now = datetime.now(UTC)
+    arrival_ms = int(now.timestamp() * 1000)
+    out: list[tuple[Any, int]] = [(e, arrival_ms) for e in generated[:DUPLICATES]]
+    for i in range(BURST):
+        burst = FeedbackEvent(source="dream_ui", type="thumbs", ts=now, user_id="demo-burst",
+                              idempotency_key=f"burst-{i}", payload={"direction": "up"})  # fmt: skip
+        out.append((burst, arrival_ms))
+    pii = FeedbackEvent(source="dream_ui", type="thumbs", ts=now, user_id="demo-pii", payload={
+        "direction": "down", "comment": "wrong answer; write to jane.doe@example.com or call +1 415 555 0100",
+        "text": "the model's answer text"})  # fmt: skip
+    out.append((pii, arrival_ms))
+    return out
+
+
+def _all_landed(landed: dict[str, Any], clean: int, poison: int) -> bool:
     ch = landed.get("clickhouse", {})
     return (
-        ch.get("feedback_events_final") == events
+        ch.get("feedback_events_final") == clean
         and ch.get("dlq_events") == poison
-        and landed.get("jsonl", {}).get("lines") == events
+        and ch.get("rejected_events") == DUPLICATES + BURST - RATE_LIMIT
+        and landed.get("jsonl", {}).get("lines") == clean
     )
+
+
+def _print_state(settings: Settings) -> None:
+    """The state the worker publishes: directive bias and source reputation."""
+    from datetime import UTC, datetime
+
+    from producers.subscriber import read_bias, read_reputation
+
+    now = datetime.now(UTC)
+    table = Table("directive", "bias now", "events", title="Directive bias (feedback.directive-bias.v1)")
+    for key, record in sorted(read_bias(settings).items()):
+        table.add_row(key, f"{record.at(now):.3f}", str(record.events))
+    console.print(table)
+    table = Table("source", "score", "observations", "down-weighted", title="Source reputation")
+    for source, rep in sorted(read_reputation(settings).items()):
+        table.add_row(source, f"{rep.score:.3f}", str(rep.observations), str(rep.downweighted))
+    console.print(table)
 
 
 def _print_rows(client: Any, settings: Settings) -> None:
     result = client.query(
-        "SELECT ts, source, type, severity, model_version, user_id "
-        f"FROM `{settings.clickhouse_database}`.feedback_events FINAL ORDER BY ts DESC LIMIT 5"
+        "SELECT source, type, value, user_id, payload_comment, text_dropped "
+        f"FROM `{settings.clickhouse_database}`.feedback_events FINAL ORDER BY payload_comment LIKE '%[EMAIL]%' DESC,"
+        " ts DESC LIMIT 5"
     )
     table = Table(*result.column_names, title="A few rows in ClickHouse")
     for row in result.result_rows:
-        table.add_row(*(str(v)[:23] for v in row))
+        table.add_row(*(str(v)[:70] if i == 4 else str(v)[:16] for i, v in enumerate(row)))
     console.print(table)

@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     sink_group: str = "feedback-sink"
     sink_batch_rows: int = Field(default=50_000, ge=1)
     sink_batch_ms: int = Field(default=500, ge=1)
+    jsonl_compress_after_days: int = Field(
+        default=1,
+        ge=0,
+        description="Gzip a day's JSONL file once it is this many days old (late events: a new member).",
+    )
+    jsonl_retention_days: int = Field(default=90, ge=0, description="Delete JSONL days older than this (0: keep).")
 
     worker_metrics_port: int = Field(
         default=9108, ge=0, le=65535, description="Prometheus endpoint of the worker on 127.0.0.1 (0: off)."

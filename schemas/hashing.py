@@ -23,9 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = ["EXCLUDED_FROM_HASH", "canonical_json", "compute_hash"]
 
-EXCLUDED_FROM_HASH = frozenset(
-    {"event_id", "hash", "client_ip", "sample_rate", "text_dropped", "propagation_weight"}
-)
+EXCLUDED_FROM_HASH = frozenset({"event_id", "hash", "client_ip", "sample_rate", "text_dropped", "propagation_weight"})
 
 
 def canonical_content(event: FeedbackEvent) -> dict[str, Any]:

@@ -32,6 +32,7 @@ __all__ = [
     "AvroSerde",
     "SchemaCatalog",
     "load_schema",
+    "schema_text",
 ]
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
@@ -45,6 +46,12 @@ def load_schema(name: str) -> dict[str, Any]:
     """A parsed schema shipped in this package, e.g. ``load_schema("feedback_event_v1")``."""
     text = resources.files("schemas").joinpath(f"{name}.avsc").read_text(encoding="utf-8")
     return fastavro.parse_schema(json.loads(text))
+
+
+@cache
+def schema_text(name: str) -> str:
+    """A shipped schema's JSON text as written (logical types and docs kept), e.g. for Avro files."""
+    return resources.files("schemas").joinpath(f"{name}.avsc").read_text(encoding="utf-8")
 
 
 def schema_fingerprint(schema: dict[str, Any]) -> bytes:
@@ -130,6 +137,11 @@ class AvroSerde:
         self.catalog.add(self.writer_schema, registry_id=schema_id)
         self._schema_id = schema_id
         return CONFLUENT_MAGIC + struct.pack(">I", schema_id)
+
+    @property
+    def header(self) -> bytes:
+        """The bytes every message this serde writes starts with (framing + schema id)."""
+        return self._header
 
     # --- encoding --------------------------------------------------------
     def encode(self, record: dict[str, Any]) -> bytes:

@@ -3,6 +3,13 @@
 Offsets are committed only after :meth:`BatchingSink.flush` returns, i.e. after the
 batch is durable. A :class:`TransientError` from ``flush`` pauses consumption and
 retries the same batch with backoff, so nothing is lost while a store is down.
+
+Replays rebuild the same batches. Before flushing, the sink commits each
+partition's *first* offset with commit metadata naming the batch's *last* offset
+(an intent). A sink that restarts after a crash finds the intent with the
+committed offset and collects that partition's first batch up to exactly that
+offset, so the batch, and the ``insert_deduplication_token`` derived from its
+offset range, are the same as before the crash and ClickHouse drops the repeat.
 """
 
 from __future__ import annotations
@@ -19,9 +26,26 @@ from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 from pipeline.errors import TransientError
 from pipeline.settings import Settings
 
-__all__ = ["BatchingSink"]
+__all__ = ["INTENT_PREFIX", "BatchingSink", "decode_intent", "encode_intent"]
 
 log = logging.getLogger(__name__)
+
+INTENT_PREFIX = "batch-end:"
+INTENT_TIMEOUT_S = 120.0  # an intent whose messages never come (retention, a shrunk topic) is given up
+
+
+def encode_intent(last_offset: int) -> str:
+    return f"{INTENT_PREFIX}{last_offset}"
+
+
+def decode_intent(metadata: str | None) -> int | None:
+    """The last offset of the batch in flight when the offset was committed, if any."""
+    if not metadata or not metadata.startswith(INTENT_PREFIX):
+        return None
+    try:
+        return int(metadata.removeprefix(INTENT_PREFIX))
+    except ValueError:
+        return None
 
 
 class BatchingSink(ABC):
@@ -56,6 +80,9 @@ class BatchingSink(ABC):
         }
         conf.update(consumer_config or {})
         self._consumer = Consumer(conf)
+        self._intents: dict[tuple[str, int], int] = {}  # partition → the offset its first batch must end at
+        self._intent_deadline = 0.0
+        self._carry: list[Message] = []  # consumed past an intent: the start of the next batch
         self._stop = threading.Event()
         self.rows_written = 0
         self.batches = 0
@@ -67,9 +94,36 @@ class BatchingSink(ABC):
     def stop(self) -> None:
         self._stop.set()
 
+    def start_offsets(self, partitions: list[TopicPartition]) -> dict[tuple[str, int], int]:
+        """Where to start reading newly assigned partitions, when the sink knows better than the
+        committed offsets (the JSONL sink's ledger). Default: the committed offsets."""
+        return {}
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        committed = consumer.committed(partitions, timeout=30)
+        for tp in committed:
+            end = decode_intent(tp.metadata)
+            if end is not None and tp.offset >= 0 and end >= tp.offset:
+                self._intents[(tp.topic, tp.partition)] = end
+                log.info("batch_intent sink=%s partition=%d first=%d last=%d", self.name, tp.partition, tp.offset, end)
+        self._intent_deadline = time.monotonic() + INTENT_TIMEOUT_S
+        starts = self.start_offsets(partitions)
+        if starts:
+            for tp in partitions:
+                if (tp.topic, tp.partition) in starts:
+                    tp.offset = starts[(tp.topic, tp.partition)]
+                    self._intents.pop((tp.topic, tp.partition), None)
+            consumer.assign(partitions)
+
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        gone = {(tp.topic, tp.partition) for tp in partitions}
+        self._carry = [m for m in self._carry if (m.topic(), m.partition()) not in gone]
+        for key in gone:
+            self._intents.pop(key, None)
+
     def run(self, idle_exit_s: float | None = None) -> None:
         """Consume until :meth:`stop` (or ``idle_exit_s`` without messages, for one-shot runs)."""
-        self._consumer.subscribe([self.topic])
+        self._consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         last_message = time.monotonic()
         try:
             while not self._stop.is_set():
@@ -79,27 +133,48 @@ class BatchingSink(ABC):
                         return
                     continue
                 last_message = time.monotonic()
+                self._commit(batch, intent=True)
                 self._flush_with_retry(batch)
                 self._commit(batch)
         finally:
             self._consumer.close()
 
     def _collect(self) -> list[Message]:
+        """The next batch: up to ``batch_rows`` messages or ``batch_ms``; a partition with an
+        intent contributes exactly the messages up to the intent's offset."""
         batch: list[Message] = []
+        carry, self._carry = self._carry, []
+        for msg in carry:
+            self._take(msg, batch)
         deadline = time.monotonic() + self.batch_ms / 1000
-        while len(batch) < self.batch_rows and not self._stop.is_set():
+        while not self._stop.is_set():
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if self._intents and time.monotonic() > self._intent_deadline:
+                log.warning("batch_intent_abandoned sink=%s partitions=%s", self.name, sorted(self._intents))
+                self._intents.clear()
+            if not self._intents and (len(batch) >= self.batch_rows or remaining <= 0):
                 break
             for msg in self._consumer.consume(
-                num_messages=min(10_000, self.batch_rows - len(batch)), timeout=remaining
+                num_messages=max(1, min(10_000, self.batch_rows - len(batch))), timeout=max(remaining, 0.05)
             ):
                 err = msg.error()
                 if err is None:
-                    batch.append(msg)
+                    self._take(msg, batch)
                 elif err.code() != KafkaError._PARTITION_EOF:
                     log.warning("consume_error sink=%s code=%s", self.name, err.name())
         return batch
+
+    def _take(self, msg: Message, batch: list[Message]) -> None:
+        key = (msg.topic(), msg.partition())
+        end = self._intents.get(key)
+        if end is None:
+            batch.append(msg)
+        elif msg.offset() > end:
+            self._carry.append(msg)
+        else:
+            batch.append(msg)
+            if msg.offset() == end:
+                del self._intents[key]
 
     def _flush_with_retry(self, batch: list[Message]) -> None:
         delay = 0.5
@@ -121,10 +196,16 @@ class BatchingSink(ABC):
                 self._consumer.resume(assigned)
                 delay = min(delay * 2, 30.0)
 
-    def _commit(self, batch: list[Message]) -> None:
+    def _commit(self, batch: list[Message], *, intent: bool = False) -> None:
+        """Commit after the flush (next offset), or before it (``intent``: first offset + the last in metadata)."""
+        first: dict[tuple[str, int], int] = {}
         last: dict[tuple[str, int], int] = {}
         for msg in batch:
             key = (msg.topic(), msg.partition())
+            first.setdefault(key, msg.offset())
             last[key] = max(last.get(key, -1), msg.offset())
-        offsets = [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+        if intent:
+            offsets = [TopicPartition(t, p, first[(t, p)], metadata=encode_intent(o)) for (t, p), o in last.items()]
+        else:
+            offsets = [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
         self._consumer.commit(offsets=offsets, asynchronous=False)

@@ -72,6 +72,7 @@ _TRAILING_FORMAT = re.compile(r"\bFORMAT\s+(\w+)\s*;?\s*$", re.IGNORECASE)
 # Matched on bytes: the data after the statement may be binary (clickhouse-connect sends Native this way).
 _INLINE_INSERT = re.compile(rb"^\s*(INSERT\b.*?\bFORMAT\s+\w+)[ \t]*(?:\r?\n|$)", re.IGNORECASE | re.DOTALL)
 _IS_INSERT = re.compile(r"^\s*INSERT\b", re.IGNORECASE)
+_INPUT_FUNCTION = re.compile(r"\binput\(\s*('(?:[^'\\]|\\.)*')\s*\)", re.IGNORECASE)
 _ERROR_CODE = re.compile(r"Code:\s*(\d+)")
 
 
@@ -179,7 +180,11 @@ class _Engine:
                 head = _TRAILING_FORMAT.search(sql)
                 in_fmt = head.group(1) if head else fmt
                 stem = sql[: head.start()] if head else sql
-                sql = f"{stem.rstrip()} FROM INFILE {_quote(infile)} FORMAT {in_fmt}"
+                if _INPUT_FUNCTION.search(stem):
+                    # INSERT ... SELECT ... FROM input('structure') FORMAT X: the body is input()'s data.
+                    sql = _INPUT_FUNCTION.sub(lambda m: f"file({_quote(infile)}, {_quote(in_fmt)}, {m.group(1)})", stem)
+                else:
+                    sql = f"{stem.rstrip()} FROM INFILE {_quote(infile)} FORMAT {in_fmt}"
             result = self._conn.query(sql, fmt, params=params)
             counters = {
                 "read_rows": int(result.rows_read()),

@@ -16,7 +16,16 @@ from urllib3.exceptions import HTTPError
 from pipeline.errors import StackError, TransientError
 from pipeline.settings import Settings
 
-__all__ = ["EVENT_COLUMNS", "ClickHouseWriter", "batch_token", "connect", "event_row"]
+__all__ = [
+    "AVRO_EVENT_SELECT",
+    "AVRO_EVENT_STRUCTURE",
+    "EVENT_COLUMNS",
+    "ClickHouseWriter",
+    "avro_insert_query",
+    "batch_token",
+    "connect",
+    "event_row",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +55,40 @@ EVENT_COLUMNS: tuple[str, ...] = (
     "kafka_partition",
     "kafka_offset",
 )
+
+
+#: ``feedback_event_v1`` as ClickHouse reads it from Avro, and the SELECT list that maps it onto
+#: EVENT_COLUMNS (the same row :func:`event_row` builds in Python).
+AVRO_EVENT_STRUCTURE = (
+    "event_id String, ts DateTime64(6, 'UTC'), source String, type String, "
+    "severity Enum8('debug' = 0, 'info' = 1, 'warn' = 2, 'error' = 3, 'critical' = 4), "
+    "payload Tuple(text Nullable(String), comment Nullable(String), corrected_response Nullable(String), "
+    "extra Map(String, Variant(Bool, Float64, Int64, String))), user_id Nullable(String), "
+    "session_id Nullable(String), interaction_id Nullable(String), model_version Nullable(String), "
+    "prompt_version Nullable(String), value Nullable(Float64), confidence Nullable(Float64), tags Array(String), "
+    "idempotency_key Nullable(String), client_ip Nullable(String), sample_rate Nullable(Float64), "
+    "text_dropped Bool, propagation_weight Nullable(Float64), hash String"
+)
+AVRO_EVENT_SELECT = {
+    "severity": "toString(severity)",
+    "payload_text": "payload.text",
+    "payload_comment": "payload.comment",
+    "corrected_response": "payload.corrected_response",
+    "payload": "mapApply((k, v) -> (k, if(variantType(v) = 'String', variantElement(v, 'String'), "
+    "toJSONString(v))), payload.extra)",
+    "kafka_partition": "{partition:UInt32}",
+    "kafka_offset": "{first:UInt64} + rowNumberInAllBlocks()",
+}
+
+
+def avro_insert_query(database: str, table: str = "feedback_events") -> str:
+    """``INSERT INTO feedback_events SELECT ... FROM input(...) FORMAT Avro`` for the fast path."""
+    select = ", ".join(AVRO_EVENT_SELECT.get(c, c) for c in EVENT_COLUMNS)
+    columns = ", ".join(EVENT_COLUMNS)
+    return (
+        f"INSERT INTO `{database}`.{table} ({columns}) SELECT {select} "
+        f"FROM input('{AVRO_EVENT_STRUCTURE.replace(chr(39), chr(92) + chr(39))}') FORMAT Avro"
+    )
 
 
 def batch_token(table: str, topic: str, partition: int, first: int, last: int) -> str:
@@ -123,6 +166,23 @@ class ClickHouseWriter:
         self.database = database
         self.table = table
         self.columns = list(columns)
+
+    def insert_select(self, query: str, data: bytes, token: str, parameters: dict[str, Any]) -> None:
+        """Run ``INSERT ... SELECT ... FROM input(...) FORMAT X`` with ``data`` as the input,
+        deduplicated by ``token`` like :meth:`insert`."""
+        try:
+            self.client.command(
+                query,
+                parameters=parameters,
+                data=data,
+                settings={
+                    "insert_deduplication_token": token,
+                    "deduplicate_blocks_in_dependent_materialized_views": 1,
+                    "max_threads": 1,  # rows in input order: offsets are numbered by position
+                },
+            )
+        except (OperationalError, HTTPError, ConnectionError) as exc:
+            raise TransientError(f"ClickHouse unavailable: {type(exc).__name__}") from None
 
     def insert(self, rows: list[list[Any]], token: str) -> None:
         """Insert ``rows``; a retried insert with the same ``token`` is not applied twice.

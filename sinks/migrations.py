@@ -278,6 +278,22 @@ MIGRATIONS += (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        8,
+        "feedback_events value constraints",
+        (
+            # The gate guarantees these; the constraints stop anything else that writes the table.
+            "ALTER TABLE {db}.feedback_events ADD CONSTRAINT IF NOT EXISTS value_range "
+            "CHECK value IS NULL OR (value >= -1 AND value <= 1)",
+            "ALTER TABLE {db}.feedback_events ADD CONSTRAINT IF NOT EXISTS confidence_range "
+            "CHECK confidence IS NULL OR (confidence >= 0 AND confidence <= 1)",
+            "ALTER TABLE {db}.feedback_events ADD CONSTRAINT IF NOT EXISTS sample_rate_range "
+            "CHECK sample_rate IS NULL OR (sample_rate > 0 AND sample_rate <= 1)",
+        ),
+    ),
+)
+
 _LEDGER = """
 CREATE TABLE IF NOT EXISTS {db}.schema_migrations
 (

@@ -40,7 +40,7 @@ def test_jsonl_writer_appends_by_utc_day_and_omits_client_ip(tmp_path: Path) -> 
     writer = JsonlWriter(tmp_path)
     writer.write(records)
     writer.write(records[:1])
-    files = {p.name: p.read_bytes().splitlines() for p in tmp_path.iterdir()}
+    files = {p.name: p.read_bytes().splitlines() for p in tmp_path.glob("feedback-*")}
     assert sorted(files) == ["feedback-2026-11-22.jsonl", "feedback-2026-11-23.jsonl"]
     assert len(files["feedback-2026-11-22.jsonl"]) == 3  # 23:59:59Z twice, and 01:00+02:00 is 23:00Z
     assert len(files["feedback-2026-11-23.jsonl"]) == 1

@@ -123,16 +123,19 @@ def test_apply_migrations_runs_only_what_a_version_3_database_lacks() -> None:
     assert apply_migrations(_FakeClient(everything), "db1") == []  # type: ignore[arg-type]
 
 
-def test_all_sinks_includes_the_rejected_sink(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_all_sinks_runs_every_sink(monkeypatch: pytest.MonkeyPatch) -> None:
     import sinks.feedback_sink as fs
+    import sinks.state_sinks as ss
 
     made: list[str] = []
 
     def fake(name: str) -> Any:
         return lambda settings: made.append(name) or name
 
-    monkeypatch.setattr(fs, "EventSink", fake("events"))
-    monkeypatch.setattr(fs, "DeadLetterSink", fake("dlq"))
-    monkeypatch.setattr(fs, "RejectedSink", fake("rejected"))
-    assert set(all_sinks(object())) == {"events", "dlq", "rejected"}  # type: ignore[arg-type]
+    for module, cls, name in [
+        (fs, "EventSink", "events"), (fs, "JsonlSink", "jsonl"), (fs, "DeadLetterSink", "dlq"),
+        (fs, "RejectedSink", "rejected"), (ss, "ReputationHistorySink", "reputation"), (ss, "BiasHistorySink", "bias"),
+    ]:  # fmt: skip
+        monkeypatch.setattr(module, cls, fake(name))
+    assert set(all_sinks(object())) == {"events", "jsonl", "dlq", "rejected", "reputation", "bias"}  # type: ignore[arg-type]
     assert RejectedSink.name == "rejected"

@@ -208,6 +208,21 @@ def sink(
             t.join(0.5)
 
 
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to bind (default FEEDBACK_GATEWAY_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default FEEDBACK_GATEWAY_PORT).")] = None,
+) -> None:
+    """Run the HTTP gateway: POST /internal/feedback(/batch) → feedback.raw.v1."""
+    import uvicorn
+
+    from producers.gateway import create_gateway
+
+    settings = _settings()
+    app_ = create_gateway(settings)
+    uvicorn.run(app_, host=host or settings.gateway_host, port=port or settings.gateway_port, log_level="warning")
+
+
 # --- inspection ----------------------------------------------------------------
 @app.command()
 def stats(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:

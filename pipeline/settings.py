@@ -93,6 +93,19 @@ class Settings(BaseSettings):
         default="rocksdb", description="Faust table store; the changelogs in Kafka are the source of truth."
     )
 
+    # --- the HTTP gateway --------------------------------------------------
+    internal_tokens: SecretStr = Field(
+        default=SecretStr(""), description="Comma-separated X-Internal-Token values the gateway accepts (rotation)."
+    )
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(default=8080, ge=1, le=65535)
+    gateway_max_body_bytes: int = Field(default=256 * 1024, ge=1024, description="Single-event body limit (413).")
+    gateway_max_batch_bytes: int = Field(default=32 * 1024 * 1024, ge=1024, description="Batch body limit (413).")
+    gateway_max_batch: int = Field(default=1000, ge=1, description="Events per batch request.")
+    gateway_publish_timeout_s: float = Field(
+        default=10.0, gt=0, description="How long to wait for Kafka's acknowledgement before answering 503."
+    )
+
     # --- the gate ----------------------------------------------------------
     allow_text: bool = Field(
         default=False,

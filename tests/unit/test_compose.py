@@ -18,12 +18,14 @@ def test_compose_has_the_whole_stack() -> None:
 def test_pipeline_services_run_real_cli_commands_with_known_settings() -> None:
     commands = set(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
     fields = {f"FEEDBACK_{name.upper()}" for name in Settings.model_fields}
-    for name in ("topics", "worker", "sink"):
+    for name in ("topics", "worker", "sink", "gateway"):
         service = COMPOSE["services"][name]
         assert service["command"][0] in commands, name
         assert set(service["environment"]) <= fields, name
-    # The gateway arrives with the ingest work; until then it sits behind a profile.
-    assert COMPOSE["services"]["gateway"].get("profiles") == ["gateway"]
+    # Secrets are required from the environment, never baked into the file.
+    env = COMPOSE["services"]["worker"]["environment"]
+    assert env["FEEDBACK_PSEUDONYM_KEY"].startswith("${FEEDBACK_PSEUDONYM_KEY:?")
+    assert COMPOSE["services"]["gateway"]["environment"]["FEEDBACK_INTERNAL_TOKENS"].startswith("${")
 
 
 def test_ports_are_published_on_loopback_only() -> None:

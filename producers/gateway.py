@@ -1,0 +1,296 @@
+"""The HTTP gateway: ``POST /internal/feedback`` (and ``/batch``) → ``feedback.raw.v1``.
+
+Every request is checked in this order: token (401, constant-time, several tokens
+for rotation), content type (415), size (413), JSON and schema (422, naming each
+field), the subject's token bucket (429 with Retry-After). An accepted event has
+its PII redacted with the stream's own code, and the gateway answers 202 only
+once Kafka has acknowledged it; when Kafka does not, 503 with Retry-After, and the
+client keeps the event. Bad input never produces a 5xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import math
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from pydantic import SecretStr, ValidationError
+
+from pipeline.errors import ConfigError
+from pipeline.settings import Settings
+from producers.producer import subject_key
+from schemas.models import FeedbackEvent
+from schemas.serde import AvroSerde
+from schemas.topics import Topics
+from stream_processors.ratelimit import BucketState, RateLimit, take_token
+from stream_processors.redact import redact_payload
+
+__all__ = ["GatewayPublisher", "create_gateway", "problems"]
+
+log = logging.getLogger(__name__)
+
+MAX_DEPTH = 32
+
+
+class GatewayPublisher:
+    """A confluent-kafka producer whose deliveries resolve asyncio futures."""
+
+    def __init__(self, settings: Settings, timeout_s: float) -> None:
+        self.settings = settings
+        self.topic = Topics(settings.topic_prefix).raw
+        self._producer = Producer(
+            {
+                "bootstrap.servers": settings.kafka_bootstrap,
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 2,
+                "compression.type": "lz4",
+                "message.timeout.ms": int(timeout_s * 1000),
+                "client.id": "feedback-gateway",
+            }
+        )
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll, name="gateway-kafka-poll", daemon=True)
+        self._poller.start()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self._producer.poll(0.05)
+
+    def publish(self, key: bytes, value: bytes) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+
+        def delivered(err: KafkaError | None, _msg: Message) -> None:
+            def settle() -> None:
+                if future.done():
+                    return
+                if err is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(KafkaException(err))
+
+            loop.call_soon_threadsafe(settle)
+
+        while True:
+            try:
+                self._producer.produce(self.topic, value=value, key=key, on_delivery=delivered)
+                return future
+            except BufferError:
+                time.sleep(0.01)  # local queue full: the poll thread is draining it
+
+    def ready(self, timeout_s: float = 2.0) -> bool:
+        try:
+            self._producer.list_topics(self.topic, timeout=timeout_s)
+            return True
+        except KafkaException:
+            return False
+
+    def close(self) -> None:
+        self._stop.set()
+        self._poller.join(5)
+        self._producer.flush(10)
+
+
+def problems(exc: ValidationError, prefix: str = "") -> list[dict[str, str]]:
+    """Pydantic errors as ``{"field", "rule"}`` pairs (never the submitted values)."""
+    out = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "body"
+        out.append({"field": f"{prefix}{field}", "rule": err["msg"].removeprefix("Value error, ")})
+    return out
+
+
+def _too_deep(value: Any, depth: int = 0) -> bool:
+    if depth > MAX_DEPTH:
+        return True
+    if isinstance(value, dict):
+        return any(_too_deep(v, depth + 1) for v in value.values())
+    if isinstance(value, list):
+        return any(_too_deep(v, depth + 1) for v in value)
+    return False
+
+
+class _Buckets:
+    """Token buckets per subject, in this process (the stream applies the shared limit again)."""
+
+    def __init__(self, limit: RateLimit, max_subjects: int = 100_000) -> None:
+        self.limit = limit
+        self.max_subjects = max_subjects
+        self._state: dict[str, BucketState] = {}
+
+    def take(self, subject: str, now_s: float) -> float:
+        """0 when allowed, else the seconds until a token is back."""
+        state, allowed = take_token(self._state.get(subject), now_s, self.limit)
+        if len(self._state) >= self.max_subjects and subject not in self._state:
+            self._state.clear()  # bounded memory; a reset only ever lets more through
+        self._state[subject] = state
+        return 0.0 if allowed else (1.0 - state.tokens) / self.limit.rate_per_s
+
+
+def create_gateway(settings: Settings, publisher: GatewayPublisher | None = None) -> FastAPI:
+    """The gateway app. Raises :class:`ConfigError` when no internal token is configured."""
+    secret = settings.internal_tokens
+    raw = secret.get_secret_value() if isinstance(secret, SecretStr) else str(secret or "")
+    tokens = [t.strip().encode() for t in raw.split(",") if t.strip()]
+    if not tokens:
+        raise ConfigError("FEEDBACK_INTERNAL_TOKENS: set at least one token (comma-separated) for the gateway")
+    registry = CollectorRegistry()
+    requests_total = Counter("feedback_gateway_requests", "Requests by endpoint and status.", ["endpoint", "status"],
+                             registry=registry)  # fmt: skip
+    accepted = Counter("feedback_gateway_accepted", "Events acknowledged by Kafka.", registry=registry)
+    rate_limited = Counter("feedback_rate_limited", "Events refused by the gateway's rate limit.", registry=registry)
+    serde = AvroSerde.from_url(settings.schema_registry_url)
+    buckets = _Buckets(RateLimit.per_minute(settings.rate_limit_per_minute, settings.rate_limit_burst))
+    state: dict[str, GatewayPublisher] = {}
+
+    def get_publisher() -> GatewayPublisher:
+        if "p" not in state:
+            state["p"] = publisher or GatewayPublisher(settings, settings.gateway_publish_timeout_s)
+        return state["p"]
+
+    app = FastAPI(
+        title="feedback gateway",
+        version="1",
+        description="Publish feedback events to the pipeline. Every call needs an `X-Internal-Token` header.",
+    )
+
+    @app.on_event("shutdown")
+    def _close() -> None:  # pragma: no cover - exercised by uvicorn
+        if "p" in state and publisher is None:
+            state["p"].close()
+
+    def reply(endpoint: str, status: int, body: Any, headers: Mapping[str, str] | None = None) -> JSONResponse:
+        requests_total.labels(endpoint, str(status)).inc()
+        return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+
+    def authorized(request: Request) -> bool:
+        given = request.headers.get("x-internal-token", "").encode()
+        # Compare against every token, always: the time taken says nothing about which matched.
+        return bool(sum(hmac.compare_digest(given, token) for token in tokens))
+
+    async def read_json(request: Request, endpoint: str, limit: int) -> Any | JSONResponse:
+        if not authorized(request):
+            return reply(endpoint, 401, {"error": "unauthorized"})
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            return reply(endpoint, 415, {"error": "content type must be application/json"})
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return reply(endpoint, 413, {"error": f"body over {limit} bytes"})
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                return reply(endpoint, 413, {"error": f"body over {limit} bytes"})
+        try:
+            data = orjson.loads(body)  # rejects NaN, invalid UTF-8 and trailing garbage
+        except orjson.JSONDecodeError:
+            return reply(endpoint, 422, {"error": "invalid", "problems": [{"field": "body", "rule": "not valid JSON"}]})
+        if _too_deep(data):
+            return reply(endpoint, 422, {"error": "invalid", "problems": [
+                {"field": "body", "rule": f"nested deeper than {MAX_DEPTH} levels"}]})  # fmt: skip
+        return data
+
+    def prepare(
+        item: Any, client_ip: str | None, prefix: str = ""
+    ) -> tuple[FeedbackEvent | None, list[dict[str, str]]]:
+        if not isinstance(item, dict):
+            return None, [{"field": prefix.rstrip(".") or "body", "rule": "must be a JSON object"}]
+        try:
+            event = FeedbackEvent.model_validate({**item, "client_ip": item.get("client_ip") or client_ip})
+        except ValidationError as exc:
+            return None, problems(exc, prefix)
+        return event, []
+
+    def encode(event: FeedbackEvent) -> tuple[bytes, bytes]:
+        record = event.to_avro()
+        record["payload"] = redact_payload(record["payload"])  # nothing unredacted reaches Kafka
+        return subject_key(event), serde.encode(record)
+
+    async def publish(events: list[FeedbackEvent]) -> list[BaseException | None]:
+        pub = get_publisher()
+        futures = [pub.publish(*encode(e)) for e in events]
+        return list(await asyncio.gather(*futures, return_exceptions=True))
+
+    def retry_after(seconds: float) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+    @app.post("/internal/feedback", status_code=202, summary="Publish one feedback event")
+    async def post_feedback(request: Request) -> Response:
+        data = await read_json(request, "single", settings.gateway_max_body_bytes)
+        if isinstance(data, Response):
+            return data
+        event, errs = prepare(data, request.client.host if request.client else None)
+        if event is None:
+            return reply("single", 422, {"error": "invalid", "problems": errs})
+        wait = buckets.take(event.user_id or event.client_ip or event.source, time.time())
+        if wait:
+            rate_limited.inc()
+            return reply("single", 429, {"error": "rate limited"}, retry_after(wait))
+        (result,) = await publish([event])
+        if result is not None:
+            log.warning("gateway_publish_failed error=%s", type(result).__name__)
+            return reply("single", 503, {"error": "Kafka unavailable; retry"}, retry_after(5))
+        accepted.inc()
+        return reply("single", 202, {"event_id": event.event_id, "hash": event.hash})
+
+    @app.post("/internal/feedback/batch", status_code=207, summary="Publish up to N events, each judged alone")
+    async def post_batch(request: Request) -> Response:
+        data = await read_json(request, "batch", settings.gateway_max_batch_bytes)
+        if isinstance(data, Response):
+            return data
+        items = data.get("events") if isinstance(data, dict) else data
+        if not isinstance(items, list):
+            return reply("batch", 422, {"error": "invalid", "problems": [
+                {"field": "events", "rule": "must be a list of events"}]})  # fmt: skip
+        if len(items) > settings.gateway_max_batch:
+            return reply("batch", 413, {"error": f"more than {settings.gateway_max_batch} events"})
+        client_ip = request.client.host if request.client else None
+        results: list[dict[str, Any]] = []
+        to_send: list[tuple[int, FeedbackEvent]] = []
+        now = time.time()
+        for i, item in enumerate(items):
+            event, errs = prepare(item, client_ip, f"events.{i}.")
+            if event is None:
+                results.append({"index": i, "status": 422, "problems": errs})
+                continue
+            wait = buckets.take(event.user_id or event.client_ip or event.source, now)
+            if wait:
+                rate_limited.inc()
+                results.append({"index": i, "status": 429, "retry_after": max(1, math.ceil(wait))})
+                continue
+            results.append({"index": i, "status": 202, "event_id": event.event_id, "hash": event.hash})
+            to_send.append((i, event))
+        outcomes = await publish([e for _, e in to_send])
+        for (i, _), outcome in zip(to_send, outcomes, strict=True):
+            if outcome is None:
+                accepted.inc()
+            else:
+                results[i] = {"index": i, "status": 503, "retry_after": 5}
+        return reply("batch", 207, {"results": results})
+
+    @app.get("/healthz", summary="The process is up")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Kafka is reachable")
+    async def readyz() -> Response:
+        ok = await asyncio.to_thread(get_publisher().ready)
+        return JSONResponse({"status": "ready" if ok else "kafka unreachable"}, status_code=200 if ok else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

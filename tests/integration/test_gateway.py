@@ -1,0 +1,134 @@
+"""The HTTP gateway against the real broker: every status code, redaction before Kafka, batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import orjson
+import pytest
+from fastapi.testclient import TestClient
+
+from pipeline.errors import ConfigError
+from pipeline.kafka_admin import ensure_topics
+from pipeline.settings import Settings
+from producers.gateway import create_gateway
+from schemas.serde import AvroSerde
+from schemas.topics import Topics
+from tests.integration.kafka_read import read_topic
+
+pytestmark = pytest.mark.integration
+
+TOKENS = "old-token-0123456789,new-token-9876543210"
+AUTH = {"X-Internal-Token": "new-token-9876543210", "Content-Type": "application/json"}
+EVENT = {"source": "dream_ui", "type": "thumbs", "user_id": "u-1", "payload": {"direction": "up"}}
+
+
+@pytest.fixture
+def gateway(isolated: Settings) -> Iterator[tuple[TestClient, Settings]]:
+    settings = isolated.model_copy(update={"internal_tokens": TOKENS, "rate_limit_per_minute": 5.0})
+    ensure_topics(settings)
+    with TestClient(create_gateway(settings)) as client:
+        yield client, settings
+
+
+def _raw(settings: Settings) -> list[dict[str, object]]:
+    serde = AvroSerde()
+    return [serde.decode(v) for _, v in read_topic(settings, Topics(settings.topic_prefix).raw)]
+
+
+def test_accepts_after_kafka_acknowledges_and_redacts_first(gateway: tuple[TestClient, Settings]) -> None:
+    client, settings = gateway
+    body = {
+        **EVENT,
+        "payload": {"direction": "down", "comment": "mail me at jane@example.com", "ref": "+1 415 555 0100"},
+    }
+    resp = client.post("/internal/feedback", content=orjson.dumps(body), headers=AUTH)
+    assert resp.status_code == 202, resp.text
+    answer = resp.json()
+    (record,) = _raw(settings)
+    assert record["event_id"] == answer["event_id"] and record["hash"] == answer["hash"]
+    assert record["payload"]["comment"] == "mail me at [EMAIL]" and record["payload"]["extra"]["ref"] == "[PHONE]"
+    assert record["client_ip"] == "testclient"
+    old = {**AUTH, "X-Internal-Token": "old-token-0123456789"}  # both tokens work during rotation
+    assert (
+        client.post("/internal/feedback", content=orjson.dumps({**EVENT, "user_id": "u-2"}), headers=old).status_code
+        == 202
+    )
+
+
+@pytest.mark.parametrize("headers", [{}, {"X-Internal-Token": "wrong"}, {"X-Internal-Token": ""}])
+def test_missing_or_wrong_token_is_401_revealing_nothing(
+    gateway: tuple[TestClient, Settings], headers: dict[str, str]
+) -> None:
+    client, _ = gateway
+    resp = client.post(
+        "/internal/feedback", content=orjson.dumps(EVENT), headers={"Content-Type": "application/json", **headers}
+    )
+    assert resp.status_code == 401 and resp.json() == {"error": "unauthorized"}
+
+
+def test_content_type_size_and_validation(gateway: tuple[TestClient, Settings]) -> None:
+    client, settings = gateway
+    assert (
+        client.post(
+            "/internal/feedback", content=b"source=x", headers={**AUTH, "Content-Type": "text/plain"}
+        ).status_code
+        == 415
+    )
+    huge = orjson.dumps({**EVENT, "payload": {"comment": "x" * (settings.gateway_max_body_bytes + 10)}})
+    assert client.post("/internal/feedback", content=huge, headers=AUTH).status_code == 413
+    bad = {**EVENT, "severity": "apocalyptic", "type": 7, "payload": {"stars": "many"}}
+    resp = client.post("/internal/feedback", content=orjson.dumps(bad), headers=AUTH)
+    assert resp.status_code == 422
+    fields = {p["field"] for p in resp.json()["problems"]}
+    assert {"severity", "type"} <= fields and "apocalyptic" not in resp.text  # named, not echoed
+    for nasty in (b"{", b'{"source": NaN}', b"\xff\xfe{}", b"[]", b"null", b'"x"', b"[" * 100 + b"]" * 100,
+                  orjson.dumps({**EVENT, "payload": {"a": {"b": {"c": 1}}}})):  # fmt: skip
+        resp = client.post("/internal/feedback", content=nasty, headers=AUTH)
+        assert resp.status_code == 422, (nasty[:20], resp.status_code)
+    assert _raw(settings) == []  # nothing invalid was published
+
+
+def test_rate_limit_is_429_with_retry_after(gateway: tuple[TestClient, Settings]) -> None:
+    client, _ = gateway
+    codes = [client.post("/internal/feedback", content=orjson.dumps(EVENT), headers=AUTH) for _ in range(7)]
+    assert [r.status_code for r in codes] == [202] * 5 + [429] * 2
+    assert int(codes[-1].headers["Retry-After"]) >= 1
+    metrics = client.get("/metrics").text
+    assert "feedback_rate_limited_total 2.0" in metrics
+
+
+def test_batch_is_207_with_a_status_per_item(gateway: tuple[TestClient, Settings]) -> None:
+    client, settings = gateway
+    items = [{**EVENT, "user_id": f"b-{i}"} for i in range(3)] + [{"source": "x"}, "not an object"]
+    resp = client.post("/internal/feedback/batch", content=orjson.dumps({"events": items}), headers=AUTH)
+    assert resp.status_code == 207
+    results = resp.json()["results"]
+    assert [r["status"] for r in results] == [202, 202, 202, 422, 422]
+    assert results[3]["problems"][0]["field"] == "events.3.type"
+    assert {r["event_id"] for r in _raw(settings)} == {r["event_id"] for r in results[:3]}
+    too_many = orjson.dumps([EVENT] * (settings.gateway_max_batch + 1))
+    assert client.post("/internal/feedback/batch", content=too_many, headers=AUTH).status_code == 413
+
+
+def test_health_readiness_docs(gateway: tuple[TestClient, Settings]) -> None:
+    client, _ = gateway
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").status_code == 200
+    assert "/internal/feedback" in client.get("/openapi.json").json()["paths"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_kafka_unavailable_is_503_with_retry_after(isolated: Settings) -> None:
+    broken = isolated.model_copy(
+        update={"internal_tokens": TOKENS, "bootstrap_servers": "127.0.0.1:1", "gateway_publish_timeout_s": 1.5}
+    )
+    with TestClient(create_gateway(broken)) as client:
+        resp = client.post("/internal/feedback", content=orjson.dumps(EVENT), headers=AUTH)
+        assert resp.status_code == 503 and int(resp.headers["Retry-After"]) >= 1
+        assert client.get("/readyz").status_code == 503
+
+
+def test_no_token_configured_refuses_to_start(isolated: Settings) -> None:
+    with pytest.raises(ConfigError, match="FEEDBACK_INTERNAL_TOKENS"):
+        create_gateway(isolated)

@@ -14,13 +14,11 @@ import asyncio
 import hmac
 import logging
 import math
-import threading
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import orjson
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
@@ -28,78 +26,17 @@ from pydantic import SecretStr, ValidationError
 
 from pipeline.errors import ConfigError
 from pipeline.settings import Settings
-from producers.producer import subject_key
+from producers.producer import AsyncProducer, subject_key
 from schemas.models import FeedbackEvent
 from schemas.serde import AvroSerde
-from schemas.topics import Topics
 from stream_processors.ratelimit import BucketState, RateLimit, take_token
 from stream_processors.redact import redact_payload
 
-__all__ = ["GatewayPublisher", "create_gateway", "problems"]
+__all__ = ["create_gateway", "problems"]
 
 log = logging.getLogger(__name__)
 
 MAX_DEPTH = 32
-
-
-class GatewayPublisher:
-    """A confluent-kafka producer whose deliveries resolve asyncio futures."""
-
-    def __init__(self, settings: Settings, timeout_s: float) -> None:
-        self.settings = settings
-        self.topic = Topics(settings.topic_prefix).raw
-        self._producer = Producer(
-            {
-                "bootstrap.servers": settings.kafka_bootstrap,
-                "enable.idempotence": True,
-                "acks": "all",
-                "linger.ms": 2,
-                "compression.type": "lz4",
-                "message.timeout.ms": int(timeout_s * 1000),
-                "client.id": "feedback-gateway",
-            }
-        )
-        self._stop = threading.Event()
-        self._poller = threading.Thread(target=self._poll, name="gateway-kafka-poll", daemon=True)
-        self._poller.start()
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self._producer.poll(0.05)
-
-    def publish(self, key: bytes, value: bytes) -> asyncio.Future[None]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-
-        def delivered(err: KafkaError | None, _msg: Message) -> None:
-            def settle() -> None:
-                if future.done():
-                    return
-                if err is None:
-                    future.set_result(None)
-                else:
-                    future.set_exception(KafkaException(err))
-
-            loop.call_soon_threadsafe(settle)
-
-        while True:
-            try:
-                self._producer.produce(self.topic, value=value, key=key, on_delivery=delivered)
-                return future
-            except BufferError:
-                time.sleep(0.01)  # local queue full: the poll thread is draining it
-
-    def ready(self, timeout_s: float = 2.0) -> bool:
-        try:
-            self._producer.list_topics(self.topic, timeout=timeout_s)
-            return True
-        except KafkaException:
-            return False
-
-    def close(self) -> None:
-        self._stop.set()
-        self._poller.join(5)
-        self._producer.flush(10)
 
 
 def problems(exc: ValidationError, prefix: str = "") -> list[dict[str, str]]:
@@ -138,7 +75,7 @@ class _Buckets:
         return 0.0 if allowed else (1.0 - state.tokens) / self.limit.rate_per_s
 
 
-def create_gateway(settings: Settings, publisher: GatewayPublisher | None = None) -> FastAPI:
+def create_gateway(settings: Settings, publisher: AsyncProducer | None = None) -> FastAPI:
     """The gateway app. Raises :class:`ConfigError` when no internal token is configured."""
     secret = settings.internal_tokens
     raw = secret.get_secret_value() if isinstance(secret, SecretStr) else str(secret or "")
@@ -152,11 +89,11 @@ def create_gateway(settings: Settings, publisher: GatewayPublisher | None = None
     rate_limited = Counter("feedback_rate_limited", "Events refused by the gateway's rate limit.", registry=registry)
     serde = AvroSerde.from_url(settings.schema_registry_url)
     buckets = _Buckets(RateLimit.per_minute(settings.rate_limit_per_minute, settings.rate_limit_burst))
-    state: dict[str, GatewayPublisher] = {}
+    state: dict[str, AsyncProducer] = {}
 
-    def get_publisher() -> GatewayPublisher:
+    def get_publisher() -> AsyncProducer:
         if "p" not in state:
-            state["p"] = publisher or GatewayPublisher(settings, settings.gateway_publish_timeout_s)
+            state["p"] = publisher or AsyncProducer(settings, settings.gateway_publish_timeout_s, "feedback-gateway")
         return state["p"]
 
     app = FastAPI(

@@ -5,12 +5,14 @@ Producers never redact or sample; the stream does that once for everyone.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from pipeline.errors import TransientError
 from pipeline.settings import Settings, get_settings
@@ -18,7 +20,7 @@ from schemas.models import FeedbackEvent
 from schemas.serde import AvroSerde
 from schemas.topics import Topics
 
-__all__ = ["DeliveryError", "FeedbackProducer", "subject_key"]
+__all__ = ["AsyncProducer", "DeliveryError", "FeedbackProducer", "subject_key"]
 
 log = logging.getLogger(__name__)
 
@@ -144,3 +146,64 @@ class FeedbackProducer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class AsyncProducer:
+    """A confluent-kafka producer for asyncio: :meth:`publish` returns a future resolved when
+    Kafka acknowledges (or refuses) the message. Used by the gateway and the async client."""
+
+    def __init__(self, settings: Settings, timeout_s: float, client_id: str = "feedback-async") -> None:
+        self.settings = settings
+        self.topic = Topics(settings.topic_prefix).raw
+        self._producer = Producer(
+            {
+                "bootstrap.servers": settings.kafka_bootstrap,
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 2,
+                "compression.type": "lz4",
+                "message.timeout.ms": int(timeout_s * 1000),
+                "client.id": client_id,
+            }
+        )
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll, name="gateway-kafka-poll", daemon=True)
+        self._poller.start()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self._producer.poll(0.05)
+
+    def publish(self, key: bytes, value: bytes) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+
+        def delivered(err: KafkaError | None, _msg: Message) -> None:
+            def settle() -> None:
+                if future.done():
+                    return
+                if err is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(KafkaException(err))
+
+            loop.call_soon_threadsafe(settle)
+
+        while True:
+            try:
+                self._producer.produce(self.topic, value=value, key=key, on_delivery=delivered)
+                return future
+            except BufferError:
+                time.sleep(0.01)  # local queue full: the poll thread is draining it
+
+    def ready(self, timeout_s: float = 2.0) -> bool:
+        try:
+            self._producer.list_topics(self.topic, timeout=timeout_s)
+            return True
+        except KafkaException:
+            return False
+
+    def close(self) -> None:
+        self._stop.set()
+        self._poller.join(5)
+        self._producer.flush(10)

@@ -224,7 +224,7 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
             metrics.text_dropped.inc(result.text_dropped)
             if etype == "veto":
                 metrics.veto.inc()
-            elif etype == "regret":
+            elif etype in ("regret", "regret_signal"):
                 metrics.regret.inc()
         elif result.outcome == "sampled_out":
             metrics.sampled_out.labels(metrics.cap_type(etype)).inc()

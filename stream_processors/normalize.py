@@ -21,6 +21,7 @@ Formulas (all results clamped to [-1, 1]):
 | implicit follow_up | ``signal="follow_up"`` | -0.3 | 0.3 |
 | bad_output, safety, veto | — | -1 | 1.0 |
 | regret | — | -1 | 0.9 |
+| regret_signal (regret tap) | ``valence`` in [-1, 1] | valence | 0.7 |
 | latency | — | -0.5 | 1.0 |
 
 Session-level feedback (``session_id`` set, no ``interaction_id``) also gets a
@@ -136,6 +137,7 @@ for _type, _adapter in {
     "safety": lambda p: (-1.0, 1.0),
     "veto": lambda p: (-1.0, 1.0),
     "regret": lambda p: (-1.0, 0.9),
+    "regret_signal": lambda p: (_number(p["extra"], "valence"), 0.7),
     "latency": lambda p: (-0.5, 1.0),
 }.items():
     register_adapter(_type, _adapter)

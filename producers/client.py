@@ -1,0 +1,191 @@
+"""The Python client: typed helpers for every signal the pipeline normalizes.
+
+::
+
+    from producers.client import FeedbackClient
+
+    with FeedbackClient(source="dream_ui", model_version="m-2026.11") as fb:
+        fb.thumbs(up=False, interaction_id="i-9", user_id="u-42", comment="wrong citation")
+        fb.rating(4, interaction_id="i-9")
+        fb.veto("unsafe_advice", interaction_id="i-10")      # guardian veto
+        fb.regret_tap(-0.6, {"turn": 3})                        # only below the threshold
+
+Each helper builds and validates a :class:`FeedbackEvent` (a bad argument raises
+``ValueError`` naming the field) and queues it; ``flush()`` (and leaving the
+``with`` block) waits for Kafka and raises :class:`DeliveryError` for anything not
+acknowledged. ``AsyncFeedbackClient`` offers the same helpers as coroutines that
+return once Kafka has acknowledged the event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Mapping
+from typing import Any
+
+from confluent_kafka import KafkaException
+from pydantic import ValidationError
+
+from pipeline.settings import Settings, get_settings
+from producers.producer import AsyncProducer, DeliveryError, FeedbackProducer, subject_key
+from schemas.models import FeedbackEvent
+from schemas.serde import AvroSerde
+
+__all__ = ["REGRET_THRESHOLD", "AsyncFeedbackClient", "FeedbackClient"]
+
+REGRET_THRESHOLD = -0.3
+
+Scalar = str | int | float | bool | None
+
+
+class _Signals:
+    """The typed helpers; subclasses decide what sending means."""
+
+    def __init__(self, source: str, *, model_version: str | None = None, prompt_version: str | None = None,
+                 regret_threshold: float = REGRET_THRESHOLD) -> None:  # fmt: skip
+        self.source = source
+        self.defaults = {"model_version": model_version, "prompt_version": prompt_version}
+        self.regret_threshold = regret_threshold
+
+    def _event(self, type_: str, payload: Mapping[str, Any], **fields: Any) -> FeedbackEvent:
+        data = {"source": self.source, "type": type_, "payload": dict(payload)}
+        data.update({k: v for k, v in self.defaults.items() if v is not None})
+        data.update({k: v for k, v in fields.items() if v is not None})
+        try:
+            return FeedbackEvent.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(p) for p in err["loc"]) or "event"
+            raise ValueError(f"{field}: {err['msg'].removeprefix('Value error, ')}") from None
+
+    def _submit(self, event: FeedbackEvent) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _nothing(self) -> Any:
+        return None
+
+    # --- explicit signals --------------------------------------------------
+    def thumbs(self, up: bool, *, comment: str | None = None, **fields: Any) -> Any:
+        """Thumbs up (+1) or down (-1) on an interaction."""
+        return self._submit(self._event("thumbs", {"direction": "up" if up else "down", "comment": comment}, **fields))
+
+    def rating(self, stars: int, *, comment: str | None = None, **fields: Any) -> Any:
+        """A 1-5 star rating: value (stars - 3) / 2."""
+        if isinstance(stars, bool) or not isinstance(stars, int) or not 1 <= stars <= 5:
+            raise ValueError("payload.stars: must be an integer from 1 to 5")
+        return self._submit(self._event("rating", {"stars": stars, "comment": comment}, **fields))
+
+    def correction(self, corrected_response: str, *, comment: str | None = None, **fields: Any) -> Any:
+        """The user corrected the answer (negative; the corrected response is kept)."""
+        payload = {"corrected_response": corrected_response, "comment": comment}
+        return self._submit(self._event("correction", payload, **fields))
+
+    def task_success(self, success: bool, **fields: Any) -> Any:
+        return self._submit(self._event("task_success", {"success": bool(success)}, **fields))
+
+    def regeneration(self, **fields: Any) -> Any:
+        """The user asked for another answer (negative, confidence 0.8)."""
+        return self._submit(self._event("regeneration", {"regenerated": True}, **fields))
+
+    def quality_score(self, score: float, **fields: Any) -> Any:
+        """A score in [0, 1] from a grader: value 2q - 1."""
+        if not 0.0 <= float(score) <= 1.0:
+            raise ValueError("payload.score: must be in [0, 1]")
+        return self._submit(self._event("quality_score", {"score": float(score)}, **fields))
+
+    def implicit(self, signal: str, *, read_time_ms: int | None = None, **fields: Any) -> Any:
+        """copy, citation_click, read_time (with read_time_ms) or follow_up."""
+        if signal not in ("copy", "citation_click", "read_time", "follow_up"):
+            raise ValueError("payload.signal: must be copy, citation_click, read_time or follow_up")
+        return self._submit(self._event("implicit", {"signal": signal, "read_time_ms": read_time_ms}, **fields))
+
+    # --- complaints that feed directive bias -----------------------------------------
+    def bad_output(self, *, severity: str = "warn", detail: str | None = None, **fields: Any) -> Any:
+        return self._submit(self._event("bad_output", {"detail": detail}, severity=severity, **fields))
+
+    def latency(self, latency_ms: int, *, severity: str = "warn", **fields: Any) -> Any:
+        return self._submit(self._event("latency", {"latency_ms": int(latency_ms)}, severity=severity, **fields))
+
+    def safety(self, *, severity: str = "critical", detail: str | None = None, **fields: Any) -> Any:
+        return self._submit(self._event("safety", {"detail": detail}, severity=severity, **fields))
+
+    def veto(self, reason_code: str, *, severity: str = "critical", **fields: Any) -> Any:
+        """A guardian veto: ``type="veto"`` with ``payload.reason_code``; never sampled away."""
+        if not reason_code:
+            raise ValueError("payload.reason_code: required")
+        return self._submit(self._event("veto", {"reason_code": reason_code}, severity=severity, **fields))
+
+    def regret_tap(self, valence: float, context: Mapping[str, Scalar] | None = None, **fields: Any) -> Any:
+        """Emit ``source="oneiric", type="regret_signal"`` only when ``valence`` is below the
+        threshold (default -0.3); returns None and sends nothing otherwise."""
+        if not -1.0 <= float(valence) <= 1.0:
+            raise ValueError("payload.valence: must be in [-1, 1]")
+        if valence >= self.regret_threshold:
+            return self._nothing()
+        payload = {**dict(context or {}), "valence": float(valence)}
+        event = self._event("regret_signal", payload, **{"source": "oneiric", **fields})
+        return self._submit(event)
+
+    def emit(self, type_: str, payload: Mapping[str, Scalar] | None = None, **fields: Any) -> Any:
+        """Any other signal type (the stream normalizes it if an adapter is registered)."""
+        return self._submit(self._event(type_, payload or {}, **fields))
+
+
+class FeedbackClient(_Signals):
+    """Synchronous client: helpers queue events and return them; :meth:`flush` waits for Kafka."""
+
+    def __init__(self, source: str, settings: Settings | None = None, **kwargs: Any) -> None:
+        super().__init__(source, **kwargs)
+        self.producer = FeedbackProducer(settings)
+
+    def _submit(self, event: FeedbackEvent) -> FeedbackEvent:
+        self.producer.send(event)
+        return event
+
+    def flush(self, timeout: float = 60.0) -> None:
+        self.producer.flush(timeout)
+
+    def close(self) -> None:
+        self.producer.close()
+
+    def __enter__(self) -> FeedbackClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncFeedbackClient(_Signals):
+    """asyncio client: each helper is awaited until Kafka has acknowledged the event
+    (raises :class:`DeliveryError` when it does not)."""
+
+    def __init__(self, source: str, settings: Settings | None = None, **kwargs: Any) -> None:
+        super().__init__(source, **kwargs)
+        self.settings = settings or get_settings()
+        self.serde = AvroSerde.from_url(self.settings.schema_registry_url)
+        self._producer: AsyncProducer | None = None
+
+    async def _send(self, event: FeedbackEvent) -> FeedbackEvent:
+        if self._producer is None:
+            self._producer = AsyncProducer(self.settings, timeout_s=120.0, client_id="feedback-client")
+        try:
+            await self._producer.publish(subject_key(event), self.serde.encode(event.to_avro()))
+        except KafkaException as exc:
+            raise DeliveryError([(event.event_id, exc.args[0].str())]) from None
+        return event
+
+    def _submit(self, event: FeedbackEvent) -> Awaitable[FeedbackEvent]:
+        return self._send(event)
+
+    def _nothing(self) -> Awaitable[None]:
+        return asyncio.sleep(0)
+
+    async def aclose(self) -> None:
+        if self._producer is not None:
+            await asyncio.to_thread(self._producer.close)
+
+    async def __aenter__(self) -> AsyncFeedbackClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

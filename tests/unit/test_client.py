@@ -1,0 +1,40 @@
+"""Client helpers refuse bad arguments before anything is sent, naming the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.settings import Settings
+from producers.client import FeedbackClient
+
+
+@pytest.fixture
+def client() -> FeedbackClient:
+    # Nothing listens here: a helper that tried to send would only queue; these must raise first.
+    return FeedbackClient("dream_ui", Settings(bootstrap_servers="127.0.0.1:1"))
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda c: c.rating(6), "payload.stars"),
+        (lambda c: c.rating(True), "payload.stars"),
+        (lambda c: c.quality_score(1.5), "payload.score"),
+        (lambda c: c.implicit("stare"), "payload.signal"),
+        (lambda c: c.veto(""), "payload.reason_code"),
+        (lambda c: c.regret_tap(-3.0), "payload.valence"),
+        (lambda c: c.thumbs(up=True, severity="apocalyptic"), "severity"),
+        (lambda c: c.emit("", {}), "type"),
+    ],
+)
+def test_bad_arguments_raise_naming_the_field(client: FeedbackClient, call: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        call(client)  # type: ignore[operator]
+    assert client.producer.delivered == 0
+
+
+def test_regret_threshold_is_configurable() -> None:
+    client = FeedbackClient("x", Settings(bootstrap_servers="127.0.0.1:1"), regret_threshold=-0.8)
+    assert client.regret_tap(-0.5) is None
+    event = client.regret_tap(-0.9)
+    assert event is not None and event.type == "regret_signal" and event.source == "oneiric"

@@ -15,11 +15,13 @@ import hmac
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from pydantic import SecretStr, ValidationError
@@ -96,16 +98,18 @@ def create_gateway(settings: Settings, publisher: AsyncProducer | None = None) -
             state["p"] = publisher or AsyncProducer(settings, settings.gateway_publish_timeout_s, "feedback-gateway")
         return state["p"]
 
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if "p" in state and publisher is None:
+            await asyncio.to_thread(state["p"].close)  # flush what is in flight before exiting
+
     app = FastAPI(
         title="feedback gateway",
         version="1",
         description="Publish feedback events to the pipeline. Every call needs an `X-Internal-Token` header.",
+        lifespan=lifespan,
     )
-
-    @app.on_event("shutdown")
-    def _close() -> None:  # pragma: no cover - exercised by uvicorn
-        if "p" in state and publisher is None:
-            state["p"].close()
 
     def reply(endpoint: str, status: int, body: Any, headers: Mapping[str, str] | None = None) -> JSONResponse:
         requests_total.labels(endpoint, str(status)).inc()
@@ -163,7 +167,21 @@ def create_gateway(settings: Settings, publisher: AsyncProducer | None = None) -
     def retry_after(seconds: float) -> dict[str, str]:
         return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
-    @app.post("/internal/feedback", status_code=202, summary="Publish one feedback event")
+    event_body = {"$ref": "#/components/schemas/FeedbackEvent"}
+    batch_body = {"type": "object", "required": ["events"],
+                  "properties": {"events": {"type": "array", "items": event_body}}}  # fmt: skip
+
+    def body(schema: dict[str, Any]) -> dict[str, Any]:
+        return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+                "security": [{"InternalToken": []}]}  # fmt: skip
+
+    @app.post(
+        "/internal/feedback",
+        status_code=202,
+        summary="Publish one feedback event",
+        openapi_extra=body(event_body),
+        responses={code: {"description": text} for code, text in _RESPONSES.items()},
+    )
     async def post_feedback(request: Request) -> Response:
         data = await read_json(request, "single", settings.gateway_max_body_bytes)
         if isinstance(data, Response):
@@ -182,7 +200,13 @@ def create_gateway(settings: Settings, publisher: AsyncProducer | None = None) -
         accepted.inc()
         return reply("single", 202, {"event_id": event.event_id, "hash": event.hash})
 
-    @app.post("/internal/feedback/batch", status_code=207, summary="Publish up to N events, each judged alone")
+    @app.post(
+        "/internal/feedback/batch",
+        status_code=207,
+        summary="Publish up to N events, each judged alone",
+        openapi_extra=body(batch_body),
+        responses={code: {"description": text} for code, text in _RESPONSES.items() if code != 429},
+    )
     async def post_batch(request: Request) -> Response:
         data = await read_json(request, "batch", settings.gateway_max_batch_bytes)
         if isinstance(data, Response):
@@ -230,4 +254,28 @@ def create_gateway(settings: Settings, publisher: AsyncProducer | None = None) -
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schema = FeedbackEvent.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = spec.setdefault("components", {})
+            components.setdefault("schemas", {}).update({**schema.pop("$defs", {}), "FeedbackEvent": schema})
+            components["securitySchemes"] = {
+                "InternalToken": {"type": "apiKey", "in": "header", "name": "X-Internal-Token"}
+            }
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+_RESPONSES = {
+    202: "Accepted: Kafka acknowledged the event (body: event_id and hash).",
+    401: "Missing or wrong X-Internal-Token.",
+    413: "Body (or batch) over the size limit.",
+    415: "Content type is not application/json.",
+    422: "Invalid: each problem names the field and the rule.",
+    429: "The subject's rate limit; see Retry-After.",
+    503: "Kafka did not acknowledge; retry after Retry-After.",
+}

@@ -43,7 +43,8 @@ integration: setup
 
 # Benchmarks start their own private stack; results append to benchmarks/results/.
 bench: setup
-	$(BIN)/python -m benchmarks.bench_sink $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.bench_sink $(SINK_BENCH_ARGS)
+	$(BIN)/python -m benchmarks.bench_ingest $(INGEST_BENCH_ARGS)
 
 up: setup
 	$(BIN)/feedback up

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import socket
 import tempfile
 import threading
 import time
@@ -27,11 +26,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
-
+from benchmarks.common import record_result, stack
 from pipeline.kafka_admin import ensure_topics
-from pipeline.localstack import LocalStack
-from pipeline.settings import PROJECT_ROOT, Settings
+from pipeline.settings import Settings
 from producers.producer import FeedbackProducer
 from producers.synthetic import generate_events
 from schemas.serde import AvroSerde
@@ -39,33 +36,6 @@ from sinks.clickhouse import EVENT_COLUMNS, connect, event_row
 from sinks.feedback_sink import EventSink
 from sinks.migrations import migrate
 from stream_processors.normalize import normalize
-
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_sink.jsonl"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _stack(state: Path) -> tuple[LocalStack, Settings]:
-    libs = PROJECT_ROOT / ".local" / "kafka" / "libs"
-    (state / "kafka").mkdir(parents=True)
-    if libs.is_dir():
-        (state / "kafka" / "libs").symlink_to(libs)
-    settings = Settings(
-        state_dir=state,
-        kafka_port=_free_port(),
-        kafka_controller_port=_free_port(),
-        clickhouse_port=_free_port(),
-        topic_partitions=2,
-        path=state / "jsonl",
-        log_level="WARNING",
-    )
-    stack = LocalStack(settings)
-    stack.up()
-    return stack, settings
 
 
 def bare_insert(settings: Settings, records: list[dict[str, Any]], batch: int) -> float:
@@ -109,7 +79,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=300_000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="feedback-bench-") as tmp:
-        stack, settings = _stack(Path(tmp))
+        local, settings = stack(Path(tmp), topic_partitions=2)
         try:
             serde = AvroSerde()
             events = list(generate_events(args.rows, seed=1))
@@ -121,7 +91,7 @@ def main() -> None:
             bare = bare_insert(settings, records, settings.sink_batch_rows)
             sink, batches = sink_rate(settings, args.rows)
         finally:
-            stack.down()
+            local.down()
     result = {
         "benchmark": "clickhouse_sink",
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -135,10 +105,7 @@ def main() -> None:
         "targets": {"ratio": 0.7, "sink_rows_per_s": 150_000},
         "machine": f"{platform.machine()} {platform.python_version()}",
     }
-    RESULTS.parent.mkdir(exist_ok=True)
-    with RESULTS.open("ab") as fh:
-        fh.write(orjson.dumps(result) + b"\n")
-    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+    record_result("bench_sink", result)
 
 
 if __name__ == "__main__":

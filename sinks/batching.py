@@ -83,6 +83,9 @@ class BatchingSink(ABC):
         self._intents: dict[tuple[str, int], int] = {}  # partition → the offset its first batch must end at
         self._intent_deadline = 0.0
         self._carry: list[Message] = []  # consumed past an intent: the start of the next batch
+        self._batch: list[Message] = []  # the batch being collected
+        self._last_taken: dict[tuple[str, int], int] = {}  # per partition, in the batch being collected
+        self._closed: set[tuple[str, int]] = set()
         self._stop = threading.Event()
         self.rows_written = 0
         self.batches = 0
@@ -99,7 +102,18 @@ class BatchingSink(ABC):
         committed offsets (the JSONL sink's ledger). Default: the committed offsets."""
         return {}
 
+    def _forget(self, keys: set[tuple[str, int]]) -> None:
+        """Drop what was collected for ``keys``: after a revoke or a (re)assignment those partitions
+        are read again from their committed offsets, and must not appear twice in a batch."""
+        self._carry = [m for m in self._carry if (m.topic(), m.partition()) not in keys]
+        self._batch[:] = [m for m in self._batch if (m.topic(), m.partition()) not in keys]
+        for key in keys:
+            self._intents.pop(key, None)
+            self._last_taken.pop(key, None)
+            self._closed.discard(key)
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._forget({(tp.topic, tp.partition) for tp in partitions})
         committed = consumer.committed(partitions, timeout=30)
         for tp in committed:
             end = decode_intent(tp.metadata)
@@ -116,10 +130,7 @@ class BatchingSink(ABC):
             consumer.assign(partitions)
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        gone = {(tp.topic, tp.partition) for tp in partitions}
-        self._carry = [m for m in self._carry if (m.topic(), m.partition()) not in gone]
-        for key in gone:
-            self._intents.pop(key, None)
+        self._forget({(tp.topic, tp.partition) for tp in partitions})
 
     def run(self, idle_exit_s: float | None = None) -> None:
         """Consume until :meth:`stop` (or ``idle_exit_s`` without messages, for one-shot runs)."""
@@ -142,7 +153,9 @@ class BatchingSink(ABC):
     def _collect(self) -> list[Message]:
         """The next batch: up to ``batch_rows`` messages or ``batch_ms``; a partition with an
         intent contributes exactly the messages up to the intent's offset."""
-        batch: list[Message] = []
+        batch = self._batch = []
+        self._last_taken = {}
+        self._closed: set[tuple[str, int]] = set()  # partitions whose range in this batch is fixed
         carry, self._carry = self._carry, []
         for msg in carry:
             self._take(msg, batch)
@@ -166,15 +179,24 @@ class BatchingSink(ABC):
 
     def _take(self, msg: Message, batch: list[Message]) -> None:
         key = (msg.topic(), msg.partition())
+        if msg.offset() <= self._last_taken.get(key, -1):
+            return  # delivered again (a seek or rebalance mid-batch): already in the batch
+        self._last_taken[key] = msg.offset()
+        if key in self._closed:
+            self._carry.append(msg)  # the intent's range is complete: the rest waits for the next batch
+            return
         end = self._intents.get(key)
         if end is None:
             batch.append(msg)
         elif msg.offset() > end:
             self._carry.append(msg)
+            del self._intents[key]
+            self._closed.add(key)
         else:
             batch.append(msg)
             if msg.offset() == end:
                 del self._intents[key]
+                self._closed.add(key)
 
     def _flush_with_retry(self, batch: list[Message]) -> None:
         delay = 0.5

@@ -158,10 +158,12 @@ class EventSink(_DeadLetters, BatchingSink):
         written = 0
         for partition, msgs in _by_partition(messages).items():
             token = batch_token("feedback_events", self.topic, partition, msgs[0].offset(), msgs[-1].offset())
-            if self._fast(partition, msgs, token):
-                written += len(msgs)
-                continue
-            written += self._python_path(partition, msgs, token)
+            fast = self._fast(partition, msgs, token)
+            written += len(msgs) if fast else self._python_path(partition, msgs, token)
+            log.info(
+                "inserted sink=events partition=%d first=%d last=%d rows=%d path=%s",
+                partition, msgs[0].offset(), msgs[-1].offset(), len(msgs), "fast" if fast else "python",
+            )  # fmt: skip
         self._flush_dead_letters()
         log.info("batch_written sink=events rows=%d dead_lettered=%d", written, self.dead_lettered)
 

@@ -6,6 +6,7 @@ import gzip
 import io
 from datetime import date, datetime
 from pathlib import Path
+from typing import Any
 
 import fastavro
 import orjson
@@ -96,3 +97,45 @@ def test_housekeeping_compresses_closed_days_and_removes_old_ones(tmp_path: Path
     assert (tmp_path / LEDGER).exists()
     with pytest.raises(FileNotFoundError):
         (tmp_path / "feedback-2026-08-01.jsonl").stat()
+
+
+class _Msg:
+    def __init__(self, partition: int, offset: int) -> None:
+        self._p, self._o = partition, offset
+
+    def topic(self) -> str:
+        return "clean"
+
+    def partition(self) -> int:
+        return self._p
+
+    def offset(self) -> int:
+        return self._o
+
+
+def _sink() -> Any:
+    from pipeline.settings import Settings
+    from sinks.batching import BatchingSink
+
+    class Null(BatchingSink):
+        def flush(self, messages: Any) -> None:
+            pass
+
+    return Null(Settings(bootstrap_servers="127.0.0.1:1"), "clean", "g")
+
+
+def test_intent_batches_end_exactly_and_redeliveries_are_not_taken_twice() -> None:
+    sink = _sink()
+    sink._intents = {("clean", 0): 2}
+    sink._closed = set()
+    batch: list[Any] = []
+    sink._batch = batch
+    for p, o in [(0, 0), (1, 5), (0, 1), (0, 1), (0, 2), (0, 3), (1, 6), (0, 4)]:
+        sink._take(_Msg(p, o), batch)
+    assert [(m.partition(), m.offset()) for m in batch] == [(0, 0), (1, 5), (0, 1), (0, 2), (1, 6)]
+    assert [m.offset() for m in sink._carry] == [3, 4] and not sink._intents
+    # A rebalance hands partition 1 back: what was collected for it is read again, not kept twice.
+    sink._forget({("clean", 1)})
+    assert [(m.partition(), m.offset()) for m in batch] == [(0, 0), (0, 1), (0, 2)]
+    sink._take(_Msg(1, 5), batch)
+    assert batch[-1].offset() == 5

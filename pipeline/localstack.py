@@ -296,8 +296,8 @@ class LocalKafka:
             "kafka.tools.StorageTool",
             "format",
             "--standalone",
-            "-t",
-            _cluster_id(),
+            # One argument, "=" form: a random id may start with "-", which argparse would take for an option.
+            f"--cluster-id={_cluster_id()}",
             "-c",
             str(self.config),
         ]

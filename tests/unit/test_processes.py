@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -76,3 +77,20 @@ def test_taken_port_names_the_setting(tmp_path: Path) -> None:
         kafka = LocalKafka(Settings(state_dir=tmp_path, kafka_port=port))
         with pytest.raises(StackError, match=rf"127\.0\.0\.1:{port} is in use.*FEEDBACK_KAFKA_PORT"):
             kafka.start()
+
+
+def test_kafka_format_passes_a_dash_leading_cluster_id_as_one_argument(monkeypatch: Any, tmp_path: Path) -> None:
+    import pipeline.localstack as ls
+
+    seen: list[list[str]] = []
+
+    def fake_run(cmd: list[str], **_: Any) -> subprocess.CompletedProcess[str]:
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(ls, "_cluster_id", lambda: "-starts-with-a-dash")
+    monkeypatch.setattr(ls.subprocess, "run", fake_run)
+    kafka = ls.LocalKafka(Settings(state_dir=tmp_path))
+    monkeypatch.setattr(kafka, "_classpath", lambda: "cp")
+    kafka._format("java")
+    assert "--cluster-id=-starts-with-a-dash" in seen[0] and "-t" not in seen[0]

@@ -261,22 +261,35 @@ def bias(
             if as_json:
                 _print_json(rows)
                 return
-            table = Table("key", "value", "now", "updated_at", "events", title="Directive bias")
+            table = Table(
+                "key", "directive", "model_version", "value", "now", "updated_at", "events", title="Directive bias"
+            )
             for r in rows:
-                table.add_row(r["key"], f"{r['value']:.4f}", f"{r['value_now']:.4f}", r["updated_at"], str(r["events"]))
+                table.add_row(
+                    r["key"],
+                    r["directive"],
+                    r["model_version"] or "-",
+                    f"{r['value']:.4f}",
+                    f"{r['value_now']:.4f}",
+                    r["updated_at"],
+                    str(r["events"]),
+                )
             Console().print(table)
             return
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         pending = [r for _, r in sorted(records.items())]
-        while deadline is None or time.monotonic() < deadline:
-            for record in pending or subscriber.poll(0.5):
-                line = {**record.to_json(), "value_now": round(record.at(datetime.now(UTC)), 6)}
-                if as_json:
-                    sys.stdout.write(orjson.dumps(line).decode() + "\n")
-                else:
-                    sys.stdout.write(f"{line['key']}  {line['value']:.4f}  (now {line['value_now']:.4f})\n")
-                sys.stdout.flush()
-            pending = []
+        try:
+            while deadline is None or time.monotonic() < deadline:
+                for record in pending or subscriber.poll(0.5):
+                    line = {**record.to_json(), "value_now": round(record.at(datetime.now(UTC)), 6)}
+                    if as_json:
+                        sys.stdout.write(orjson.dumps(line).decode() + "\n")
+                    else:
+                        sys.stdout.write(f"{line['key']}  {line['value']:.4f}  (now {line['value_now']:.4f})\n")
+                    sys.stdout.flush()
+                pending = []
+        except KeyboardInterrupt:  # Ctrl-C ends a watch; not an error
+            return
 
 
 @app.command()

@@ -68,22 +68,27 @@ class CompactedTopicReader(Generic[R]):
                 "enable.partition.eof": False,
             }
         )
-        self._assigned = False
+        self._partitions: list[TopicPartition] | None = None
+
+    def _unreachable(self, exc: KafkaException) -> StackError:
+        return StackError(f"cannot reach Kafka at {self.settings.kafka_bootstrap}: {exc.args[0].str()}")
 
     def _assign(self, timeout_s: float) -> list[TopicPartition]:
+        """Assign every partition from the beginning (once); the topic's partitions."""
+        if self._partitions is not None:
+            return self._partitions
         try:
             meta = self._consumer.list_topics(self.topic, timeout=timeout_s)
         except KafkaException as exc:
-            raise StackError(f"cannot reach Kafka at {self.settings.kafka_bootstrap}: {exc.args[0].str()}") from None
+            raise self._unreachable(exc) from None
         topic = meta.topics.get(self.topic)
         if topic is None or topic.error is not None or not topic.partitions:
             raise StackError(
                 f"topic {self.topic} not found at {self.settings.kafka_bootstrap}; start the worker (or `feedback up`)"
             )
         partitions = [TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in sorted(topic.partitions)]
-        if not self._assigned:
-            self._consumer.assign(partitions)
-            self._assigned = True
+        self._consumer.assign(partitions)
+        self._partitions = partitions
         return partitions
 
     def apply(self, key: bytes | None, value: bytes | None, where: str = "") -> R | None:
@@ -97,6 +102,7 @@ class CompactedTopicReader(Generic[R]):
         try:
             record = self.decode(value)
         except ValueError as exc:
+            # Coordinates and the error's kind only: never the payload.
             log.warning("state_record_skipped topic=%s %s reason=%s", self.topic, where, exc)
             return None
         self.values[name] = record
@@ -105,7 +111,7 @@ class CompactedTopicReader(Generic[R]):
         return record
 
     def poll(self, timeout_s: float = 1.0, max_messages: int = 1000) -> list[R]:
-        """Apply what arrives within ``timeout_s``; returns the new records."""
+        """Apply what arrives within ``timeout_s``; returns the new records (tombstones remove keys)."""
         self._assign(max(timeout_s, 5.0))
         out: list[R] = []
         for msg in self._consumer.consume(max_messages, timeout=timeout_s):
@@ -117,23 +123,34 @@ class CompactedTopicReader(Generic[R]):
         return out
 
     def snapshot(self, timeout_s: float = 10.0) -> dict[str, R]:
-        """Read up to the end of every partition as of now; returns the latest value per key."""
+        """Read up to the end of every partition as of now (the high watermarks captured first);
+        returns the latest value per key. Raises :class:`StackError` if Kafka or the topic is missing."""
         partitions = self._assign(timeout_s)
-        ends = {}
-        for tp in partitions:
-            _low, high = self._consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=timeout_s)
-            ends[tp.partition] = high
+        try:
+            ends = {
+                tp.partition: self._consumer.get_watermark_offsets(
+                    TopicPartition(tp.topic, tp.partition), timeout=timeout_s
+                )[1]
+                for tp in partitions
+            }
+        except KafkaException as exc:
+            raise self._unreachable(exc) from None
         deadline = time.monotonic() + timeout_s
 
         def behind() -> bool:
             # Positions, not message offsets: a compacted log has gaps.
-            positions = self._consumer.position([TopicPartition(self.topic, p) for p in ends])
+            try:
+                positions = self._consumer.position([TopicPartition(self.topic, p) for p in ends])
+            except KafkaException as exc:
+                raise self._unreachable(exc) from None
             return any(ends[tp.partition] > 0 and tp.offset < ends[tp.partition] for tp in positions)
 
         while behind():
             if time.monotonic() > deadline:
-                raise StackError(f"timed out reading {self.topic} after {timeout_s:.0f}s")
-            for msg in self._consumer.consume(1000, timeout=0.5):
+                raise StackError(
+                    f"timed out reading {self.topic} at {self.settings.kafka_bootstrap} after {timeout_s:g}s"
+                )
+            for msg in self._consumer.consume(1000, timeout=0.2):
                 if not msg.error():
                     self.apply(msg.key(), msg.value(), f"partition={msg.partition()} offset={msg.offset()}")
         return dict(self.values)

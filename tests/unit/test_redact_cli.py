@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,29 @@ def test_a_bad_line_stops_with_its_number_and_never_echoes_it() -> None:
     assert result.stdout.splitlines() == [orjson.dumps({"source": "ui", "type": "t", "comment": "[EMAIL]"})]
     assert b"line 2: not a JSON object" in result.stderr and b"alice" not in result.stderr
     assert _run(b"[1, 2]\n").returncode == 2
+
+
+def test_streams_line_by_line_before_stdin_closes() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "redact"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write(orjson.dumps({"source": "ui", "text": "call 415-555-0132 now"}) + b"\n")
+        proc.stdin.flush()
+        # stdin stays open: the first line must come out on its own.
+        ready, _, _ = select.select([proc.stdout], [], [], 30)
+        assert ready, "no output before stdin was closed"
+        assert orjson.loads(proc.stdout.readline()) == {"source": "ui", "text": "call [PHONE] now"}
+        proc.stdin.write(b"\n" + orjson.dumps({"source": "ui", "payload": {"direction": "up", "k": None}}) + b"\n")
+        proc.stdin.close()
+        assert orjson.loads(proc.stdout.readline()) == {"source": "ui", "payload": {"direction": "up", "k": None}}
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

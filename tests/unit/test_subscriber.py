@@ -30,3 +30,18 @@ def test_latest_record_per_key_decays_and_tombstones_remove() -> None:
         assert "increase_grounding" not in sub.records
     finally:
         sub.close()
+
+
+def test_an_undecodable_value_is_skipped_and_logged_by_coordinates_only(caplog: pytest.LogCaptureFixture) -> None:
+    sub = BiasSubscriber(Settings(bootstrap_servers="127.0.0.1:1"))
+    try:
+        good = BiasRecord("boost_safety", None, 0.4, 1000.0, 100.0, 1)
+        sub.reader.apply(b"boost_safety", encode_record(good))
+        with caplog.at_level("WARNING", logger="producers.subscriber"):
+            kept = sub.reader.apply(b"boost_safety", b'{"secret": "alice@example.com"}', "partition=2 offset=17")
+        assert kept is None and sub.records == {"boost_safety": good}  # the last good value stays
+        (message,) = [r.getMessage() for r in caplog.records]
+        assert sub.reader.topic in message and "partition=2 offset=17" in message
+        assert "alice" not in message and "secret" not in message
+    finally:
+        sub.close()

@@ -204,6 +204,10 @@ class AsyncProducer:
             return False
 
     def close(self) -> None:
+        """Stop polling, deliver what is in flight (up to 10 s) and release the Kafka client."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         self._poller.join(5)
         self._producer.flush(10)
+        del self._producer  # the librdkafka handle goes now, not at some later garbage collection

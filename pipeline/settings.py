@@ -79,6 +79,12 @@ class Settings(BaseSettings):
         description="Gzip a day's JSONL file once it is this many days old (late events: a new member).",
     )
     jsonl_retention_days: int = Field(default=90, ge=0, description="Delete JSONL days older than this (0: keep).")
+    jsonl_compress_quiet_s: float = Field(
+        default=3600.0, ge=0, description="Gzip a closed day only once its file has not been written for this long."
+    )
+    jsonl_housekeeping_interval_s: float = Field(
+        default=300.0, gt=0, description="How often the JSONL sink compresses and expires days (and on start)."
+    )
 
     worker_metrics_port: int = Field(
         default=9108, ge=0, le=65535, description="Prometheus endpoint of the worker on 127.0.0.1 (0: off)."

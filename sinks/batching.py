@@ -10,6 +10,23 @@ partition's *first* offset with commit metadata naming the batch's *last* offset
 committed offset and collects that partition's first batch up to exactly that
 offset, so the batch, and the ``insert_deduplication_token`` derived from its
 offset range, are the same as before the crash and ClickHouse drops the repeat.
+
+The steps for one batch, and what a kill between them leaves:
+
+1. collect (by size or time; a partition with an intent: exactly up to it);
+2. commit the intent (each partition's first offset, metadata ``batch-end:<last>``);
+3. flush (ClickHouse insert with the range's token; for JSONL see :mod:`sinks.jsonl`);
+4. commit ``last + 1`` with empty metadata.
+
+Killed during 1 or 2, nothing was written, and the next run collects afresh from
+the previous commit. Killed during or after 3 and before 4, the intent is there:
+the next run rebuilds exactly the same range, so the same token, and ClickHouse
+drops what was already inserted. After 4 the batch is done.
+
+A failed intent commit is retried (consumption paused) and the batch is never
+flushed without one; a failed final commit is only logged: the intent stays, and
+a replay is deduplicated. Messages consumed while waiting for an intent's range
+from other partitions are held back once the batch is full.
 """
 
 from __future__ import annotations
@@ -21,7 +38,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from pipeline.errors import TransientError
 from pipeline.settings import Settings
@@ -97,10 +114,16 @@ class BatchingSink(ABC):
     def stop(self) -> None:
         self._stop.set()
 
-    def start_offsets(self, partitions: list[TopicPartition]) -> dict[tuple[str, int], int]:
+    def start_offsets(
+        self, partitions: list[TopicPartition], committed: dict[tuple[str, int], int]
+    ) -> dict[tuple[str, int], int]:
         """Where to start reading newly assigned partitions, when the sink knows better than the
-        committed offsets (the JSONL sink's ledger). Default: the committed offsets."""
+        ``committed`` offsets (the JSONL sink's ledger). Default: the committed offsets."""
         return {}
+
+    def maintenance(self) -> None:
+        """Called between batches (and when idle) on the sink's thread; for housekeeping."""
+        return
 
     def _forget(self, keys: set[tuple[str, int]]) -> None:
         """Drop what was collected for ``keys``: after a revoke or a (re)assignment those partitions
@@ -121,7 +144,7 @@ class BatchingSink(ABC):
                 self._intents[(tp.topic, tp.partition)] = end
                 log.info("batch_intent sink=%s partition=%d first=%d last=%d", self.name, tp.partition, tp.offset, end)
         self._intent_deadline = time.monotonic() + INTENT_TIMEOUT_S
-        starts = self.start_offsets(partitions)
+        starts = self.start_offsets(partitions, {(tp.topic, tp.partition): tp.offset for tp in committed})
         if starts:
             for tp in partitions:
                 if (tp.topic, tp.partition) in starts:
@@ -138,15 +161,21 @@ class BatchingSink(ABC):
         last_message = time.monotonic()
         try:
             while not self._stop.is_set():
+                self.maintenance()
                 batch = self._collect()
                 if not batch:
                     if idle_exit_s is not None and time.monotonic() - last_message > idle_exit_s:
                         return
                     continue
                 last_message = time.monotonic()
-                self._commit(batch, intent=True)
+                if not self._commit_intent(batch):
+                    continue  # stopping, or the partitions moved: their new owner starts from the commits
                 self._flush_with_retry(batch)
-                self._commit(batch)
+                self._commit_done(batch)
+        except TransientError as exc:
+            if not self._stop.is_set():
+                raise
+            log.warning("sink_stopped_mid_batch sink=%s error=%s", self.name, exc)  # the intent stays for a replay
         finally:
             self._consumer.close()
 
@@ -187,6 +216,11 @@ class BatchingSink(ABC):
             return
         end = self._intents.get(key)
         if end is None:
+            if self._intents and len(batch) >= self.batch_rows:
+                # Still waiting for an intent's range: hold this partition back for the next batch.
+                self._closed.add(key)
+                self._carry.append(msg)
+                return
             batch.append(msg)
         elif msg.offset() > end:
             self._carry.append(msg)
@@ -210,13 +244,53 @@ class BatchingSink(ABC):
                 if self._stop.is_set():
                     raise
                 log.warning("flush_retry sink=%s rows=%d retry_in_s=%.1f error=%s", self.name, len(batch), delay, exc)
-                # Keep the group membership alive while the store is down.
-                assigned = self._consumer.assignment()
-                self._consumer.pause(assigned)
-                self._stop.wait(delay)
-                self._consumer.poll(0)
-                self._consumer.resume(assigned)
+                self._wait_paused(delay)
                 delay = min(delay * 2, 30.0)
+
+    def _wait_paused(self, delay: float) -> None:
+        """Wait with consumption paused, serving the group (heartbeats, rebalances) meanwhile.
+
+        A rebalance served here drops the moved partitions from the batch in flight (in place);
+        their intents are committed, so whoever reads them next rebuilds the same ranges.
+        """
+        try:
+            self._consumer.pause(self._consumer.assignment())
+        except KafkaException as exc:
+            log.warning("pause_failed sink=%s error=%s", self.name, exc)
+        self._stop.wait(delay)
+        msg = self._consumer.poll(0)
+        if msg is not None and msg.error() is None:
+            self._carry.append(msg)  # a partition assigned during the poll is not paused
+        try:
+            self._consumer.resume(self._consumer.assignment())
+        except KafkaException as exc:
+            log.warning("resume_failed sink=%s error=%s", self.name, exc)
+
+    def _commit_intent(self, batch: list[Message]) -> bool:
+        """Commit the batch's intent, retrying until it is durable; False if the batch is gone
+        (stopping, or its partitions were revoked while retrying)."""
+        delay = 0.5
+        while batch:
+            try:
+                self._commit(batch, intent=True)
+                return True
+            except KafkaException as exc:
+                if self._stop.is_set():
+                    return False
+                log.warning("intent_commit_retry sink=%s retry_in_s=%.1f error=%s", self.name, delay, exc)
+                self._wait_paused(delay)
+                delay = min(delay * 2, 30.0)
+        return False
+
+    def _commit_done(self, batch: list[Message]) -> None:
+        """Commit ``last + 1``. On failure the intent stays: a replay rebuilds this batch and is
+        deduplicated, and the next batch's intent commit moves the offsets on anyway."""
+        if not batch:
+            return
+        try:
+            self._commit(batch)
+        except KafkaException as exc:
+            log.warning("commit_failed sink=%s rows=%d error=%s", self.name, len(batch), exc)
 
     def _commit(self, batch: list[Message], *, intent: bool = False) -> None:
         """Commit after the flush (next offset), or before it (``intent``: first offset + the last in metadata)."""
@@ -230,4 +304,6 @@ class BatchingSink(ABC):
             offsets = [TopicPartition(t, p, first[(t, p)], metadata=encode_intent(o)) for (t, p), o in last.items()]
         else:
             offsets = [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
-        self._consumer.commit(offsets=offsets, asynchronous=False)
+        for tp in self._consumer.commit(offsets=offsets, asynchronous=False) or []:
+            if tp.error is not None:  # a partition's commit failed while the request succeeded
+                raise KafkaException(tp.error)

@@ -21,7 +21,7 @@ from schemas.topics import Topics
 from sinks.avro_ocf import container
 from sinks.batching import BatchingSink
 from sinks.clickhouse import EVENT_COLUMNS, ClickHouseWriter, avro_insert_query, batch_token, connect, event_row
-from sinks.jsonl import JsonlWriter, housekeep
+from sinks.jsonl import JsonlWriter
 from sinks.migrations import migrate
 
 __all__ = [
@@ -81,6 +81,61 @@ def rejected_row(record: dict[str, Any]) -> list[Any]:
         record["offset"],
         record["rejected_at"],
     ]
+
+
+#: ClickHouse error codes that mean "this data is refused" (the same rows are refused every time):
+#: those rows are isolated and dead-lettered. Any other error (memory, too many parts, read-only,
+#: timeouts, a missing table, 5xx of any kind) is a :class:`TransientError`: retried, never bisected,
+#: since bisecting on a passing failure would insert the halves under tokens a retry does not use.
+REFUSED_CODES: frozenset[int] = frozenset(
+    {
+        6,  # CANNOT_PARSE_TEXT
+        25,  # CANNOT_PARSE_ESCAPE_SEQUENCE
+        26,  # CANNOT_PARSE_QUOTED_STRING
+        27,  # CANNOT_PARSE_INPUT_ASSERTION_FAILED
+        32,  # ATTEMPT_TO_READ_AFTER_EOF
+        33,  # CANNOT_READ_ALL_DATA
+        36,  # BAD_ARGUMENTS
+        38,  # CANNOT_PARSE_DATE
+        41,  # CANNOT_PARSE_DATETIME
+        53,  # TYPE_MISMATCH
+        69,  # ARGUMENT_OUT_OF_BOUND
+        70,  # CANNOT_CONVERT_TYPE
+        72,  # CANNOT_PARSE_NUMBER
+        117,  # INCORRECT_DATA
+        131,  # TOO_LARGE_STRING_SIZE
+        190,  # SIZES_OF_ARRAYS_DONT_MATCH
+        321,  # VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+        349,  # CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN
+        407,  # DECIMAL_OVERFLOW
+        469,  # VIOLATED_CONSTRAINT
+    }
+)
+
+
+def _error_code(exc: Exception) -> int | None:
+    code = getattr(exc, "code", None)
+    if isinstance(code, int):
+        return code
+    match = re.search(r"[Cc]ode: (\d+)", str(exc))
+    return int(match.group(1)) if match else None
+
+
+def _error_name(exc: Exception) -> str:
+    name = getattr(exc, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    match = re.search(r"\(([A-Z][A-Z0-9_]+)\)", str(exc))
+    return match.group(1) if match else "?"
+
+
+def refused(exc: Exception) -> bool:
+    """True if ClickHouse refused the data itself (a 4xx, or a data error code); False for a
+    failure of the server (5xx without a data code: retry later)."""
+    code = _error_code(exc)
+    if code is not None:
+        return code in REFUSED_CODES
+    return bool(re.search(r"HTTP status 4\d\d", str(exc)))
 
 
 def _by_partition(messages: Sequence[Message]) -> dict[int, list[Message]]:
@@ -206,8 +261,12 @@ class EventSink(_DeadLetters, BatchingSink):
             self.clickhouse.insert(rows, token)
             return len(rows)
         except DatabaseError as exc:
+            if not refused(exc):
+                # Never bisect on a passing failure: a retry must insert under the same tokens.
+                raise TransientError(f"ClickHouse failed the insert: code {_code(exc)} ({_error_name(exc)})") from None
             if len(rows) == 1:
-                self._dead_letter(msgs[0], f"ClickHouse refused the row: code {_code(exc)}")
+                # Code and name only: ClickHouse's message may quote the row's values.
+                self._dead_letter(msgs[0], f"ClickHouse refused the row: code {_code(exc)} ({_error_name(exc)})")
                 return 0
         half = len(rows) // 2
         return self._insert_isolating(rows[:half], msgs[:half], f"{token}/a") + self._insert_isolating(
@@ -224,50 +283,59 @@ class JsonlSink(BatchingSink):
     """
 
     name = "jsonl"
-    HOUSEKEEPING_S = 300.0
 
     def __init__(self, settings: Settings, **kwargs: Any) -> None:
         super().__init__(settings, Topics(settings.topic_prefix).clean, f"{settings.sink_group}-jsonl", **kwargs)
         self.serde = AvroSerde.from_url(settings.schema_registry_url)
-        self.jsonl = JsonlWriter(settings.path)
+        self.jsonl = JsonlWriter(settings.path)  # cuts the files back to the ledger
         self._housekept = 0.0
         self.housekeeping()
 
-    def start_offsets(self, partitions: list[TopicPartition]) -> dict[tuple[str, int], int]:
+    def start_offsets(
+        self, partitions: list[TopicPartition], committed: dict[tuple[str, int], int]
+    ) -> dict[tuple[str, int], int]:
+        """The ledger's offsets: ahead of Kafka's when the sink died between the ledger write and
+        the commit. If Kafka is further still, another sink (another folder) wrote that range."""
         ledger = self.jsonl.next_offsets()
         return {
-            (tp.topic, tp.partition): ledger[(tp.topic, tp.partition)]
+            (tp.topic, tp.partition): max(ledger[(tp.topic, tp.partition)], committed.get((tp.topic, tp.partition), -1))
             for tp in partitions
             if (tp.topic, tp.partition) in ledger
         }
 
-    def housekeeping(self) -> None:
+    def maintenance(self) -> None:
+        if time.monotonic() - self._housekept >= self.settings.jsonl_housekeeping_interval_s:
+            self.housekeeping()
+
+    def housekeeping(self) -> dict[str, list[str]]:
+        """Compress closed days and delete expired ones (see :func:`sinks.jsonl.housekeep`)."""
         self._housekept = time.monotonic()
-        housekeep(
-            self.jsonl.directory,
-            self.jsonl.ledger,
+        return self.jsonl.housekeep(
             compress_after_days=self.settings.jsonl_compress_after_days,
             retention_days=self.settings.jsonl_retention_days,
+            quiet_s=self.settings.jsonl_compress_quiet_s,
         )
 
     def flush(self, messages: Sequence[Message]) -> None:
         records: list[dict[str, Any]] = []
         offsets: dict[tuple[str, int], int] = {}
+        written = self.jsonl.next_offsets()
         for msg in messages:
-            offsets[(msg.topic(), msg.partition())] = msg.offset() + 1
+            key = (msg.topic(), msg.partition())
+            if msg.offset() < written.get(key, -1):
+                continue  # a retried batch: the ledger already holds this line
+            offsets[key] = msg.offset() + 1
             try:
                 records.append(self.serde.decode(msg.value()))
             except PoisonEvent as exc:
                 log.warning("jsonl_skipped partition=%d offset=%d reason=%s", msg.partition(), msg.offset(), exc.reason)
         self.jsonl.write(records, offsets)
-        if time.monotonic() - self._housekept > self.HOUSEKEEPING_S:
-            self.housekeeping()
         log.info("batch_written sink=jsonl rows=%d", len(records))
 
 
 def _code(exc: Exception) -> str:
-    match = re.search(r"[Cc]ode: (\d+)", str(exc))
-    return match.group(1) if match else "?"
+    code = _error_code(exc)
+    return "?" if code is None else str(code)
 
 
 class DeadLetterSink(BatchingSink):

@@ -1,33 +1,62 @@
 """Daily JSONL files under ``$FEEDBACK_PATH``: ``feedback-YYYY-MM-DD.jsonl`` (UTC day of ``ts``).
 
-Exactly once, whatever is killed when. A ledger (``.ledger.json`` beside the
-files) records, after every fsync, each file's committed length and the next
-Kafka offset per partition. The JSONL sink's steps for a batch are:
+Exactly once, whatever is killed when
+-------------------------------------
+A ledger (``.ledger.json`` beside the files) records each file's committed
+length, each compressed day's committed ``.gz`` length, and the next Kafka
+offset per ``topic:partition``. Bytes past a committed length do not exist as
+far as the sink is concerned. The JSONL sink's steps for one batch are:
 
-1. append the lines, 2. fsync the files (and the folder), 3. write the ledger
-(tmp file, fsync, rename, fsync the folder), 4. commit the offsets to Kafka.
+1. append the lines to their day files;
+2. fsync the files (and the folder, for new files);
+3. write the ledger: new lengths and the next offsets (tmp file, fsync, rename,
+   fsync the folder, so the ledger is either the old one or the new one);
+4. commit the offsets to Kafka (the JSONL sink's own consumer group).
 
-On start the sink truncates every file back to its ledger length and reads each
-partition from the ledger's offset (ahead of Kafka's when it died between 3
-and 4). So: killed during 1 or 2, the bytes past the ledger (whole lines or a
-partial one) are cut and the same events are written again; killed after 3,
-the files are exact and reading resumes after them; a file the ledger does not
-know was created after the last ledger write and holds nothing committed, so it
-is removed. Because the ledger, not Kafka, says where the files stand, the JSONL
-sink has its own consumer group and never waits for ClickHouse.
+ClickHouse is a separate sink with its own group (and its own exactness, see
+:mod:`sinks.batching`), so an insert is never a step between these; the JSONL
+files never wait for ClickHouse, and a ClickHouse outage never holds them back.
 
-Housekeeping: days before today (UTC) are gzip-compressed once no batch has
-touched them for ``compress_after_days``, and files past ``retention_days``
-are deleted (0 keeps them).
+On start the writer cuts every day file back to its ledger length, removes day
+files the ledger does not know, and the sink reads each partition from
+``max(ledger offset, committed offset)``. A kill
+
+* before or during 1, or between 1 and 2: the ledger is the old one, so the new
+  bytes (whole lines, or a partial last line) are cut and the sink reads from
+  the old offsets again: the same events are appended once more, exactly once;
+* between 2 and 3 (or during 3, before the rename): the same: the lines are on
+  disk but not in the ledger, so they are cut and rewritten by the replay;
+* between 3 and 4: the files are exact and the ledger's offsets are ahead of
+  Kafka's; reading resumes at the ledger's offsets, so nothing is written twice;
+* after 4: everything agrees.
+
+Within a running sink, a failed write (disk full, I/O error) reloads the ledger
+from disk, cuts the files back the same way and raises :class:`TransientError`;
+the retried batch skips offsets the ledger already covers.
+
+Housekeeping
+------------
+A day before today (UTC) whose file is ``compress_after_days`` old, holds
+exactly its committed length (no write in flight) and has not been written for
+``quiet_s`` is gzip-compressed to ``feedback-YYYY-MM-DD.jsonl.gz``; days older
+than ``retention_days`` are deleted (0 keeps them). Today's file is never
+touched. Late events for a compressed day start a new ``.jsonl`` that is later
+appended to the ``.gz`` as a further gzip member. Each step is crash-safe: the
+new ``.gz`` is written to a tmp file from the *committed* part of the old one,
+fsynced and renamed; then the ledger records its length and forgets the
+``.jsonl``; then the ``.jsonl`` is removed. Killed before the ledger write, the
+``.gz`` is cut back (or, if new, removed) on start and the day is compressed
+again; killed after it, the left-over ``.jsonl`` is unknown and removed.
+Deletions drop the ledger entries first, then the files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 import os
 import re
-import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -36,6 +65,7 @@ from typing import Any
 
 import orjson
 
+from pipeline.errors import TransientError
 from schemas.models import format_ts
 
 __all__ = ["LEDGER", "JsonlWriter", "Ledger", "event_json", "file_for", "housekeep"]
@@ -44,6 +74,7 @@ log = logging.getLogger(__name__)
 
 LEDGER = ".ledger.json"
 _DAY_FILE = re.compile(r"^feedback-(\d{4}-\d{2}-\d{2})\.jsonl(\.gz)?$")
+_CHUNK = 1 << 20
 
 
 def file_for(directory: Path, ts: datetime) -> Path:
@@ -70,29 +101,68 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _truncate(path: Path, length: int) -> None:
+    with open(path, "r+b") as fh:
+        fh.truncate(length)
+        os.fsync(fh.fileno())
+
+
+def _complete_length(path: Path) -> int:
+    """The length of ``path`` up to and including its last newline (0 if none)."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        end = size
+        while end > 0:
+            start = max(0, end - _CHUNK)
+            fh.seek(start)
+            chunk = fh.read(end - start)
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                return start + nl + 1
+            end = start
+    return 0
+
+
 @dataclass
 class Ledger:
-    """Committed file lengths and the next offset per ``topic:partition``."""
+    """Committed file lengths (``.jsonl`` and ``.gz``) and the next offset per ``topic:partition``.
+
+    ``found`` is False when no ledger file existed (a new folder, or a lost ledger: then the
+    files present are adopted rather than deleted). ``has_gz`` is False for a ledger written
+    before compressed lengths were recorded (its ``.gz`` files are adopted as they are).
+    """
 
     lengths: dict[str, int] = field(default_factory=dict)
     offsets: dict[str, int] = field(default_factory=dict)
+    gz: dict[str, int] = field(default_factory=dict)
+    found: bool = True
+    has_gz: bool = True
 
     @classmethod
     def load(cls, directory: Path) -> Ledger:
         path = directory / LEDGER
         if not path.exists():
-            return cls()
+            return cls(found=False)
         data = orjson.loads(path.read_bytes())
-        return cls(dict(data.get("lengths", {})), dict(data.get("offsets", {})))
+        return cls(
+            dict(data.get("lengths", {})),
+            dict(data.get("offsets", {})),
+            dict(data.get("gz", {})),
+            found=True,
+            has_gz="gz" in data,
+        )
 
     def save(self, directory: Path) -> None:
+        """Replace the ledger atomically: tmp file, fsync, rename, fsync the folder."""
         tmp = directory / f"{LEDGER}.tmp"
+        data = {"lengths": self.lengths, "offsets": self.offsets, "gz": self.gz}
         with open(tmp, "wb") as fh:
-            fh.write(orjson.dumps({"lengths": self.lengths, "offsets": self.offsets}, option=orjson.OPT_SORT_KEYS))
+            fh.write(orjson.dumps(data, option=orjson.OPT_SORT_KEYS))
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, directory / LEDGER)
         _fsync_dir(directory)
+        self.found = self.has_gz = True
 
 
 class JsonlWriter:
@@ -102,29 +172,78 @@ class JsonlWriter:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger.load(self.directory)
+        self._dirty = False
         self.recover()
+        if not (self.directory / LEDGER).exists():
+            # From now on a file the ledger does not know holds nothing committed.
+            self.ledger.save(self.directory)
 
     def recover(self) -> list[str]:
-        """Cut every day file back to its committed length; remove files the ledger never saw.
+        """Cut every file back to its committed length; remove day files the ledger never saw.
 
-        Returns the names of the files changed.
+        Without a ledger (a new folder, or a lost ledger) the files present are adopted up
+        to their last complete line instead. Returns the names of the files changed.
         """
-        changed = []
+        ledger = self.ledger
+        adopt = not ledger.found
+        if adopt and any(self.directory.glob("feedback-*")):
+            log.warning("jsonl_ledger_missing dir=%s adopting=existing files", self.directory)
+        changed: list[str] = []
+        dirty = False
+        for tmp in self.directory.glob("*.tmp"):  # never renamed: never committed
+            tmp.unlink()
         for path in sorted(self.directory.glob("feedback-*.jsonl")):
-            committed = self.ledger.lengths.get(path.name)
+            if not _DAY_FILE.match(path.name):
+                continue
             size = path.stat().st_size
-            if committed is None:
+            committed = ledger.lengths.get(path.name)
+            if committed is None and not adopt:
                 path.unlink()
                 changed.append(path.name)
-            elif size != committed:
-                with open(path, "r+b") as fh:
-                    fh.truncate(committed)
-                    os.fsync(fh.fileno())
+                continue
+            if committed is None or committed > size:
+                if committed is not None:  # lost bytes the ledger says were fsynced: keep whole lines
+                    log.error("jsonl_shorter_than_ledger file=%s size=%d ledger=%d", path.name, size, committed)
+                committed = ledger.lengths[path.name] = _complete_length(path)
+                dirty = True
+            if size != committed:
+                _truncate(path, committed)
                 changed.append(path.name)
+        for name in [n for n in ledger.lengths if not (self.directory / n).exists()]:
+            del ledger.lengths[name]
+            dirty = True
+        for path in sorted(self.directory.glob("feedback-*.jsonl.gz")):
+            size = path.stat().st_size
+            committed = ledger.gz.get(path.name)
+            if committed is None:
+                if not adopt and ledger.has_gz and path.name.removesuffix(".gz") in ledger.lengths:
+                    path.unlink()  # a first compression killed before its ledger write; the .jsonl stays
+                    changed.append(path.name)
+                else:
+                    ledger.gz[path.name] = size
+                    dirty = True
+            elif size > committed:  # a further member killed before its ledger write
+                _truncate(path, committed)
+                changed.append(path.name)
+            elif size < committed:
+                log.error("jsonl_gz_shorter_than_ledger file=%s size=%d ledger=%d", path.name, size, committed)
+                ledger.gz[path.name] = size
+                dirty = True
+        for name in [n for n in ledger.gz if not (self.directory / n).exists()]:
+            del ledger.gz[name]
+            dirty = True
         if changed:
             _fsync_dir(self.directory)
             log.warning("jsonl_recovered files=%s", ",".join(changed))
+        if dirty and ledger.found:
+            ledger.save(self.directory)
+        self._dirty = False
         return changed
+
+    def _rollback(self) -> None:
+        """After a failed write or housekeeping step: the ledger on disk is the truth again."""
+        self.ledger = Ledger.load(self.directory)
+        self.recover()
 
     def next_offsets(self) -> dict[tuple[str, int], int]:
         """Where reading must resume for the files to stay exact: ``(topic, partition) → offset``."""
@@ -136,7 +255,23 @@ class JsonlWriter:
 
     def write(self, records: list[dict[str, Any]], offsets: dict[tuple[str, int], int] | None = None) -> None:
         """Append one line per record, grouped by day; fsync; then record lengths and ``offsets``
-        (the next offset per partition) in the ledger."""
+        (the next offset per partition) in the ledger.
+
+        Raises :class:`TransientError` if the disk fails; the files are cut back to the
+        ledger first, so a retry of the same batch leaves them exact.
+        """
+        try:
+            if self._dirty:
+                self._rollback()
+            self._write(records, offsets)
+        except OSError as exc:
+            self._dirty = True
+            log.error("jsonl_write_failed dir=%s error=%s", self.directory, exc.strerror or type(exc).__name__)
+            with contextlib.suppress(OSError):  # if this fails too, it is tried again before the next write
+                self._rollback()
+            raise TransientError(f"cannot write JSONL files: {exc.strerror or type(exc).__name__}") from None
+
+    def _write(self, records: list[dict[str, Any]], offsets: dict[tuple[str, int], int] | None) -> None:
         by_file: dict[Path, list[bytes]] = defaultdict(list)
         for record in records:
             by_file[file_for(self.directory, record["ts"])].append(orjson.dumps(event_json(record)))
@@ -153,43 +288,96 @@ class JsonlWriter:
         if by_file or offsets:
             self.ledger.save(self.directory)
 
+    def housekeep(self, **kwargs: Any) -> dict[str, list[str]]:
+        """:func:`housekeep` on this folder; a failure is logged and undone, never raised."""
+        try:
+            if self._dirty:
+                self._rollback()
+            return housekeep(self.directory, self.ledger, **kwargs)
+        except OSError as exc:
+            self._dirty = True
+            log.error("jsonl_housekeeping_failed dir=%s error=%s", self.directory, exc.strerror or type(exc).__name__)
+            return {"compressed": [], "removed": []}
+
+
+def _copy(src: Any, dst: Any, length: int) -> None:
+    while length > 0:
+        chunk = src.read(min(_CHUNK, length))
+        if not chunk:
+            raise OSError(f"{getattr(src, 'name', 'file')}: shorter than its committed length")
+        dst.write(chunk)
+        length -= len(chunk)
+
+
+def _compress(directory: Path, path: Path, length: int, ledger: Ledger) -> None:
+    """Append the first ``length`` bytes of ``path`` to its day's ``.gz`` as one gzip member, then
+    forget and remove ``path``: tmp + fsync + rename, ledger, unlink (see the module docstring)."""
+    gz = path.with_name(path.name + ".gz")
+    tmp = path.with_name(path.name + ".gz.tmp")
+    kept = ledger.gz.get(gz.name, 0) if gz.exists() else 0
+    with open(tmp, "wb") as out:
+        if kept:
+            with open(gz, "rb") as old:
+                _copy(old, out, kept)
+        with open(path, "rb") as src, gzip.GzipFile(filename=path.name, mode="wb", fileobj=out, mtime=0) as member:
+            _copy(src, member, length)
+        out.flush()
+        os.fsync(out.fileno())
+        size = out.tell()
+    os.replace(tmp, gz)
+    _fsync_dir(directory)
+    ledger.gz[gz.name] = size
+    ledger.lengths.pop(path.name, None)
+    ledger.save(directory)
+    path.unlink()
+    _fsync_dir(directory)
+
 
 def housekeep(
     directory: Path,
     ledger: Ledger,
     *,
     today: date | None = None,
+    now: datetime | None = None,
     compress_after_days: int = 1,
     retention_days: int = 90,
+    quiet_s: float = 3600.0,
 ) -> dict[str, list[str]]:
-    """Compress closed days and delete days past retention. Today's file is never touched, nor
-    a day written to within ``compress_after_days`` (late events still go to it)."""
-    today = today or datetime.now(UTC).date()
+    """Compress closed days and delete days past retention.
+
+    A ``.jsonl`` is compressed when its day is before ``today`` (UTC) and at least
+    ``compress_after_days`` old (0 counts as 1), its size is exactly its ledger length (no
+    write in flight, and the file is ours) and it has not been modified for ``quiet_s``
+    seconds (late events still go to it). Files older than ``retention_days`` are deleted
+    (0: never). Today's file is never touched.
+    """
+    now = now or datetime.now(UTC)
+    today = today or now.astimezone(UTC).date()
     done: dict[str, list[str]] = {"compressed": [], "removed": []}
+    days: list[tuple[Path, date, bool]] = []
     for path in sorted(directory.iterdir()):
         m = _DAY_FILE.match(path.name)
-        if not m:
-            continue
-        day = date.fromisoformat(m.group(1))
-        age = (today - day).days
-        if retention_days and age > retention_days:
-            path.unlink()
-            ledger.lengths.pop(path.name, None)
-            done["removed"].append(path.name)
-        elif not m.group(2) and age > max(0, compress_after_days) and day < today:
-            gz = path.with_name(path.name + ".gz")
-            tmp = path.with_name(path.name + ".gz.tmp")
-            if gz.exists():  # late events for a compressed day: a further gzip member after the first
-                shutil.copyfile(gz, tmp)
-            with open(path, "rb") as src, gzip.open(tmp, "ab") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, gz)
-            path.unlink()
-            ledger.lengths.pop(path.name, None)
-            done["compressed"].append(path.name)
-    if done["compressed"] or done["removed"]:
+        if m:
+            days.append((path, date.fromisoformat(m.group(1)), bool(m.group(2))))
+    expired = [(p, gz) for p, day, gz in days if retention_days and day < today and (today - day).days > retention_days]
+    if expired:
+        for path, gz in expired:  # forget first: a kill before the unlink leaves files removed on start
+            (ledger.gz if gz else ledger.lengths).pop(path.name, None)
         ledger.save(directory)
+        for path, _ in expired:
+            path.unlink(missing_ok=True)
+            done["removed"].append(path.name)
+        _fsync_dir(directory)
+    gone = {p for p, _ in expired}
+    for path, day, gz in days:
+        if gz or path in gone or day >= today or (today - day).days < max(1, compress_after_days):
+            continue
+        committed = ledger.lengths.get(path.name)
+        stat = path.stat()
+        if committed is None or stat.st_size != committed or now.timestamp() - stat.st_mtime < quiet_s:
+            continue
+        _compress(directory, path, committed, ledger)
+        done["compressed"].append(path.name)
+    if done["compressed"] or done["removed"]:
         log.info("jsonl_housekeeping compressed=%d removed=%d", len(done["compressed"]), len(done["removed"]))
     return done

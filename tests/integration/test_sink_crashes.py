@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import logging
 import threading
 import time
 from collections import Counter
@@ -20,6 +22,7 @@ from schemas.serde import AvroSerde
 from schemas.topics import Topics
 from sinks.clickhouse import connect
 from sinks.feedback_sink import EventSink, JsonlSink
+from sinks.jsonl import Ledger
 from stream_processors.normalize import normalize
 from tests.conftest import _free_port
 from tests.integration.kafka_read import read_topic
@@ -51,10 +54,23 @@ def _counts(settings: Settings) -> tuple[int, int]:
     return plain, final
 
 
-def _jsonl_ids(settings: Settings) -> Counter[str]:
+def _inserted(settings: Settings) -> int:
+    """Every row ever inserted into feedback_events, as its rollup view counted it.
+
+    ReplacingMergeTree merges hide a duplicate from ``count()`` too, sooner or later; the
+    rollup's ``sum(events)`` keeps it (a block ClickHouse deduplicated never reaches the view).
+    """
+    client = connect(settings)
+    return int(client.command(f"SELECT sum(events) FROM `{settings.clickhouse_database}`.feedback_daily"))
+
+
+def _jsonl_ids(settings: Settings, *, allow_partial: bool = False) -> Counter[str]:
+    """Event ids in the JSONL files (``.jsonl`` and ``.jsonl.gz``), with how often each appears."""
     ids: Counter[str] = Counter()
-    for path in sorted(settings.path.glob("feedback-*.jsonl")):
-        data = path.read_bytes()
+    for path in sorted(settings.path.glob("feedback-*.jsonl*")):
+        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        if allow_partial:
+            data = data[: data.rfind(b"\n") + 1]
         assert not data or data.endswith(b"\n"), f"partial last line in {path.name}"
         ids.update(orjson.loads(line)["event_id"] for line in data.splitlines())
     return ids
@@ -74,24 +90,102 @@ def _run(sink: Any, until: Any, timeout: float = 120.0) -> None:
         thread.join(30)
 
 
-def test_the_same_batches_delivered_twice_are_stored_once(isolated: Settings) -> None:
-    settings = isolated.model_copy(update={"sink_batch_rows": 700})
+class _Killed(BaseException):
+    """A kill, as far as the sink can tell: nothing catches it, nothing after it runs."""
+
+
+def _run_until_killed(sink: Any, timeout: float = 90.0) -> None:
+    """Run ``sink`` in a thread until it is "killed" (raises :class:`_Killed`)."""
+    outcome: list[BaseException | None] = []
+
+    def target() -> None:
+        try:
+            sink.run()
+            outcome.append(None)
+        except BaseException as exc:  # the kill, or a real failure to report
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        sink.stop()
+        thread.join(30)
+        raise AssertionError(f"{sink.name} sink was never killed")
+    assert outcome and isinstance(outcome[0], _Killed), f"{sink.name} sink ended with {outcome!r}"
+
+
+class _RecordingEventSink(EventSink):
+    """Records each flushed batch's ranges; "killed" after inserting batch ``kill_after`` (1-based)."""
+
+    def __init__(self, settings: Settings, kill_after: int | None = None) -> None:
+        super().__init__(settings)
+        self.kill_after = kill_after
+        self.ranges: list[dict[int, tuple[int, int]]] = []
+
+    def flush(self, messages: Any) -> None:
+        ranges: dict[int, tuple[int, int]] = {}
+        for m in messages:
+            first, _ = ranges.get(m.partition(), (m.offset(), m.offset()))
+            ranges[m.partition()] = (first, m.offset())
+        self.ranges.append(ranges)
+        super().flush(messages)
+        if len(self.ranges) == self.kill_after:
+            raise _Killed  # inserted; the offsets after it are never committed
+
+
+def test_the_same_batch_delivered_twice_is_stored_once(isolated: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = isolated.model_copy(update={"sink_batch_rows": 700, "sink_batch_ms": 200})
     ensure_topics(settings)
-    ids = _produce_clean(settings, 3000, seed=21)
-    sink = EventSink(settings)
-    _run(sink, lambda: _counts(settings)[0] >= 3000)
-    assert sink.fast_batches > 0  # the Avro fast path did the work
-    # Everything again, from the start, as a sink that lost its offsets would: same batches, same tokens.
-    again = EventSink(settings.model_copy(update={"sink_group": settings.sink_group + "-again"}))
-    _run(again, lambda: again.rows_written >= 3000)
-    assert _counts(settings) == (3000, 3000)  # without FINAL too: nothing was inserted twice
+    n = 3000
+    ids = _produce_clean(settings, n, seed=21)
+
+    # ClickHouse: killed after the second insert, before its commit, so that batch comes again.
+    killed = _RecordingEventSink(settings, kill_after=2)
+    _run_until_killed(killed)
+    assert 0 < _counts(settings)[0] < n
+    # Restarted with another batch size: only the intent makes the first batch the same again.
+    again = _RecordingEventSink(settings.model_copy(update={"sink_batch_rows": 450}))
+    _run(again, lambda: _counts(settings)[0] >= n and again.rows_written > 0)
+    for partition, batch_range in killed.ranges[-1].items():  # rebuilt from the intents: same ranges, same tokens
+        assert again.ranges[0].get(partition) == batch_range
+    assert again.fast_batches > 0  # the Avro fast path did the work
+    assert _counts(settings) == (n, n)  # without FINAL too: the repeat was dropped by ClickHouse
     client = connect(settings)
-    landed = {
-        r[0] for r in client.query(f"SELECT event_id FROM `{settings.clickhouse_database}`.feedback_events").result_rows
-    }
+    db = settings.clickhouse_database
+    landed = {r[0] for r in client.query(f"SELECT event_id FROM `{db}`.feedback_events").result_rows}
     assert landed == set(ids)
-    rollup = int(client.command(f"SELECT sum(events) FROM `{settings.clickhouse_database}`.feedback_daily"))
-    assert rollup == 3000  # the rollups saw each event once too
+    assert _inserted(settings) == n  # never inserted twice, not merely merged away
+
+    # JSONL: killed after writing and fsyncing a batch, before the ledger; then after the ledger,
+    # before the Kafka commit. Each time the restarted sink leaves every line exactly once.
+    jsonl_settings = settings.model_copy(update={"sink_batch_rows": 500})
+    real_save = Ledger.save
+    saves = {"n": 0}
+
+    def save_then_die(self: Ledger, directory: Path) -> None:
+        saves["n"] += 1
+        if saves["n"] == 3:  # the ledger write after the second batch (the first is the writer's start)
+            raise _Killed
+        real_save(self, directory)
+
+    monkeypatch.setattr(Ledger, "save", save_then_die)
+    first = JsonlSink(jsonl_settings)
+    _run_until_killed(first)
+    monkeypatch.setattr(Ledger, "save", real_save)
+    assert 0 < sum(_jsonl_ids(settings, allow_partial=True).values()) < n
+
+    class DiesBeforeCommit(JsonlSink):
+        def _commit_done(self, batch: Any) -> None:
+            raise _Killed  # the ledger says the batch is written; Kafka never hears of it
+
+    second = DiesBeforeCommit(jsonl_settings)
+    _run_until_killed(second)
+    third = JsonlSink(jsonl_settings)
+    _run(third, lambda: sum(_jsonl_ids(settings, allow_partial=True).values()) >= n)
+    time.sleep(1.0)
+    lines = _jsonl_ids(settings)
+    assert set(lines) == set(ids) and max(lines.values()) == 1
 
 
 def test_fast_path_rows_equal_the_python_path(isolated: Settings) -> None:
@@ -117,6 +211,20 @@ def test_fast_path_rows_equal_the_python_path(isolated: Settings) -> None:
     assert a == b and len(a) == 300
 
 
+def _kill_mid_insert(proc: Any, log: Path, delay_s: float, timeout: float = 15.0) -> None:
+    """SIGKILL ``proc`` ``delay_s`` after its log shows a ClickHouse insert: inside the next batch's
+    insert (~100 ms here), after its intent and before its commit (or after ``timeout``)."""
+    with open(log, "rb") as fh:
+        fh.seek(0, 2)
+        deadline = time.monotonic() + timeout
+        seen = b""
+        while time.monotonic() < deadline and b"inserted sink=events" not in seen:
+            seen = seen[-64:] + fh.read()
+            time.sleep(0.002)
+    time.sleep(delay_s)
+    proc.kill()
+
+
 def test_sink_killed_with_sigkill_leaves_exact_jsonl_and_clickhouse(isolated: Settings, tmp_path: Path) -> None:
     settings = isolated.model_copy(
         update={"sink_batch_rows": 500, "sink_batch_ms": 100, "kafka_session_timeout_s": 6.0}
@@ -125,84 +233,130 @@ def test_sink_killed_with_sigkill_leaves_exact_jsonl_and_clickhouse(isolated: Se
     n = 20_000
     ids = _produce_clean(settings, n, seed=23)
     kills = 0
-    for attempt in range(4):
-        with pipeline_process(settings, "sink", tmp_path / f"sink-{attempt}.log") as sink:
+    for attempt, batch_rows in enumerate((500, 350, 650, 450)):
+        # Another batch size at each restart: only the intents rebuild the batches in flight.
+        run_settings = settings.model_copy(update={"sink_batch_rows": batch_rows})
+        with pipeline_process(run_settings, "sink", tmp_path / f"sink-{attempt}.log") as sink:
             if attempt < 3:
                 target = n * (attempt + 1) // 4
-                wait_for(lambda t=target: sum(_jsonl_ids(settings).values()) >= t, 120, f"{target} lines", [sink])
-                sink.kill()  # mid-stream: batches in flight in both sinks
+                wait_for(
+                    lambda t=target: sum(_jsonl_ids(settings, allow_partial=True).values()) >= t,
+                    120,
+                    f"{target} lines",
+                    [sink],
+                )
+                # SIGKILL while a ClickHouse insert is in flight, before its offsets are committed
+                # (the JSONL sink is mid-batch too, somewhere).
+                _kill_mid_insert(sink, tmp_path / f"sink-{attempt}.log", delay_s=0.03 + 0.02 * attempt)
                 sink.wait(10)
                 kills += 1
                 continue
             wait_for(
-                lambda: _counts(settings)[0] >= n and sum(_jsonl_ids(settings).values()) >= n, 180, "all rows", [sink]
+                lambda: _counts(settings)[0] >= n and sum(_jsonl_ids(settings, allow_partial=True).values()) >= n,
+                180,
+                "all rows",
+                [sink],
             )
             time.sleep(2.0)
     assert kills == 3
     lines = _jsonl_ids(settings)
     assert set(lines) == set(ids) and max(lines.values()) == 1
     assert _counts(settings) == (n, n)
+    assert _inserted(settings) == n  # never inserted twice, not merely merged away
 
 
 def test_clickhouse_down_mid_stream_loses_nothing(isolated: Settings, tmp_path: Path) -> None:
     # A private ClickHouse, so stopping it disturbs no other test.
     private = isolated.model_copy(
-        update={"state_dir": tmp_path / "ch", "clickhouse_port": _free_port(), "sink_batch_rows": 1000}
+        update={
+            "state_dir": tmp_path / "ch",
+            "clickhouse_port": _free_port(),
+            "sink_batch_rows": 300,
+            "sink_batch_ms": 100,
+        }
     )
     clickhouse = EmbeddedClickHouse(private)
     clickhouse.start()
+    sink: EventSink | None = None
+    thread: threading.Thread | None = None
     try:
         ensure_topics(private)
-        first = _produce_clean(private, 2000, seed=24)
+        produced: list[str] = []
+        producing = threading.Thread(
+            target=lambda: [produced.extend(_produce_clean(private, 500, seed=240 + i)) for i in range(8)],
+            daemon=True,
+        )
         sink = EventSink(private)
         thread = threading.Thread(target=sink.run, daemon=True)
         thread.start()
-        wait_for(lambda: _counts(private)[0] >= 2000, 60, "the first events")
-        clickhouse.stop()
-        second = _produce_clean(private, 3000, seed=25)
-        time.sleep(4.0)  # the sink retries with backoff while ClickHouse is away
+        producing.start()
+        wait_for(lambda: _counts(private)[0] >= 600, 60, "the first events")
+        clickhouse.stop()  # while events flow and batches are being inserted
+        assert _counts_or_none(private) is None
+        time.sleep(4.0)  # the sink retries with backoff while ClickHouse is away; more events arrive
         assert thread.is_alive()
-        clickhouse.start()
-        wait_for(lambda: _counts(private)[0] >= 5000, 120, "the events produced while ClickHouse was down")
-        sink.stop()
-        thread.join(30)
-        assert _counts(private) == (5000, 5000)
+        producing.join(60)
+        second = _produce_clean(private, 1000, seed=25)
+        clickhouse.start()  # the same port and data folder
+        n = len(produced) + len(second)
+        assert n == 5000
+        wait_for(lambda: _counts(private)[0] >= n, 120, "the events produced while ClickHouse was down")
+        time.sleep(1.0)
+        assert _counts(private) == (n, n)
+        assert _inserted(private) == n
         landed = {
             r[0]
             for r in connect(private)
             .query(f"SELECT event_id FROM `{private.clickhouse_database}`.feedback_events")
             .result_rows
         }
-        assert landed == set(first) | set(second)
+        assert landed == set(produced) | set(second)
     finally:
+        if sink is not None and thread is not None:
+            sink.stop()
+            thread.join(30)
         clickhouse.stop()
 
 
-def test_a_row_clickhouse_refuses_goes_to_the_dlq_and_the_rest_lands(isolated: Settings) -> None:
+def _counts_or_none(settings: Settings) -> tuple[int, int] | None:
+    try:
+        return _counts(settings)
+    except Exception:  # any failure to reach ClickHouse will do
+        return None
+
+
+def test_a_row_clickhouse_refuses_goes_to_the_dlq_and_the_rest_lands(
+    isolated: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
     ensure_topics(isolated)
     serde = AvroSerde()
     topic = Topics(isolated.topic_prefix).clean
     events = [normalize(e.to_avro()) for e in generate_events(20, seed=26)]
     # A value outside [-1, 1]: valid Avro, refused by the table's constraint.
-    events[7] = {**events[7], "value": 5.0}
+    caplog.set_level(logging.DEBUG)
+    secret = "refused-row-comment-must-not-be-logged"
+    events[7] = {**events[7], "value": 5.0, "payload": {**events[7]["payload"], "comment": secret}}
     with FeedbackProducer(isolated, topic=topic) as producer:
         for record in events:
             producer.send_raw(serde.encode(record), key=b"k")
     sink = EventSink(isolated)
     _run(sink, lambda: _counts(isolated)[0] >= 19 and sink.dead_lettered >= 1)
     assert _counts(isolated) == (19, 19)
+    assert _inserted(isolated) == 19
     letters = [
         AvroSerde("dead_letter_v1").decode(v) for _, v in read_topic(isolated, Topics(isolated.topic_prefix).dlq)
     ]
     assert len(letters) == 1 and letters[0]["stage"] == "sink" and "ClickHouse refused" in letters[0]["error"]
+    assert "469" in letters[0]["error"] and "VIOLATED_CONSTRAINT" in letters[0]["error"]
     assert letters[0]["offset"] == 7
+    assert secret not in caplog.text  # coordinates and reason in the log, never the row
 
 
 def test_jsonl_sink_restarts_exactly_where_its_ledger_says(isolated: Settings) -> None:
     ensure_topics(isolated)
     ids = _produce_clean(isolated, 1000, seed=27)
     sink = JsonlSink(isolated.model_copy(update={"sink_batch_rows": 300}))
-    _run(sink, lambda: sum(_jsonl_ids(isolated).values()) >= 1000)
+    _run(sink, lambda: sum(_jsonl_ids(isolated, allow_partial=True).values()) >= 1000)
     # A second sink in the same group resumes after the ledger and writes nothing more.
     again = JsonlSink(isolated)
     thread = threading.Thread(target=again.run, kwargs={"idle_exit_s": 4.0}, daemon=True)

@@ -198,19 +198,19 @@ class BiasSubscriber:
         self.close()
 
 
-def read_bias(settings: Settings, timeout_s: float = 10.0) -> dict[str, BiasRecord]:
-    """Every directive's latest bias record."""
-    reader = CompactedTopicReader(settings, Topics(settings.topic_prefix).directive_bias, decode_bias)
+def _read_all(settings: Settings, topic: str, decode: Callable[[bytes], R], timeout_s: float) -> dict[str, R]:
+    reader = CompactedTopicReader(settings, topic, decode)
     try:
         return reader.snapshot(timeout_s)
     finally:
         reader.close()
+
+
+def read_bias(settings: Settings, timeout_s: float = 10.0) -> dict[str, BiasRecord]:
+    """Every directive's latest bias record."""
+    return _read_all(settings, Topics(settings.topic_prefix).directive_bias, decode_bias, timeout_s)
 
 
 def read_reputation(settings: Settings, timeout_s: float = 10.0) -> dict[str, ReputationRecord]:
     """Every source's latest reputation record."""
-    reader = CompactedTopicReader(settings, Topics(settings.topic_prefix).reputation, decode_reputation)
-    try:
-        return reader.snapshot(timeout_s)
-    finally:
-        reader.close()
+    return _read_all(settings, Topics(settings.topic_prefix).reputation, decode_reputation, timeout_s)

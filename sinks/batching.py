@@ -43,12 +43,20 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from pipeline.errors import TransientError
 from pipeline.settings import Settings
 
-__all__ = ["INTENT_PREFIX", "BatchingSink", "decode_intent", "encode_intent"]
+__all__ = ["INTENT_PREFIX", "BatchingSink", "by_partition", "decode_intent", "encode_intent"]
 
 log = logging.getLogger(__name__)
 
 INTENT_PREFIX = "batch-end:"
 INTENT_TIMEOUT_S = 120.0  # an intent whose messages never come (retention, a shrunk topic) is given up
+
+
+def by_partition(messages: Sequence[Message]) -> dict[int, list[Message]]:
+    """A batch's messages grouped by partition, each group in offset order."""
+    groups: dict[int, list[Message]] = {}
+    for msg in messages:
+        groups.setdefault(msg.partition(), []).append(msg)
+    return groups
 
 
 def encode_intent(last_offset: int) -> str:

@@ -91,6 +91,11 @@ def avro_insert_query(database: str, table: str = "feedback_events") -> str:
     )
 
 
+def _dedup_settings(token: str) -> dict[str, Any]:
+    """A repeated insert with ``token`` is dropped, and the rollups' materialized views skip it too."""
+    return {"insert_deduplication_token": token, "deduplicate_blocks_in_dependent_materialized_views": 1}
+
+
 def batch_token(table: str, topic: str, partition: int, first: int, last: int) -> str:
     """Deterministic insert_deduplication_token for one partition's offset range."""
     return f"{table}:{topic}:{partition}:{first}-{last}"
@@ -176,8 +181,7 @@ class ClickHouseWriter:
                 parameters=parameters,
                 data=data,
                 settings={
-                    "insert_deduplication_token": token,
-                    "deduplicate_blocks_in_dependent_materialized_views": 1,
+                    **_dedup_settings(token),
                     "max_threads": 1,  # rows in input order: offsets are numbered by position
                 },
             )
@@ -198,8 +202,7 @@ class ClickHouseWriter:
                 rows,
                 column_names=self.columns,
                 database=self.database,
-                # The rollups' materialized views must skip a deduplicated block too.
-                settings={"insert_deduplication_token": token, "deduplicate_blocks_in_dependent_materialized_views": 1},
+                settings=_dedup_settings(token),
             )
         except (OperationalError, HTTPError, ConnectionError) as exc:
             raise TransientError(f"ClickHouse unavailable: {type(exc).__name__}") from None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -19,7 +18,7 @@ from schemas.dead_letter import dead_letter
 from schemas.serde import SINGLE_OBJECT_MAGIC, AvroSerde, schema_text
 from schemas.topics import Topics
 from sinks.avro_ocf import container
-from sinks.batching import BatchingSink
+from sinks.batching import BatchingSink, by_partition
 from sinks.clickhouse import EVENT_COLUMNS, ClickHouseWriter, avro_insert_query, batch_token, connect, event_row
 from sinks.jsonl import JsonlWriter
 from sinks.migrations import migrate
@@ -138,13 +137,6 @@ def refused(exc: Exception) -> bool:
     return bool(re.search(r"HTTP status 4\d\d", str(exc)))
 
 
-def _by_partition(messages: Sequence[Message]) -> dict[int, list[Message]]:
-    groups: dict[int, list[Message]] = defaultdict(list)
-    for msg in messages:
-        groups[msg.partition()].append(msg)
-    return groups
-
-
 class _DeadLetters:
     """Sends undecodable messages to the DLQ topic (stage ``sink``); mixed into sinks."""
 
@@ -211,7 +203,7 @@ class EventSink(_DeadLetters, BatchingSink):
 
     def flush(self, messages: Sequence[Message]) -> None:
         written = 0
-        for partition, msgs in _by_partition(messages).items():
+        for partition, msgs in by_partition(messages).items():
             token = batch_token("feedback_events", self.topic, partition, msgs[0].offset(), msgs[-1].offset())
             fast = self._fast(partition, msgs, token)
             written += len(msgs) if fast else self._python_path(partition, msgs, token)
@@ -353,7 +345,7 @@ class DeadLetterSink(BatchingSink):
         self.clickhouse = ClickHouseWriter(client, settings.clickhouse_database, "dlq_events", self.COLUMNS)
 
     def flush(self, messages: Sequence[Message]) -> None:
-        for partition, msgs in _by_partition(messages).items():
+        for partition, msgs in by_partition(messages).items():
             rows = []
             for msg in msgs:
                 try:
@@ -388,7 +380,7 @@ class RejectedSink(_DeadLetters, BatchingSink):
 
     def flush(self, messages: Sequence[Message]) -> None:
         written = 0
-        for partition, msgs in _by_partition(messages).items():
+        for partition, msgs in by_partition(messages).items():
             rows: list[list[Any]] = []
             for msg in msgs:
                 try:

@@ -18,7 +18,7 @@ from confluent_kafka import Message
 from pipeline.settings import Settings
 from schemas.state_records import decode_bias, decode_reputation
 from schemas.topics import Topics
-from sinks.batching import BatchingSink
+from sinks.batching import BatchingSink, by_partition
 from sinks.clickhouse import ClickHouseWriter, batch_token, connect
 from sinks.migrations import migrate
 
@@ -71,10 +71,7 @@ class _HistorySink(BatchingSink):
         self.clickhouse = ClickHouseWriter(client, settings.clickhouse_database, self.table, self.columns)
 
     def flush(self, messages: Sequence[Message]) -> None:
-        by_partition: dict[int, list[Message]] = {}
-        for msg in messages:
-            by_partition.setdefault(msg.partition(), []).append(msg)
-        for partition, msgs in by_partition.items():
+        for partition, msgs in by_partition(messages).items():
             rows = []
             for msg in msgs:
                 if msg.value() is None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -190,10 +189,10 @@ def sink(
     idle_exit: Annotated[float | None, typer.Option(help="Exit after this many idle seconds.")] = None,
 ) -> None:
     """Run the sinks: clean events → ClickHouse + JSONL; rejections and dead letters → ClickHouse."""
+    from sinks.batching import run_sinks
     from sinks.feedback_sink import all_sinks
 
     sinks = all_sinks(_settings())
-    threads = [threading.Thread(target=s.run, kwargs={"idle_exit_s": idle_exit}, name=s.name) for s in sinks]
 
     def _stop(*_: object) -> None:
         for s in sinks:
@@ -201,11 +200,10 @@ def sink(
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    for t in threads:
-        t.start()
-    for t in threads:
-        while t.is_alive():
-            t.join(0.5)
+    failed = run_sinks(sinks, idle_exit_s=idle_exit)
+    if failed:
+        console.print(f"[red]sink failed[/red]: {', '.join(failed)} stopped with an error (see the log); exiting")
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
@@ -43,7 +44,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from pipeline.errors import TransientError
 from pipeline.settings import Settings
 
-__all__ = ["INTENT_PREFIX", "BatchingSink", "by_partition", "decode_intent", "encode_intent"]
+__all__ = ["INTENT_PREFIX", "BatchingSink", "by_partition", "decode_intent", "encode_intent", "run_sinks"]
 
 log = logging.getLogger(__name__)
 
@@ -315,3 +316,34 @@ class BatchingSink(ABC):
         for tp in self._consumer.commit(offsets=offsets, asynchronous=False) or []:
             if tp.error is not None:  # a partition's commit failed while the request succeeded
                 raise KafkaException(tp.error)
+
+
+def run_sinks(sinks: Sequence[BatchingSink], idle_exit_s: float | None = None) -> list[str]:
+    """Run each sink in its own thread until all have stopped; returns the names of those
+    that died from an error.
+
+    One sink failing stops the others (cleanly: each finishes or abandons its batch and
+    keeps its intent), so the process exits and its supervisor restarts it, instead of
+    running on with a sink that no longer moves.
+    """
+    failed: list[str] = []
+
+    def _run(sink: BatchingSink) -> None:
+        try:
+            sink.run(idle_exit_s=idle_exit_s)
+        except BaseException as exc:  # reported below; the process then exits non-zero
+            # The type and where it was raised, never the message: it may quote a payload.
+            where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+            at = f"{where.filename.rsplit('/', 1)[-1]}:{where.lineno}" if where else "?"
+            log.error("sink_failed sink=%s error=%s at=%s", sink.name, type(exc).__name__, at)
+            failed.append(sink.name)
+            for other in sinks:
+                other.stop()
+
+    threads = [threading.Thread(target=_run, args=(s,), name=s.name, daemon=True) for s in sinks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(0.5)
+    return failed

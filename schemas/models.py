@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 import math
-import uuid
+import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
@@ -33,6 +34,9 @@ Scalar = None | bool | int | float | str
 
 _INT64 = 2**63
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Avro timestamp-micros holds microseconds since the epoch; keep within what it and ClickHouse store.
+_TS_MIN = _EPOCH
+_TS_MAX = datetime(2262, 1, 1, tzinfo=UTC)
 Name = Annotated[str, Field(min_length=1, max_length=128)]
 OptionalId = Annotated[str | None, Field(default=None, min_length=1, max_length=256)]
 
@@ -46,12 +50,20 @@ class Severity(StrEnum):
 
 
 def new_event_id() -> str:
-    """A fresh random event id (UUID4, canonical text form)."""
-    return str(uuid.uuid4())
+    """A fresh random event id (UUID4, canonical text form, as ``str(uuid.uuid4())``)."""
+    # uuid.UUID's constructor costs ~4 µs per event on the client's hot path; set the
+    # version (4) and RFC 4122 variant bits on 16 random bytes directly instead.
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def to_utc(value: datetime) -> datetime:
     """The same instant in UTC; a naive datetime is taken to be UTC already."""
+    if value.tzinfo is UTC:
+        return value
     if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value.astimezone(UTC)
@@ -153,17 +165,14 @@ class FeedbackEvent(BaseModel):
     @classmethod
     def _ts_utc(cls, value: datetime) -> datetime:
         value = to_utc(value)
-        # Avro timestamp-micros holds microseconds since the epoch; keep within what it and ClickHouse store.
-        if not datetime(1970, 1, 1, tzinfo=UTC) <= value <= datetime(2262, 1, 1, tzinfo=UTC):
+        if not _TS_MIN <= value <= _TS_MAX:
             raise ValueError("must be between 1970-01-01 and 2262-01-01 UTC")
         return value
 
     @model_validator(mode="after")
     def _fill_hash(self) -> FeedbackEvent:
-        from schemas.hashing import compute_hash
-
         if not self.hash:
-            object.__setattr__(self, "hash", compute_hash(self))
+            object.__setattr__(self, "hash", (_compute_hash or _load_compute_hash())(self))
         return self
 
     # --- Avro record form ------------------------------------------------
@@ -213,6 +222,19 @@ class FeedbackEvent(BaseModel):
         return data
 
 
+_compute_hash: Callable[[FeedbackEvent], str] | None = None
+
+
+def _load_compute_hash() -> Callable[[FeedbackEvent], str]:
+    # schemas.hashing imports this module, so it is imported on first use; keeping the
+    # function in a global spares every event an import statement (~1 µs).
+    global _compute_hash
+    from schemas.hashing import compute_hash
+
+    _compute_hash = compute_hash
+    return compute_hash
+
+
 def _micros(value: datetime) -> int:
     delta = value - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
@@ -226,4 +248,9 @@ def _from_micros(micros: int) -> datetime:
 
 def format_ts(value: datetime) -> str:
     """Canonical UTC text form with microseconds: ``2026-11-23T06:00:00.000000Z``."""
-    return to_utc(value).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    value = to_utc(value)
+    if value.year < 1000:  # strftime does not zero-pad such years; %04d would
+        return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # Same text as the strftime above for these years, at a third of its cost (hot path of the hash).
+    fields = (value.year, value.month, value.day, value.hour, value.minute, value.second, value.microsecond)
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ" % fields  # noqa: UP031 - the fastest form measured

@@ -7,9 +7,13 @@ import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from importlib import resources
 
+import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from schemas import FeedbackEvent, canonical_json, compute_hash
 from schemas.hashing import canonical_content
@@ -87,3 +91,48 @@ def test_gate_annotations_do_not_change_the_hash() -> None:
         {**base.to_json_dict(), "hash": "", "sample_rate": 0.5, "text_dropped": True}
     )
     assert annotated.hash == base.hash
+
+
+def _hash_as_first_written(event: FeedbackEvent) -> str:
+    """compute_hash as first written (before it was tuned for speed): the tuned one must agree."""
+    content = {
+        "ts": event.ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "source": event.source,
+        "type": event.type,
+        "severity": event.severity.value,
+        "payload": event.payload.flat(),
+        "user_id": event.user_id,
+        "session_id": event.session_id,
+        "interaction_id": event.interaction_id,
+        "model_version": event.model_version,
+        "prompt_version": event.prompt_version,
+        "value": event.value,
+        "confidence": event.confidence,
+        "tags": event.tags,
+        "idempotency_key": event.idempotency_key,
+    }
+    data = orjson.dumps({k: v for k, v in content.items() if v is not None}, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(data).hexdigest()
+
+
+_ids = st.none() | st.text(min_size=1, max_size=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ts=st.datetimes(datetime(1970, 1, 2), datetime(2261, 12, 31), timezones=st.none() | st.timezones()),
+    payload=st.dictionaries(
+        st.text(min_size=1, max_size=10).filter(lambda k: k != "extra"),
+        st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text(max_size=20),
+        max_size=5,
+    ).filter(lambda p: all(isinstance(p.get(k), str | None) for k in ("text", "comment", "corrected_response"))),
+    fields=st.fixed_dictionaries({}, optional={
+        "user_id": _ids, "session_id": _ids, "interaction_id": _ids, "model_version": _ids, "prompt_version": _ids,
+        "idempotency_key": _ids, "value": st.none() | st.floats(-1, 1), "confidence": st.none() | st.floats(0, 1),
+        "tags": st.lists(st.text(max_size=10), max_size=3), "severity": st.sampled_from(["info", "error"]),
+        "client_ip": st.none() | st.text(max_size=10)}),
+)  # fmt: skip
+def test_hash_equals_the_first_written_formula(ts: datetime, payload: dict, fields: dict) -> None:
+    event = FeedbackEvent.model_validate({"source": "s", "type": "t", "ts": ts, "payload": payload, **fields})
+    assert event.hash == compute_hash(event) == _hash_as_first_written(event)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from schemas import FeedbackEvent, Severity
@@ -65,3 +68,28 @@ def test_json_form_has_flat_payload_and_utc_text_timestamp() -> None:
     assert data["ts"] == "2025-12-31T23:00:00.000000Z"
     assert data["payload"] == {"comment": "c", "k": 1}
     assert FeedbackEvent.model_validate(data) == e
+
+
+def test_event_ids_are_canonical_uuid4_text() -> None:
+    import uuid
+
+    from schemas import new_event_id
+
+    ids = {new_event_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    for text in list(ids)[:200]:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.datetimes(min_value=datetime(1, 1, 2), timezones=st.none() | st.just(UTC) | st.timezones()))
+def test_format_ts_is_the_strftime_form_in_utc(value: datetime) -> None:
+    from schemas import format_ts
+    from schemas.models import to_utc
+
+    try:
+        utc = to_utc(value)
+    except OverflowError:
+        return  # an instant outside what datetime can hold in UTC
+    assert format_ts(value) == utc.strftime("%Y-%m-%dT%H:%M:%S.%fZ")

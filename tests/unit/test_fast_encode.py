@@ -1,0 +1,156 @@
+"""The compiled Avro encoder writes exactly fastavro's bytes, and leaves to fastavro what it does not handle."""
+
+from __future__ import annotations
+
+import io
+import math
+from datetime import UTC, datetime
+from typing import Any
+
+import fastavro
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from schemas import AvroSerde, FeedbackEvent, load_schema
+from schemas.serde import compile_encoder
+
+SCHEMA = load_schema("feedback_event_v1")
+WRITE = compile_encoder(SCHEMA)
+
+
+def fastavro_bytes(record: dict[str, Any], schema: dict[str, Any] = SCHEMA) -> bytes:
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, schema, record)
+    return buf.getvalue()
+
+
+def compiled_bytes(record: dict[str, Any]) -> bytes:
+    assert WRITE is not None
+    out = bytearray()
+    WRITE(record, out)
+    return bytes(out)
+
+
+text = st.text(max_size=40)
+ids = st.none() | st.text(min_size=1, max_size=30)
+unit = st.none() | st.floats(0, 1)
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=30)
+)
+events = st.builds(
+    lambda ts, payload, **kw: FeedbackEvent.model_validate({"ts": ts, "payload": payload, **kw}),
+    ts=st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(2261, 12, 31), timezones=st.just(UTC)),
+    payload=st.fixed_dictionaries(
+        {}, optional={"text": st.none() | text, "comment": st.none() | text, "corrected_response": text}
+    ).flatmap(
+        lambda free: st.dictionaries(st.text(min_size=1, max_size=12), scalars, max_size=6).map(
+            lambda extra: {**{k: v for k, v in extra.items() if k not in free and k != "extra"}, **free}
+        )
+    ),
+    source=st.text(min_size=1, max_size=20),
+    type=st.text(min_size=1, max_size=20),
+    severity=st.sampled_from(["debug", "info", "warn", "error", "critical"]),
+    user_id=ids,
+    session_id=ids,
+    interaction_id=ids,
+    model_version=ids,
+    prompt_version=ids,
+    value=st.none() | st.floats(-1, 1),
+    confidence=unit,
+    tags=st.lists(st.text(max_size=20), max_size=5),
+    idempotency_key=ids,
+    client_ip=st.none() | st.text(max_size=20),
+    sample_rate=st.none() | st.floats(0.01, 1),
+    text_dropped=st.booleans(),
+    propagation_weight=unit,
+)
+
+
+def test_the_shipped_schema_compiles() -> None:
+    assert WRITE is not None
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(event=events)
+def test_compiled_bytes_equal_fastavro_for_any_event(event: FeedbackEvent) -> None:
+    record = event.to_avro()
+    assert compiled_bytes(record) == fastavro_bytes(record)
+    serde = AvroSerde()
+    data = serde.encode(record)
+    assert data == serde.header + fastavro_bytes(record)
+    assert FeedbackEvent.from_avro(serde.decode(data)) == event
+
+
+# Values the models never produce, but a caller of AvroSerde.encode may pass: the compiled
+# encoder must not write them differently; AvroSerde.encode then gives fastavro's bytes or error.
+odd_values = st.sampled_from(
+    [
+        ("ts", datetime(2026, 1, 1, tzinfo=UTC)),  # fastavro converts a datetime
+        ("value", 1),  # an int where a double is expected
+        ("value", True),
+        ("value", math.nan),
+        ("severity", "fatal"),  # not a symbol: fastavro refuses
+        ("tags", ("a", "b")),  # a tuple for an array
+        ("user_id", ("string", "u")),  # fastavro's tuple notation for a union branch
+        ("text_dropped", 1),
+        ("ts", 2**63),  # out of the long range
+        ("payload.extra", {"k": 2**70}),
+        ("payload.extra", {"k": [1]}),
+        ("payload.extra", {"k": b"bytes"}),
+        ("payload.text", "\ud800"),  # a lone surrogate cannot be UTF-8 encoded
+        ("hash", None),
+        ("event_id", None),
+        ("missing", "user_id"),
+        ("missing", "payload.extra"),
+    ]
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(event=events, change=odd_values)
+def test_odd_values_give_fastavro_bytes_or_fastavro_error(event: FeedbackEvent, change: tuple[str, Any]) -> None:
+    record = event.to_avro()
+    record["payload"] = dict(record["payload"])
+    where, value = change
+    if where == "missing":
+        target = record["payload"] if value.startswith("payload.") else record
+        del target[value.removeprefix("payload.")]
+    elif where.startswith("payload."):
+        record["payload"][where.removeprefix("payload.")] = value
+    else:
+        record[where] = value
+    serde = AvroSerde()
+    try:
+        expected: bytes | type[BaseException] = serde.header + fastavro_bytes(record)
+    except Exception as exc:
+        expected = type(exc)
+    if isinstance(expected, bytes):
+        assert serde.encode(record) == expected
+    else:
+        with pytest.raises(expected):
+            serde.encode(record)
+
+
+def test_schemas_it_does_not_handle_use_fastavro() -> None:
+    fixed = fastavro.parse_schema({"type": "record", "name": "R", "fields": [
+        {"name": "f", "type": {"type": "fixed", "name": "F", "size": 2}}]})  # fmt: skip
+    assert compile_encoder(fixed) is None
+    serde = AvroSerde(reader_schema=fixed)
+    assert serde.encode({"f": b"ab"}) == serde.header + b"ab"
+
+
+@pytest.mark.parametrize("n", [0, 1, -1, 63, -64, 64, 4095, 4096, 2**31, -(2**63), 2**63 - 1])
+def test_longs_and_lengths_at_the_varint_edges(n: int) -> None:
+    fields = [{"name": "n", "type": "long"}, {"name": "s", "type": "string"}, {"name": "u", "type": ["null", "long"]}]
+    schema = fastavro.parse_schema({"type": "record", "name": "L", "fields": fields})
+    write = compile_encoder(schema)
+    assert write is not None
+    record = {"n": n, "s": "x" * max(0, min(abs(n), 5000)), "u": n}
+    out = bytearray()
+    write(record, out)
+    assert bytes(out) == fastavro_bytes(record, schema)

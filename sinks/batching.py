@@ -27,6 +27,14 @@ A failed intent commit is retried (consumption paused) and the batch is never
 flushed without one; a failed final commit is only logged: the intent stays, and
 a replay is deduplicated. Messages consumed while waiting for an intent's range
 from other partitions are held back once the batch is full.
+
+Overlap (``overlap_flush``, on for the ClickHouse event sink): batch N is flushed on a
+worker thread while the sink thread collects batch N+1 (only the sink thread touches
+the consumer). Before N+1's intent is committed, N's flush is awaited (retried there
+if it failed); N's "done" and N+1's intent then go out in one commit. So the intent
+on record always names a batch that is either in flight or done, and the crash cases
+above are unchanged. A rebalance waits for the flush in flight and commits it before
+the partitions move.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import time
 import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
@@ -78,6 +87,7 @@ class BatchingSink(ABC):
     """Consumes ``topic`` in batches of at most ``batch_rows`` or ``batch_ms``."""
 
     name = "sink"
+    overlap_flush = False  # flush batch N on a worker thread while batch N+1 is collected
 
     def __init__(
         self,
@@ -112,6 +122,9 @@ class BatchingSink(ABC):
         self._batch: list[Message] = []  # the batch being collected
         self._last_taken: dict[tuple[str, int], int] = {}  # per partition, in the batch being collected
         self._closed: set[tuple[str, int]] = set()
+        self._inflight: list[Message] = []  # the batch last handed to flush, until its offsets are committed
+        self._inflight_flushed = False
+        self._pending: Future[None] | None = None  # its flush on the worker thread
         self._stop = threading.Event()
         self.rows_written = 0
         self.batches = 0
@@ -139,12 +152,14 @@ class BatchingSink(ABC):
         are read again from their committed offsets, and must not appear twice in a batch."""
         self._carry = [m for m in self._carry if (m.topic(), m.partition()) not in keys]
         self._batch[:] = [m for m in self._batch if (m.topic(), m.partition()) not in keys]
+        self._inflight[:] = [m for m in self._inflight if (m.topic(), m.partition()) not in keys]
         for key in keys:
             self._intents.pop(key, None)
             self._last_taken.pop(key, None)
             self._closed.discard(key)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._drain_inflight()
         self._forget({(tp.topic, tp.partition) for tp in partitions})
         committed = consumer.committed(partitions, timeout=30)
         for tp in committed:
@@ -162,31 +177,74 @@ class BatchingSink(ABC):
             consumer.assign(partitions)
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._forget({(tp.topic, tp.partition) for tp in partitions})
+        self._drain_inflight()
+        self._forget({(tp.topic, tp.partition) for tp in partitions})  # a failed flush keeps what is still ours
+
+    def _drain_inflight(self) -> None:
+        """Before partitions move: wait for the flush in flight and commit it if it succeeded."""
+        self._settle_inflight()
+        if self._inflight and self._inflight_flushed:
+            self._commit_done(self._inflight)
+            self._inflight = []
 
     def run(self, idle_exit_s: float | None = None) -> None:
         """Consume until :meth:`stop` (or ``idle_exit_s`` without messages, for one-shot runs)."""
         self._consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         last_message = time.monotonic()
+        worker = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-flush") if self.overlap_flush else None
         try:
             while not self._stop.is_set():
-                self.maintenance()
+                if self._pending is None:
+                    self.maintenance()
                 batch = self._collect()
                 if not batch:
+                    self._commit_done(self._await_inflight())
                     if idle_exit_s is not None and time.monotonic() - last_message > idle_exit_s:
                         return
                     continue
                 last_message = time.monotonic()
-                if not self._commit_intent(batch):
+                done = self._await_inflight()
+                if not self._commit_intent(batch, done):
+                    self._commit_done(done)
                     continue  # stopping, or the partitions moved: their new owner starts from the commits
-                self._flush_with_retry(batch)
-                self._commit_done(batch)
+                if worker is not None:
+                    self._inflight, self._inflight_flushed = batch, False
+                    self._pending = worker.submit(self._flush_counted, batch)
+                else:
+                    self._flush_with_retry(batch)
+                    self._commit_done(batch)
         except TransientError as exc:
             if not self._stop.is_set():
                 raise
             log.warning("sink_stopped_mid_batch sink=%s error=%s", self.name, exc)  # the intent stays for a replay
         finally:
-            self._consumer.close()
+            try:
+                self._drain_inflight()
+            finally:
+                if worker is not None:
+                    worker.shutdown(wait=True)
+                self._consumer.close()
+
+    def _settle_inflight(self) -> None:
+        """Wait for the flush on the worker thread, if any; a transient failure leaves the batch
+        in ``_inflight`` for :meth:`_await_inflight` to retry."""
+        future, self._pending = self._pending, None
+        if future is None:
+            return
+        try:
+            future.result()
+            self._inflight_flushed = True
+        except TransientError as exc:
+            log.warning("flush_failed sink=%s rows=%d error=%s", self.name, len(self._inflight), exc)
+
+    def _await_inflight(self) -> list[Message]:
+        """The batch handed to the worker, once durable (retried here if its flush failed), for its
+        offsets to be committed; ``[]`` when there is none."""
+        self._settle_inflight()
+        if self._inflight and not self._inflight_flushed:
+            self._flush_with_retry(self._inflight)  # _inflight stays visible to rebalances meanwhile
+        batch, self._inflight = self._inflight, []
+        return batch
 
     def _collect(self) -> list[Message]:
         """The next batch: up to ``batch_rows`` messages or ``batch_ms``; a partition with an
@@ -241,13 +299,16 @@ class BatchingSink(ABC):
                 del self._intents[key]
                 self._closed.add(key)
 
+    def _flush_counted(self, batch: list[Message]) -> None:
+        self.flush(batch)
+        self.rows_written += len(batch)
+        self.batches += 1
+
     def _flush_with_retry(self, batch: list[Message]) -> None:
         delay = 0.5
         while True:
             try:
-                self.flush(batch)
-                self.rows_written += len(batch)
-                self.batches += 1
+                self._flush_counted(batch)
                 return
             except TransientError as exc:
                 if self._stop.is_set():
@@ -275,13 +336,14 @@ class BatchingSink(ABC):
         except KafkaException as exc:
             log.warning("resume_failed sink=%s error=%s", self.name, exc)
 
-    def _commit_intent(self, batch: list[Message]) -> bool:
-        """Commit the batch's intent, retrying until it is durable; False if the batch is gone
-        (stopping, or its partitions were revoked while retrying)."""
+    def _commit_intent(self, batch: list[Message], done: Sequence[Message] = ()) -> bool:
+        """Commit the batch's intent (with ``done``, the previous batch, as committed where the new one
+        does not continue it), retrying until it is durable; False if the batch is gone (stopping, or
+        its partitions were revoked while retrying)."""
         delay = 0.5
         while batch:
             try:
-                self._commit(batch, intent=True)
+                self._commit(batch, intent=True, done=done)
                 return True
             except KafkaException as exc:
                 if self._stop.is_set():
@@ -301,8 +363,9 @@ class BatchingSink(ABC):
         except KafkaException as exc:
             log.warning("commit_failed sink=%s rows=%d error=%s", self.name, len(batch), exc)
 
-    def _commit(self, batch: list[Message], *, intent: bool = False) -> None:
-        """Commit after the flush (next offset), or before it (``intent``: first offset + the last in metadata)."""
+    def _commit(self, batch: list[Message], *, intent: bool = False, done: Sequence[Message] = ()) -> None:
+        """Commit after the flush (next offset), or before it (``intent``: first offset + the last in
+        metadata). ``done``: a flushed batch whose partitions not in ``batch`` are committed as done."""
         first: dict[tuple[str, int], int] = {}
         last: dict[tuple[str, int], int] = {}
         for msg in batch:
@@ -313,6 +376,12 @@ class BatchingSink(ABC):
             offsets = [TopicPartition(t, p, first[(t, p)], metadata=encode_intent(o)) for (t, p), o in last.items()]
         else:
             offsets = [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+        finished: dict[tuple[str, int], int] = {}
+        for msg in done:
+            key = (msg.topic(), msg.partition())
+            if key not in last:
+                finished[key] = max(finished.get(key, -1), msg.offset())
+        offsets += [TopicPartition(t, p, o + 1) for (t, p), o in finished.items()]
         for tp in self._consumer.commit(offsets=offsets, asynchronous=False) or []:
             if tp.error is not None:  # a partition's commit failed while the request succeeded
                 raise KafkaException(tp.error)

@@ -92,8 +92,19 @@ def avro_insert_query(database: str, table: str = "feedback_events") -> str:
 
 
 def _dedup_settings(token: str) -> dict[str, Any]:
-    """A repeated insert with ``token`` is dropped, and the rollups' materialized views skip it too."""
-    return {"insert_deduplication_token": token, "deduplicate_blocks_in_dependent_materialized_views": 1}
+    """A repeated insert with ``token`` is dropped, and the rollups' materialized views skip it too.
+
+    ``optimize_on_insert = 0``: ReplacingMergeTree would otherwise collapse equal keys
+    inside each inserted block, which costs a sort-and-merge pass per insert (the sink
+    runs ~1.7x faster without it on the embedded store). Nothing is lost: event ids in
+    one batch are unique after the gate's dedup, a repeated batch is dropped by its
+    token, and merges (or FINAL) collapse any remaining repeat as before.
+    """
+    return {
+        "insert_deduplication_token": token,
+        "deduplicate_blocks_in_dependent_materialized_views": 1,
+        "optimize_on_insert": 0,
+    }
 
 
 def batch_token(table: str, topic: str, partition: int, first: int, last: int) -> str:

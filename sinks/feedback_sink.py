@@ -186,6 +186,8 @@ class EventSink(_DeadLetters, BatchingSink):
     go to the DLQ (stage ``sink``) with ClickHouse's reason. The sink never stops for one message.
     """
 
+    overlap_flush = True  # ClickHouse inserts while the next batch is consumed: both cores busy
+
     name = "events"
 
     def __init__(self, settings: Settings, **kwargs: Any) -> None:

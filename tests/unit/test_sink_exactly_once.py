@@ -375,7 +375,13 @@ class _Consumer:
 
 
 def _table_sink(
-    kafka: _Kafka, table: dict[tuple[int, int, int], list[int]], seed: int, crash: tuple[int, str] | None = None
+    kafka: _Kafka,
+    table: dict[tuple[int, int, int], list[int]],
+    seed: int,
+    crash: tuple[int, str] | None = None,
+    *,
+    overlap: bool = False,
+    transient_at: tuple[int, ...] = (),
 ) -> Any:
     """A sink whose "ClickHouse" keeps the first insert per token, like insert_deduplication_token."""
     from pipeline.settings import Settings
@@ -386,6 +392,8 @@ def _table_sink(
 
         def flush(self, messages: Any) -> None:
             self.flushes += 1
+            if self.flushes in transient_at:
+                raise TransientError("ClickHouse unavailable: ConnectionError")
             by_partition: dict[int, list[int]] = {}
             for m in messages:
                 by_partition.setdefault(m.partition(), []).append(m.offset())
@@ -397,16 +405,24 @@ def _table_sink(
                 raise _Killed  # inserted, offsets not committed
 
     sink = TableSink(Settings(bootstrap_servers="127.0.0.1:1"), "clean", "g", batch_rows=9, batch_ms=20)
+    sink.overlap_flush = overlap  # flush on a worker thread while the next batch is collected
     sink._consumer.close()
     sink._consumer = _Consumer(kafka, seed, fail_commits=1 if seed == 3 else 0)  # one failed commit, retried
     return sink
 
 
-def _crash_then_finish(crash: tuple[int, str], seed: int) -> Counter[tuple[int, int]]:
+def _stored(table: dict[tuple[int, int, int], list[int]]) -> Counter[tuple[int, int]]:
+    rows: Counter[tuple[int, int]] = Counter()
+    for (p, _, _), offsets in table.items():
+        rows.update((p, o) for o in offsets)
+    return rows
+
+
+def _crash_then_finish(crash: tuple[int, str], seed: int, overlap: bool = False) -> Counter[tuple[int, int]]:
     kafka, table = _Kafka(partitions=3, per_partition=25), {}
     with pytest.raises(_Killed):
-        _table_sink(kafka, table, seed, crash).run()
-    _table_sink(kafka, table, seed + 100).run(idle_exit_s=0.1)  # the restart batches differently
+        _table_sink(kafka, table, seed, crash, overlap=overlap).run()
+    _table_sink(kafka, table, seed + 100, overlap=overlap).run(idle_exit_s=0.1)  # the restart batches differently
     rows: Counter[tuple[int, int]] = Counter()
     for (p, _, _), offsets in table.items():
         rows.update((p, o) for o in offsets)
@@ -414,12 +430,25 @@ def _crash_then_finish(crash: tuple[int, str], seed: int) -> Counter[tuple[int, 
     return rows
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlapped"])
 @pytest.mark.parametrize("when", ["mid", "after"])
-def test_a_batch_rebuilt_after_a_kill_has_the_same_token_so_nothing_is_stored_twice(when: str) -> None:
+def test_a_batch_rebuilt_after_a_kill_has_the_same_token_so_nothing_is_stored_twice(when: str, overlap: bool) -> None:
     for flush in (1, 2, 4):
         for seed in (1, 2, 3):
-            rows = _crash_then_finish((flush, when), seed)
+            rows = _crash_then_finish((flush, when), seed, overlap)
             assert max(rows.values()) == 1, f"duplicates after a kill at flush {flush} ({when}), seed {seed}"
+
+
+def test_overlapped_flushes_commit_each_batch_only_once_it_is_durable() -> None:
+    # Flushes 2 and 3 fail (ClickHouse down) while the next batch is being collected: the
+    # failed batch is retried before the next intent, and every row is stored exactly once.
+    kafka, table = _Kafka(partitions=3, per_partition=25), {}
+    sink = _table_sink(kafka, table, seed=5, overlap=True, transient_at=(2, 3))
+    sink.run(idle_exit_s=0.1)
+    rows = _stored(table)
+    assert set(rows) == {(p, o) for p in range(3) for o in range(25)} and max(rows.values()) == 1
+    assert sink.flushes >= sink.batches + 2
+    assert kafka.committed == {p: (25, "") for p in range(3)}, "the last batch was not committed as done"
 
 
 def test_without_intents_the_same_kills_store_rows_twice(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -222,18 +222,30 @@ def serve(
 
 
 # --- inspection ----------------------------------------------------------------
-@app.command()
+@app.command(epilog="Example: feedback stats  |  feedback stats --json > stats.json")
 def stats(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
-    """Counts per Kafka topic, ClickHouse table and JSONL file."""
-    from pipeline.stats import collect_stats
+    """What landed where, totals by source and type, rejections, sampling, reputation and bias.
 
-    data = collect_stats(_settings())
+    Counts per Kafka topic, ClickHouse table and JSONL file; events per source and type (FINAL,
+    and re-weighted by sampling); rejection reasons; sampling per type; the current source
+    reputation and directive bias. Exits 1 when ClickHouse cannot be reached.
+    """
+    import logging
+
+    from pipeline.stats import collect_stats, print_stats
+
+    settings = _settings()
+    for name in ("urllib3.connectionpool", "clickhouse_connect.driver"):  # one error line below says it
+        logging.getLogger(name).setLevel(logging.ERROR)
+    data = collect_stats(settings, detail=True)
     if as_json:
         _print_json(data)
-        return
-    from pipeline.demo import print_stats
-
-    print_stats(data)
+    else:
+        print_stats(data)
+    error = data["clickhouse"].get("error") or data.get("analytics", {}).get("error")
+    if error:
+        console.print(f"error: {error}", soft_wrap=True, markup=False, highlight=False)
+        raise typer.Exit(1)
 
 
 @app.command()

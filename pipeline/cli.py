@@ -352,5 +352,7 @@ def main() -> None:
         sys.exit(1)
 
 
+from pipeline import query_cli  # noqa: E402,F401  (registers list/report/export)
+
 if __name__ == "__main__":
     main()

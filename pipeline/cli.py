@@ -210,6 +210,14 @@ def sink(
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to bind (default FEEDBACK_GATEWAY_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default FEEDBACK_GATEWAY_PORT).")] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Worker processes sharing the port (one core each). The gateway's per-subject rate limit "
+            "is kept per process; the stream applies the shared limit again.",
+        ),
+    ] = 1,
 ) -> None:
     """Run the HTTP gateway: POST /internal/feedback(/batch) → feedback.raw.v1."""
     import uvicorn
@@ -217,8 +225,14 @@ def serve(
     from producers.gateway import create_gateway
 
     settings = _settings()
-    app_ = create_gateway(settings)
-    uvicorn.run(app_, host=host or settings.gateway_host, port=port or settings.gateway_port, log_level="warning")
+    app_ = create_gateway(settings)  # also checks the configuration before any worker starts
+    host, port = host or settings.gateway_host, port or settings.gateway_port
+    if workers == 1:
+        uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False)
+        return
+    # Each worker process builds its own app (and Kafka producer) from the same environment.
+    uvicorn.run("producers.gateway:gateway_from_env", factory=True, workers=workers, host=host, port=port,
+                log_level="warning", access_log=False)  # fmt: skip
 
 
 # --- inspection ----------------------------------------------------------------

@@ -6,10 +6,14 @@ Producers never redact or sample; the stream does that once for everyone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -148,6 +152,45 @@ class FeedbackProducer:
         self.close()
 
 
+def _settle(future: asyncio.Future[None], err: KafkaError | None) -> None:
+    if future.done():
+        return
+    if err is None:
+        future.set_result(None)
+    else:
+        future.set_exception(KafkaException(err))
+
+
+class _LoopInbox:
+    """Work handed from the Kafka poll thread to one event loop.
+
+    Waking a loop from another thread writes to its self-pipe, a system call; delivery
+    reports arrive in bursts (one per produce request), so a burst shares one wake-up.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._items: deque[Callable[[], None]] = deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def put(self, work: Callable[[], None]) -> None:
+        """From any thread: run ``work`` on the loop soon."""
+        self._items.append(work)
+        with self._lock:
+            if self._scheduled:
+                return
+            self._scheduled = True
+        with contextlib.suppress(RuntimeError):  # a closed loop: nothing waits on its futures any more
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            self._scheduled = False  # before draining: work put from now on schedules a new drain
+        while self._items:
+            self._items.popleft()()
+
+
 class AsyncProducer:
     """A confluent-kafka producer for asyncio: :meth:`publish` returns a future resolved when
     Kafka acknowledges (or refuses) the message. Used by the gateway and the async client."""
@@ -166,6 +209,7 @@ class AsyncProducer:
                 "client.id": client_id,
             }
         )
+        self._inboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopInbox] = weakref.WeakKeyDictionary()
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="gateway-kafka-poll", daemon=True)
         self._poller.start()
@@ -174,27 +218,63 @@ class AsyncProducer:
         while not self._stop.is_set():
             self._producer.poll(0.05)
 
-    def publish(self, key: bytes, value: bytes) -> asyncio.Future[None]:
+    def _inbox(self) -> _LoopInbox:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
+        inbox = self._inboxes.get(loop)
+        if inbox is None:
+            inbox = self._inboxes[loop] = _LoopInbox(loop)
+        return inbox
 
-        def delivered(err: KafkaError | None, _msg: Message) -> None:
-            def settle() -> None:
-                if future.done():
-                    return
-                if err is None:
-                    future.set_result(None)
-                else:
-                    future.set_exception(KafkaException(err))
-
-            loop.call_soon_threadsafe(settle)
-
+    def _produce(self, key: bytes, value: bytes, on_delivery: Callable[[KafkaError | None, Message], None]) -> None:
         while True:
             try:
-                self._producer.produce(self.topic, value=value, key=key, on_delivery=delivered)
-                return future
+                self._producer.produce(self.topic, value=value, key=key, on_delivery=on_delivery)
+                return
             except BufferError:
                 time.sleep(0.01)  # local queue full: the poll thread is draining it
+
+    def publish(self, key: bytes, value: bytes) -> asyncio.Future[None]:
+        """Produce one message; the future resolves when Kafka acknowledges it, or fails with
+        :class:`KafkaException` when Kafka refuses it or the publish timeout passes."""
+        inbox = self._inbox()
+        future: asyncio.Future[None] = inbox.loop.create_future()
+
+        def delivered(err: KafkaError | None, _msg: Message) -> None:
+            inbox.put(partial(_settle, future, err))
+
+        self._produce(key, value, delivered)
+        return future
+
+    def publish_many(self, messages: Sequence[tuple[bytes, bytes]]) -> asyncio.Future[list[KafkaError | None]]:
+        """Produce every (key, value) now; the future resolves once Kafka has answered for all
+        of them, with None (acknowledged) or the error per message, in order.
+
+        One wake-up of the event loop for the whole batch instead of one per message.
+        """
+        inbox = self._inbox()
+        future: asyncio.Future[list[KafkaError | None]] = inbox.loop.create_future()
+        results: list[KafkaError | None] = [None] * len(messages)
+        if not messages:
+            future.set_result(results)
+            return future
+        pending = [len(messages)]
+        lock = threading.Lock()
+
+        def settle() -> None:
+            if not future.done():
+                future.set_result(results)
+
+        def delivered(index: int, err: KafkaError | None, _msg: Message) -> None:
+            results[index] = err
+            with lock:  # delivery reports come from the poll thread, or from close()'s flush
+                pending[0] -= 1
+                last = pending[0] == 0
+            if last:
+                inbox.put(settle)
+
+        for index, (key, value) in enumerate(messages):
+            self._produce(key, value, partial(delivered, index))
+        return future
 
     def ready(self, timeout_s: float = 2.0) -> bool:
         try:

@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.errors import ConfigError
 from pipeline.kafka_admin import ensure_topics
 from pipeline.settings import Settings
-from producers.gateway import create_gateway
+from producers.gateway import MAX_DEPTH, _Redactor, _too_deep, create_gateway
 from schemas.serde import AvroSerde
 from schemas.topics import Topics
+from stream_processors.redact import redact_payload
+from tests.conftest import _free_port
 from tests.integration.kafka_read import read_topic
 
 pytestmark = pytest.mark.integration
@@ -132,3 +143,111 @@ def test_kafka_unavailable_is_503_with_retry_after(isolated: Settings) -> None:
 def test_no_token_configured_refuses_to_start(isolated: Settings) -> None:
     with pytest.raises(ConfigError, match="FEEDBACK_INTERNAL_TOKENS"):
         create_gateway(isolated)
+
+
+def test_batch_when_kafka_is_unavailable_is_207_with_503_items(isolated: Settings) -> None:
+    broken = isolated.model_copy(
+        update={"internal_tokens": TOKENS, "bootstrap_servers": "127.0.0.1:1", "gateway_publish_timeout_s": 1.5}
+    )
+    items = [{**EVENT, "user_id": f"d-{i}"} for i in range(3)] + [{"source": "x"}]
+    with TestClient(create_gateway(broken)) as client:
+        resp = client.post("/internal/feedback/batch", content=orjson.dumps({"events": items}), headers=AUTH)
+    assert resp.status_code == 207
+    assert [r["status"] for r in resp.json()["results"]] == [503, 503, 503, 422]
+    assert all(r["retry_after"] >= 1 for r in resp.json()["results"][:3])
+
+
+def test_a_large_batch_lands_whole_and_redacted(gateway: tuple[TestClient, Settings]) -> None:
+    client, settings = gateway
+    phone = "call +41 44 668 18 {}"
+    items = [{**EVENT, "user_id": f"l-{i}", "payload": {"direction": "up", "comment": phone.format(i % 90 + 10)}}
+             for i in range(1000)]  # fmt: skip
+    resp = client.post("/internal/feedback/batch", content=orjson.dumps({"events": items}), headers=AUTH)
+    results = resp.json()["results"]
+    assert resp.status_code == 207 and [r["status"] for r in results] == [202] * 1000
+    records = _raw(settings)
+    assert sorted(r["event_id"] for r in records) == sorted(r["event_id"] for r in results)
+    assert {r["payload"]["comment"] for r in records} == {"call [PHONE]"}
+
+
+_text = st.sampled_from(["up", "fine", "jane@example.com", "+41 44 668 18 00", "10.0.0.1", "v1.2.3", ""]) | st.text(
+    max_size=80
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    payload=st.fixed_dictionaries(
+        {"extra": st.dictionaries(st.text(max_size=8), st.none() | st.integers() | _text, max_size=4)},
+        optional={"text": st.none() | _text, "comment": st.none() | _text, "corrected_response": _text},
+    )
+)
+def test_remembered_redaction_equals_the_streams(payload: dict) -> None:
+    redactor = _Redactor(max_entries=8)
+    for _ in range(2):  # the second time from what it remembered
+        assert redactor.payload(payload) == redact_payload(payload)
+
+
+_json = st.recursive(
+    st.none() | st.integers() | st.text(max_size=3),
+    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=2), inner, max_size=2),
+    max_leaves=60,
+)
+
+
+def _too_deep_recursive(value: object, depth: int = 0) -> bool:
+    if depth > MAX_DEPTH:
+        return True
+    if isinstance(value, dict):
+        return any(_too_deep_recursive(v, depth + 1) for v in value.values())
+    if isinstance(value, list):
+        return any(_too_deep_recursive(v, depth + 1) for v in value)
+    return False
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=_json, wrap=st.integers(0, MAX_DEPTH + 3))
+def test_depth_check_equals_the_recursive_definition(value: object, wrap: int) -> None:
+    for i in range(wrap):
+        value = [value] if i % 2 else {"k": value}
+    assert _too_deep(value) == _too_deep_recursive(value)
+
+
+def test_serve_with_workers_answers_concurrent_posts_after_the_ack(isolated: Settings, tmp_path: Path) -> None:
+    ensure_topics(isolated)
+    port = _free_port()
+    token = "workers-token-0123456789"
+    env = {**os.environ, **isolated.model_copy(update={"internal_tokens": token}).to_env()}
+    cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--port", str(port), "--workers", "2"]
+    with open(tmp_path / "gateway.log", "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "gateway.log").read_text()
+            time.sleep(0.2)
+        headers = {"X-Internal-Token": token, "Content-Type": "application/json"}
+
+        async def post_all() -> list[httpx.Response]:
+            limits = httpx.Limits(max_connections=32)
+            async with httpx.AsyncClient(base_url=base, headers=headers, limits=limits, timeout=30) as http:
+                singles = [http.post("/internal/feedback", content=orjson.dumps({**EVENT, "user_id": f"w-{i}"}))
+                           for i in range(200)]  # fmt: skip
+                batch = http.post("/internal/feedback/batch", content=orjson.dumps([EVENT] * 50))
+                return await asyncio.gather(*singles, batch)
+
+        *singles, batch = asyncio.run(post_all())
+        assert [r.status_code for r in singles] == [202] * 200
+        assert batch.status_code == 207 and [r["status"] for r in batch.json()["results"]] == [202] * 50
+        answered = {r.json()["event_id"] for r in singles} | {r["event_id"] for r in batch.json()["results"]}
+        landed = [r["event_id"] for r in _raw(isolated)]
+        assert len(landed) == 250 and set(landed) == answered  # each acknowledged event once
+    finally:
+        proc.terminate()
+        proc.wait(30)

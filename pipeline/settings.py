@@ -124,6 +124,11 @@ class Settings(BaseSettings):
         default_factory=dict, description='Per-source events per minute, JSON: {"oracle": 600}.'
     )
     dedup_window_s: float = Field(default=24 * 3600.0, gt=0, description="How long a dedup key is remembered.")
+    interaction_ttl_s: float = Field(
+        default=7 * 24 * 3600.0,
+        gt=0,
+        description="How long after track() feedback is enriched with the interaction's context; later: 'expired'.",
+    )
     sample_rates: dict[str, float] = Field(
         default_factory=dict, description='Per-type keep rate in [0, 1], JSON: {"implicit": 0.1}. Default 1.0.'
     )

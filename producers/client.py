@@ -10,11 +10,20 @@
         fb.veto("unsafe_advice", interaction_id="i-10")      # guardian veto
         fb.regret_tap(-0.6, {"turn": 3})                        # only below the threshold
 
+        # Delayed feedback: track the interaction when answering; feedback that comes
+        # later with the same interaction_id is joined to this context in the stream.
+        fb.track("i-11", latency_ms=840, cost=0.002, response=answer)
+
 Each helper builds and validates a :class:`FeedbackEvent` (a bad argument raises
 ``ValueError`` naming the field) and queues it; ``flush()`` (and leaving the
 ``with`` block) waits for Kafka and raises :class:`DeliveryError` for anything not
 acknowledged. ``AsyncFeedbackClient`` offers the same helpers as coroutines that
 return once Kafka has acknowledged the event.
+
+``track()`` publishes to ``feedback.interactions.v1`` keyed by interaction_id, with
+Kafka's Java (murmur2) partitioner so the key lands in the same partition as the
+stream's re-keyed feedback. Prompt and response snapshots are redacted before they
+leave the process, and not sent at all unless text is allowed (``FEEDBACK_ALLOW_TEXT``).
 """
 
 from __future__ import annotations
@@ -28,8 +37,11 @@ from pydantic import ValidationError
 
 from pipeline.settings import Settings, get_settings
 from producers.producer import AsyncProducer, DeliveryError, FeedbackProducer, subject_key
+from schemas.interaction import Interaction
 from schemas.models import FeedbackEvent
 from schemas.serde import AvroSerde
+from schemas.topics import Topics
+from stream_processors.redact import redact_text
 
 __all__ = ["REGRET_THRESHOLD", "AsyncFeedbackClient", "FeedbackClient"]
 
@@ -59,6 +71,41 @@ class _Signals:
             raise ValueError(f"{field}: {err['msg'].removeprefix('Value error, ')}") from None
 
     def _submit(self, event: FeedbackEvent) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _track(self, interaction: Interaction) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # --- delayed feedback ----------------------------------------------------
+    def track(
+        self,
+        interaction_id: str,
+        *,
+        prompt: str | None = None,
+        response: str | None = None,
+        latency_ms: float | None = None,
+        cost: float | None = None,
+        **fields: Any,
+    ) -> Any:
+        """Publish an interaction's context (model_version, prompt_version, snapshots, latency,
+        cost; ``ts`` defaults to now) for feedback that arrives later with the same id."""
+        allow_text = self._allow_text()
+        data: dict[str, Any] = {"interaction_id": interaction_id, "source": self.source, **self.defaults}
+        data.update(latency_ms=latency_ms, cost=cost, **fields)
+        if allow_text:
+            data.update(
+                prompt=None if prompt is None else redact_text(prompt),
+                response=None if response is None else redact_text(response),
+            )
+        try:
+            interaction = Interaction.model_validate({k: v for k, v in data.items() if v is not None})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(p) for p in err["loc"]) or "interaction"
+            raise ValueError(f"{field}: {err['msg'].removeprefix('Value error, ')}") from None
+        return self._track(interaction)
+
+    def _allow_text(self) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _nothing(self) -> Any:
@@ -137,16 +184,33 @@ class FeedbackClient(_Signals):
     def __init__(self, source: str, settings: Settings | None = None, **kwargs: Any) -> None:
         super().__init__(source, **kwargs)
         self.producer = FeedbackProducer(settings)
+        self._tracker: FeedbackProducer | None = None
 
     def _submit(self, event: FeedbackEvent) -> FeedbackEvent:
         self.producer.send(event)
         return event
 
+    def _allow_text(self) -> bool:
+        return self.producer.settings.allow_text
+
+    def _track(self, interaction: Interaction) -> Interaction:
+        if self._tracker is None:
+            self._tracker = _tracker(self.producer.settings)
+        value = self._tracker.serde.encode(interaction.to_avro())
+        self._tracker.send_raw(value, key=interaction.interaction_id.encode(), label=interaction.interaction_id)
+        return interaction
+
     def flush(self, timeout: float = 60.0) -> None:
         self.producer.flush(timeout)
+        if self._tracker is not None:
+            self._tracker.flush(timeout)
 
     def close(self) -> None:
-        self.producer.close()
+        try:
+            self.producer.close()
+        finally:
+            if self._tracker is not None:
+                self._tracker.close()
 
     def __enter__(self) -> FeedbackClient:
         return self
@@ -164,6 +228,7 @@ class AsyncFeedbackClient(_Signals):
         self.settings = settings or get_settings()
         self.serde = AvroSerde.from_url(self.settings.schema_registry_url)
         self._producer: AsyncProducer | None = None
+        self._tracker: FeedbackProducer | None = None
 
     async def _send(self, event: FeedbackEvent) -> FeedbackEvent:
         if self._producer is None:
@@ -180,12 +245,41 @@ class AsyncFeedbackClient(_Signals):
     def _nothing(self) -> Awaitable[None]:
         return asyncio.sleep(0)
 
+    def _allow_text(self) -> bool:
+        return self.settings.allow_text
+
+    def _track(self, interaction: Interaction) -> Awaitable[Interaction]:
+        return asyncio.to_thread(self._track_sync, interaction)
+
+    def _track_sync(self, interaction: Interaction) -> Interaction:
+        # Interactions are one per answer, not a hot path: the sync producer, flushed per call,
+        # so the coroutine returns once Kafka has acknowledged it (or raises DeliveryError).
+        if self._tracker is None:
+            self._tracker = _tracker(self.settings)
+        value = self._tracker.serde.encode(interaction.to_avro())
+        self._tracker.send_raw(value, key=interaction.interaction_id.encode(), label=interaction.interaction_id)
+        self._tracker.flush(120.0)
+        return interaction
+
     async def aclose(self) -> None:
         if self._producer is not None:
             await asyncio.to_thread(self._producer.close)
+        if self._tracker is not None:
+            await asyncio.to_thread(self._tracker.close)
 
     async def __aenter__(self) -> AsyncFeedbackClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _tracker(settings: Settings) -> FeedbackProducer:
+    """The producer for ``feedback.interactions.v1``: Java-compatible partitioning (murmur2), as
+    the stream's Kafka client uses for the feedback it re-keys by interaction_id."""
+    return FeedbackProducer(
+        settings,
+        topic=Topics(settings.topic_prefix).interactions,
+        serde=AvroSerde("interaction_v1"),
+        config={"partitioner": "murmur2_random", "client.id": "feedback-tracker"},
+    )

@@ -58,6 +58,18 @@ TOPICS: dict[str, TopicSpec] = {
         TopicSpec("feedback.directive-bias.v1", key="directive", value_schema=None, compacted=True),
         TopicSpec("feedback.reputation.v1", key="source", value_schema=None, compacted=True),
         TopicSpec("feedback.triage.v1", key="triage id", value_schema=None, compacted=True),
+        # track(): the context of each interaction, for feedback that arrives later. Compacted
+        # (the latest context per id) and deleted after a week; the worker's table keeps what it needs.
+        TopicSpec(
+            "feedback.interactions.v1",
+            key="interaction_id",
+            value_schema="interaction_v1",
+            retention_ms=7 * _DAY_MS,
+            extra_config={"cleanup.policy": "compact,delete"},
+        ),
+        # Internal: clean events with an interaction_id, re-keyed by it so they meet their
+        # interaction's context in the same partition (co-partitioned with the topic above).
+        TopicSpec("feedback.enrich.v1", key="interaction_id", value_schema="feedback_event_v1", retention_ms=_DAY_MS),
     )
 }
 
@@ -108,6 +120,14 @@ class Topics:
     @property
     def triage(self) -> str:
         return self.name("feedback.triage.v1")
+
+    @property
+    def interactions(self) -> str:
+        return self.name("feedback.interactions.v1")
+
+    @property
+    def enrich(self) -> str:
+        return self.name("feedback.enrich.v1")
 
     def specs(self) -> dict[str, TopicSpec]:
         """Concrete name → spec for every topic."""

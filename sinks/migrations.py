@@ -294,6 +294,35 @@ MIGRATIONS += (
     ),
 )
 
+# Delayed feedback: the stream joins feedback to its interaction's context (track()) and
+# records the result in payload keys starting with "interaction_". ALIAS columns make them
+# first-class for analysts at no cost on insert (computed when read).
+_ALIASES = (
+    ("interaction_status", "LowCardinality(Nullable(String))", "nullIf(payload['interaction_status'], '')",
+     "joined | expired | unknown; NULL without an interaction_id"),
+    ("interaction_tracked_at", "Nullable(DateTime64(6, 'UTC'))",
+     "parseDateTime64BestEffortOrNull(payload['interaction_tracked_at'], 6, 'UTC')",
+     "when the interaction was tracked"),
+    ("interaction_latency_ms", "Nullable(Float64)", "toFloat64OrNull(payload['interaction_latency_ms'])",
+     "latency of the interaction, ms"),
+    ("interaction_cost", "Nullable(Float64)", "toFloat64OrNull(payload['interaction_cost'])",
+     "cost of the interaction"),
+    ("interaction_response", "Nullable(String)", "nullIf(payload['interaction_response'], '')",
+     "redacted answer snapshot (only with ALLOW_TEXT)"),
+)  # fmt: skip
+
+MIGRATIONS += (
+    Migration(
+        9,
+        "feedback_events interaction context",
+        tuple(
+            f"ALTER TABLE {{db}}.feedback_events ADD COLUMN IF NOT EXISTS {name} {type_} ALIAS {expr} "
+            f"COMMENT '{comment}'"
+            for name, type_, expr, comment in _ALIASES
+        ),
+    ),
+)
+
 _LEDGER = """
 CREATE TABLE IF NOT EXISTS {db}.schema_migrations
 (

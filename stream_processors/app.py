@@ -11,6 +11,11 @@ Three agents, each a loop over batches (``stream.take_events``) of raw bytes:
   (keyed by directive) on feedback.bias-input.v1.
 * ``directive-bias``: increments → the directive's decayed bias (table) →
   feedback.directive-bias.v1, at most one update per key per publish interval.
+* ``interactions``: feedback.interactions.v1 (``track()``) → the interaction's context
+  (table, keyed by interaction_id; swept after twice the TTL).
+* ``enrich``: clean events that name an interaction go through feedback.enrich.v1,
+  keyed by interaction_id (co-partitioned with the interactions), get the context
+  joined (:mod:`stream_processors.enrich`) and go on to feedback.clean.v1.
 
 Tables keep their changelogs in Kafka; every value remembers the last raw offset
 it applied per origin, so a worker killed at any moment replays harmlessly.
@@ -31,7 +36,7 @@ import faust
 import faust.streams
 from faust.types import EventT
 
-from pipeline.errors import PoisonEvent
+from pipeline.errors import InvalidEvent, PoisonEvent
 from pipeline.kafka_admin import ensure_topics
 from pipeline.settings import Settings
 from schemas.dead_letter import dead_letter
@@ -40,6 +45,7 @@ from schemas.state_records import encode_record
 from schemas.topics import Topics
 from stream_processors.config import bias_config, gate_config, reputation_policy
 from stream_processors.dedup import dedup_key
+from stream_processors.enrich import context_of, enrich, newer
 from stream_processors.gate_step import GateResult, gate_step, rejection_record, subject_of
 from stream_processors.metrics import GateMetrics
 from stream_processors.state_steps import (
@@ -128,6 +134,7 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
 
     events_serde = AvroSerde.from_url(settings.schema_registry_url)
     letters = AvroSerde("dead_letter_v1")
+    interaction_serde = AvroSerde("interaction_v1")
     rejections = AvroSerde("rejected_v1")
     config = gate_config(settings)
     policy = reputation_policy(settings)
@@ -141,6 +148,7 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
     )
     outcomes_topic, bias_input_topic = topic(topics.outcomes), topic(topics.bias_input)
     reputation_topic, bias_topic = topic(topics.reputation), topic(topics.directive_bias)
+    interactions_topic, enrich_topic = topic(topics.interactions), topic(topics.enrich)
 
     json_schema = faust.Schema(key_serializer="json", value_serializer="json")
 
@@ -149,7 +157,10 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
 
     subjects, seen = table("gate-subjects"), table("gate-seen")
     reputation, bias = table("reputation"), table("directive-bias")
-    fa.tables.update({"subjects": subjects, "seen": seen, "reputation": reputation, "bias": bias})
+    interactions = table("interactions")
+    fa.tables.update(
+        {"subjects": subjects, "seen": seen, "reputation": reputation, "bias": bias, "interactions": interactions}
+    )
 
     async def to_dlq(stage: str, event: EventT, reason: str) -> None:
         msg = event.message
@@ -219,7 +230,11 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
         if result.outcome == "clean":
             assert result.event is not None
             out = result.event
-            await fa.send(topics.clean, key=(out.get("user_id") or source).encode(), value=events_serde.encode(out))
+            if out.get("interaction_id"):
+                # Delayed feedback: meet the interaction's context in its partition first.
+                await fa.send(topics.enrich, key=str(out["interaction_id"]).encode(), value=events_serde.encode(out))
+            else:
+                await fa.send(topics.clean, key=clean_key(out), value=events_serde.encode(out))
             metrics.feedback.labels(metrics.cap_source(source), metrics.cap_type(etype)).inc()
             metrics.text_dropped.inc(result.text_dropped)
             if etype == "veto":
@@ -273,6 +288,55 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
                     break
         if swept:
             log.info("dedup_keys_expired count=%d", swept)
+
+    def clean_key(record: dict[str, Any]) -> bytes:
+        return str(record.get("user_id") or record["source"]).encode()
+
+    # --- delayed feedback: interactions and the join --------------------------------
+    ttl_s = settings.interaction_ttl_s
+
+    async def interaction_one(event: EventT) -> None:
+        msg = event.message
+        record = interaction_serde.decode(msg.value)  # PoisonEvent → DLQ (stage "interactions")
+        try:
+            context = context_of(record, allow_text=config.allow_text)
+        except InvalidEvent as exc:
+            raise PoisonEvent(f"invalid interaction: {exc.field}: {exc.rule}") from None
+        key = str(record["interaction_id"])
+        if newer(interactions.get(key), context):
+            interactions[key] = {**context, "partition": msg.partition}
+            metrics.interactions.inc()
+
+    @app.agent(interactions_topic, name="interactions")
+    async def interactions_agent(stream: faust.StreamT) -> None:
+        await each("interactions", stream, interaction_one)
+
+    async def enrich_one(event: EventT) -> None:
+        record = events_serde.decode(event.message.value)
+        enriched, status = enrich(record, interactions.get(str(record["interaction_id"])), ttl_s)
+        metrics.enriched.labels(status).inc()
+        await fa.send(topics.clean, key=clean_key(enriched), value=events_serde.encode(enriched))
+
+    @app.agent(enrich_topic, name="enrich")
+    async def enrich_agent(stream: faust.StreamT) -> None:
+        await each("enrich", stream, enrich_one)
+
+    @app.timer(interval=SEEN_SWEEP_S)
+    async def sweep_interactions() -> None:
+        """Forget interactions twice the TTL old: until then late feedback is told apart as
+        'expired'; after that it is 'unknown'."""
+        if app.in_recovery or app.rebalancing:
+            return
+        horizon, swept = time.time() - 2 * ttl_s, 0
+        for key, value in list(interactions.data.items()):
+            if value is not None and value["ts_s"] < horizon:
+                interactions.data.pop(key, None)
+                interactions.send_changelog(value["partition"], key, None, value_serializer="raw")
+                swept += 1
+                if swept >= SEEN_SWEEP_MAX:
+                    break
+        if swept:
+            log.info("interactions_forgotten count=%d", swept)
 
     # --- reputation ---------------------------------------------------------------
     reputation_out = Throttle(settings.bias_publish_interval_s)
@@ -343,7 +407,15 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
         # Compacted topics: republishing is idempotent, and it heals an update lost in a crash.
         await publish_state(force=True)
 
-    fa.agents.update({"gate": gate, "reputation": reputation_agent, "bias": bias_agent})
+    fa.agents.update(
+        {
+            "gate": gate,
+            "reputation": reputation_agent,
+            "bias": bias_agent,
+            "interactions": interactions_agent,
+            "enrich": enrich_agent,
+        }
+    )
     fa.outputs.update(
         {
             t.get_topic_name(): t
@@ -355,6 +427,7 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
                 bias_input_topic,
                 reputation_topic,
                 bias_topic,
+                enrich_topic,
             )
         }
     )

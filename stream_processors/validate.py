@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from pipeline.errors import InvalidEvent
 from schemas.models import FeedbackEvent
+from stream_processors.enrich import RESERVED_PREFIX
 
 __all__ = ["Limits", "validate"]
 
@@ -34,6 +35,9 @@ def validate(record: dict[str, Any], now: datetime, limits: Limits = Limits()) -
     size = len(orjson.dumps(record["payload"]))
     if size > limits.max_payload_bytes:
         raise InvalidEvent("payload", f"{size} bytes is over the {limits.max_payload_bytes}-byte limit")
+    for key in event.payload.extra:
+        if key.startswith(RESERVED_PREFIX):
+            raise InvalidEvent(f"payload.{key}", f"keys starting with {RESERVED_PREFIX!r} are set by the stream")
     for name in ("text", "comment", "corrected_response"):
         value = getattr(event.payload, name)
         if value is not None and len(value) > limits.max_text_chars:

@@ -8,11 +8,18 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from pipeline.settings import Settings
 
-__all__ = ["latest_by_key", "read_topic"]
+__all__ = ["latest_by_key", "read_partitions", "read_topic"]
 
 
 def read_topic(settings: Settings, topic: str, timeout: float = 20.0) -> list[tuple[bytes | None, bytes | None]]:
     """Every message currently in ``topic`` (all partitions, up to the high watermarks), as (key, value)."""
+    return [(key, value) for _, key, value in read_partitions(settings, topic, timeout)]
+
+
+def read_partitions(
+    settings: Settings, topic: str, timeout: float = 20.0
+) -> list[tuple[int, bytes | None, bytes | None]]:
+    """Like :func:`read_topic`, as (partition, key, value)."""
     consumer = Consumer(
         {
             "bootstrap.servers": settings.kafka_bootstrap,
@@ -30,7 +37,7 @@ def read_topic(settings: Settings, topic: str, timeout: float = 20.0) -> list[tu
         if not ends:
             return []
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-        out: list[tuple[bytes | None, bytes | None]] = []
+        out: list[tuple[int, bytes | None, bytes | None]] = []
         done: set[int] = set()
         while len(done) < len(ends):
             msg = consumer.poll(timeout)
@@ -38,7 +45,7 @@ def read_topic(settings: Settings, topic: str, timeout: float = 20.0) -> list[tu
                 raise AssertionError(f"timed out reading {topic}")
             if msg.error():
                 continue
-            out.append((msg.key(), msg.value()))
+            out.append((msg.partition(), msg.key(), msg.value()))
             if msg.offset() >= ends[msg.partition()] - 1:
                 done.add(msg.partition())
         return out

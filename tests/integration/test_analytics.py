@@ -23,6 +23,7 @@ pytestmark = pytest.mark.integration
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "analytics.md"
 N = 3000
+JOINED = 100
 
 
 def _queries() -> list[str]:
@@ -36,6 +37,13 @@ def _load(settings: Settings) -> tuple[Any, list[dict[str, Any]]]:
     serde = AvroSerde()
     # Normalized as the gate leaves them (value and confidence set).
     records = [normalize(serde.decode(serde.encode(e.to_avro()))) for e in generate_events(N, seed=9)]
+    for i, r in enumerate(records[:JOINED]):  # delayed feedback joined to its interaction, as the stream does
+        r["payload"]["extra"].update(
+            interaction_status="joined", interaction_latency_ms=float(400 * (i % 20)), interaction_cost=0.001,
+            interaction_tracked_at="2026-11-20T12:00:00+00:00",
+        )  # fmt: skip
+    for r in records[JOINED : JOINED + 10]:
+        r["payload"]["extra"]["interaction_status"] = "unknown"
     events = ClickHouseWriter(client, settings.clickhouse_database, "feedback_events", EVENT_COLUMNS)
     rows = [event_row(r, 0, i) for i, r in enumerate(records)]
     for _ in range(2):  # the same batch delivered twice: the table and the rollups hold it once
@@ -103,6 +111,12 @@ def test_rollups_and_example_queries(isolated: Settings) -> None:
     (bias_row,) = results[6].result_rows
     assert bias_row[0] == "increase_grounding" and bias_row[2] == pytest.approx(0.2, abs=0.01)  # one half-life on
     assert [r[0] for r in results[7].result_rows] == ["mesh"]
+    statuses = {r[0]: r[1] for r in results[9].result_rows}
+    recent = [r for r in records if r["ts"] >= datetime.now(UTC) - timedelta(days=7)]
+    assert statuses["joined"] == sum(1 for r in recent[:JOINED] if r in records[:JOINED]) > 0
+    assert statuses.get("unknown") == sum(1 for r in records[JOINED : JOINED + 10] if r in recent)
+    bands = {r[0]: r[1] for r in results[10].result_rows}
+    assert bands == {"under 1 s": 15, "1-5 s": 50, "over 5 s": 35}
 
 
 def test_retention_is_applied_changed_and_removed(isolated: Settings) -> None:

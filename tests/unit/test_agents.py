@@ -41,9 +41,12 @@ class Harness:
         self.fa.app.finalize()
         self.fa.app.flow_control.resume()
         self.sent: dict[str, list[tuple[bytes | None, bytes]]] = defaultdict(list)
+        self.accepted: list[bytes] = []  # what the gate passed, to clean or (with an interaction_id) to enrich
 
         async def capture(topic: str, *, key: bytes | None, value: bytes) -> None:
             self.sent[topic].append((key, value))
+            if topic in (TOPICS.clean, TOPICS.enrich):
+                self.accepted.append(value)
 
         self.fa.send = capture  # type: ignore[method-assign]
 
@@ -55,7 +58,8 @@ class Harness:
         return 0.0 if value is None else value
 
     def clean(self) -> list[dict[str, Any]]:
-        return [EVENTS.decode(v) for _, v in self.sent[TOPICS.clean]]
+        """Every event the gate accepted, in order (whether it went straight to clean or via enrich)."""
+        return [EVENTS.decode(v) for v in self.accepted]
 
     def rejected(self) -> list[dict[str, Any]]:
         return [REJECTED.decode(v) for _, v in self.sent[TOPICS.rejected]]
@@ -162,8 +166,12 @@ def test_gate_applies_every_rule_and_counts_it(tmp_path: Path) -> None:
     invalid = next(r for r in h.rejected() if r["reason"] == "invalid")
     assert invalid["field"] == "ts" and "future" in invalid["rule"] and invalid["offset"] == len(msgs) - 2
     # No personal data anywhere downstream: keys and rejected records carry pseudonyms or sources.
-    downstream = b"".join(k or b"" for t in (TOPICS.clean, TOPICS.rejected) for k, _ in h.sent[t])
+    downstream = b"".join(k or b"" for t in (TOPICS.clean, TOPICS.enrich, TOPICS.rejected) for k, _ in h.sent[t])
     assert b"alice" not in downstream and b"bob" not in downstream
+    # Events naming an interaction are re-keyed by it (to meet its context); the rest go straight on.
+    assert all(EVENTS.decode(v)["interaction_id"] == k.decode() for k, v in h.sent[TOPICS.enrich] if k)
+    assert all(EVENTS.decode(v)["interaction_id"] is None for _, v in h.sent[TOPICS.clean])
+    assert h.sent[TOPICS.enrich] and h.sent[TOPICS.clean]
     (letter,) = [AvroSerde("dead_letter_v1").decode(v) for _, v in h.sent[TOPICS.dlq]]
     assert letter["stage"] == "decode" and letter["raw"] == b"\x00not avro" and letter["offset"] == len(msgs) - 1
     assert letter["key"] == b"mallory" and letter["topic"] == TOPICS.raw
@@ -266,3 +274,91 @@ def test_undecodable_state_messages_are_dead_lettered(tmp_path: Path) -> None:
     asyncio.run(h.feed("reputation", [(b"x", b"{not json", 0.0)], lambda: bool(h.sent[TOPICS.dlq])))
     letter = AvroSerde("dead_letter_v1").decode(h.sent[TOPICS.dlq][0][1])
     assert letter["stage"] == "reputation" and "outcome" in letter["error"]
+
+
+# --- delayed feedback: interactions joined to later feedback -------------------------------
+
+INTERACTIONS = AvroSerde("interaction_v1")
+
+
+def _interaction(interaction_id: str, at: datetime, **kw: Any) -> tuple[bytes, bytes, float]:
+    from schemas.interaction import Interaction
+
+    record = Interaction(interaction_id=interaction_id, ts=at, source="dream_ui", **kw).to_avro()
+    return interaction_id.encode(), INTERACTIONS.encode(record), at.timestamp()
+
+
+def _clean(interaction_id: str, at: datetime, **kw: Any) -> tuple[bytes, bytes, float]:
+    event = FeedbackEvent.model_validate(
+        {"source": "dream_ui", "type": "rating", "ts": at, "interaction_id": interaction_id,
+         "payload": {"stars": 2}, **kw}
+    )  # fmt: skip
+    return interaction_id.encode(), EVENTS.encode(event.to_avro()), at.timestamp()
+
+
+@pytest.mark.parametrize("allow_text", [False, True])
+def test_late_feedback_is_joined_to_its_interaction_and_marked(tmp_path: Path, allow_text: bool) -> None:
+    h = Harness(tmp_path, allow_text=allow_text, interaction_ttl_s=3600)
+    t0 = T0 - timedelta(hours=3)
+    tracked = [
+        _interaction(
+            "i-1",
+            t0,
+            model_version="m-7",
+            prompt_version="p-2",
+            latency_ms=830.0,
+            cost=0.0021,
+            prompt="what is my balance?",
+            response="mail alice@example.com for it",
+        ),
+        _interaction("i-1", t0 - timedelta(minutes=5), model_version="m-OLD"),  # older: must not overwrite
+        _interaction("i-stale", t0 - timedelta(hours=5), model_version="m-5"),
+        (b"i-bad", b"\x00not avro", t0.timestamp()),
+        (b"i-neg", INTERACTIONS.encode({**_avro_interaction("i-neg", t0), "latency_ms": -1.0}), t0.timestamp()),
+    ]
+    feedback = [
+        _clean("i-1", t0 + timedelta(minutes=50)),  # within the hour: joined
+        _clean("i-1", t0 + timedelta(minutes=55), model_version="m-explicit"),  # the event's own version wins
+        _clean("i-stale", t0 + timedelta(minutes=10)),  # 5 h 10 min after its interaction: expired
+        _clean("i-never", t0 + timedelta(minutes=10)),  # never tracked: unknown
+    ]
+
+    async def run() -> None:
+        await h.feed("interactions", tracked, lambda: len(h.table("interactions")) >= 2)
+        await h.feed("enrich", feedback, lambda: len(h.sent[TOPICS.clean]) >= len(feedback))
+
+    asyncio.run(run())
+    out = [EVENTS.decode(v) for _, v in h.sent[TOPICS.clean]]
+    extra = [e["payload"]["extra"] for e in out]
+    assert [x["interaction_status"] for x in extra] == ["joined", "joined", "expired", "unknown"]
+    joined = out[0]
+    assert (joined["model_version"], joined["prompt_version"]) == ("m-7", "p-2")
+    assert extra[0]["interaction_latency_ms"] == 830.0 and extra[0]["interaction_cost"] == 0.0021
+    assert extra[0]["interaction_source"] == "dream_ui"
+    assert datetime.fromisoformat(extra[0]["interaction_tracked_at"]) == t0
+    assert extra[0]["stars"] == 2  # the signal's own payload is kept beside the context
+    if allow_text:  # snapshots kept, redacted with the gate's redaction
+        assert extra[0]["interaction_response"] == "mail [EMAIL] for it"
+        assert extra[0]["interaction_prompt"] == "what is my balance?"
+    else:  # private by default: no snapshot text downstream, nor in the table
+        assert "interaction_response" not in extra[0] and "interaction_prompt" not in extra[0]
+        assert all(v["response"] is None and v["prompt"] is None for v in h.table("interactions").values())
+    assert out[1]["model_version"] == "m-explicit" and out[1]["prompt_version"] == "p-2"
+    assert out[2]["model_version"] is None and "interaction_latency_ms" not in extra[2]
+    assert out[3]["model_version"] is None
+    assert h.metric("feedback_enriched_total", status="joined") == 2
+    assert h.metric("feedback_enriched_total", status="expired") == 1
+    assert h.metric("feedback_enriched_total", status="unknown") == 1
+    # Poison and invalid interactions are dead-lettered with their reason; the agent goes on.
+    letters = [AvroSerde("dead_letter_v1").decode(v) for _, v in h.sent[TOPICS.dlq]]
+    assert [(d["stage"], d["offset"]) for d in letters] == [("interactions", 3), ("interactions", 4)]
+    assert "latency_ms" in letters[1]["error"] and "greater than or equal to 0" in letters[1]["error"]
+    assert h.table("interactions")["i-1"]["model_version"] == "m-7"
+    # Keys on the clean topic: the subject (here the source), never the interaction.
+    assert {k for k, _ in h.sent[TOPICS.clean]} == {b"dream_ui"}
+
+
+def _avro_interaction(interaction_id: str, at: datetime) -> dict[str, Any]:
+    from schemas.interaction import Interaction
+
+    return Interaction(interaction_id=interaction_id, ts=at, source="dream_ui").to_avro()

@@ -38,3 +38,26 @@ def test_regret_threshold_is_configurable() -> None:
     assert client.regret_tap(-0.5) is None
     event = client.regret_tap(-0.9)
     assert event is not None and event.type == "regret_signal" and event.source == "oneiric"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"latency_ms": -1}, "latency_ms"),
+        ({"cost": float("inf")}, "cost"),
+        ({"colour": "red"}, "colour"),
+        ({"model_version": ""}, "model_version"),
+    ],
+)
+def test_track_refuses_bad_context_naming_the_field(client: FeedbackClient, kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        client.track("i-1", **kwargs)
+    assert client._tracker is None  # nothing was queued
+
+
+def test_track_keeps_snapshots_only_when_text_is_allowed_and_always_redacts() -> None:
+    private = FeedbackClient("svc", Settings(bootstrap_servers="127.0.0.1:1"), model_version="m-1")
+    tracked = private.track("i-1", response="mail me: a@b.example", latency_ms=12)
+    assert tracked.response is None and tracked.model_version == "m-1" and tracked.latency_ms == 12
+    allowed = FeedbackClient("svc", Settings(bootstrap_servers="127.0.0.1:1", allow_text=True))
+    assert allowed.track("i-2", response="mail me: a@b.example").response == "mail me: [EMAIL]"

@@ -67,7 +67,10 @@ def test_topic_specs() -> None:
         "feedback.directive-bias.v1",
         "feedback.reputation.v1",
         "feedback.triage.v1",
+        "feedback.interactions.v1",
+        "feedback.enrich.v1",
     }
+    assert TOPICS["feedback.interactions.v1"].config()["cleanup.policy"] == "compact,delete"
     raw = TOPICS["feedback.raw.v1"].config()
     assert int(raw["retention.ms"]) <= 24 * 3600 * 1000
     assert raw["cleanup.policy"] == "delete"

@@ -1,0 +1,56 @@
+"""An interaction's context, as ``track()`` publishes it to ``feedback.interactions.v1``.
+
+Feedback often arrives long after the answer it is about (a rating the next day, a
+task that failed an hour later). The service tracks the interaction when it answers;
+the stream joins later feedback with the same ``interaction_id`` to this context.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = ["MAX_SNAPSHOT_CHARS", "Interaction"]
+
+MAX_SNAPSHOT_CHARS = 32 * 1024
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+_Id = Annotated[str, Field(min_length=1, max_length=200)]
+_Label = Annotated[str, Field(min_length=1, max_length=200)]
+_Snapshot = Annotated[str, Field(max_length=MAX_SNAPSHOT_CHARS)]
+_NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class Interaction(BaseModel):
+    """One interaction's context. Invalid values raise ``ValidationError`` naming the field."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    interaction_id: _Id
+    ts: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    source: _Label
+    model_version: _Label | None = None
+    prompt_version: _Label | None = None
+    prompt: _Snapshot | None = None
+    response: _Snapshot | None = None
+    latency_ms: _NonNegative | None = None
+    cost: _NonNegative | None = None
+
+    @field_validator("ts")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            raise ValueError("must carry a timezone (UTC recommended)")
+        return value.astimezone(UTC)
+
+    def to_avro(self) -> dict[str, Any]:
+        data = self.model_dump()
+        delta = self.ts - _EPOCH
+        data["ts"] = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+        return data
+
+    @classmethod
+    def from_avro(cls, record: dict[str, Any]) -> Interaction:
+        return cls.model_validate(record)

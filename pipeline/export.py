@@ -4,8 +4,10 @@ What the content comes from: ``feedback_events`` has no prompt or response colum
 own, so a conversation is read from the event's ``payload`` map, which producers fill with
 the interaction's snapshot (already redacted by the gate):
 
-- the user turn from the first of ``prompt``, ``input``, ``query``, ``question``;
-- the assistant turn from the first of ``response``, ``output``, ``answer``, ``completion``;
+- the user turn from the first of ``prompt``, ``input``, ``query``, ``question``, then
+  ``interaction_prompt`` (the snapshot ``track()`` recorded, joined in the stream);
+- the assistant turn from the first of ``response``, ``output``, ``answer``, ``completion``,
+  then ``interaction_response``;
 - an optional system turn from ``system`` or ``system_prompt``;
 - for a ``correction`` event, the ``corrected_response`` column is the assistant turn.
 
@@ -54,8 +56,8 @@ T = TypeVar("T")
 #: Payload keys read for each turn, first match wins.
 CONTENT_KEYS: dict[str, tuple[str, ...]] = {
     "system": ("system", "system_prompt"),
-    "user": ("prompt", "input", "query", "question"),
-    "assistant": ("response", "output", "answer", "completion"),
+    "user": ("prompt", "input", "query", "question", "interaction_prompt"),
+    "assistant": ("response", "output", "answer", "completion", "interaction_response"),
 }
 
 #: The ``feedback_events`` columns every export reads, in this order.

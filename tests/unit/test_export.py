@@ -47,6 +47,11 @@ def test_conversation_reads_the_payload_snapshot() -> None:
         {"role": "user", "content": "Capital?"},
         {"role": "assistant", "content": "Canberra."},
     ]
+    # Delayed feedback: the snapshot track() recorded, joined in the stream; the event's own keys win.
+    joined = _row(payload={"interaction_prompt": "Tracked question?", "interaction_response": "Tracked answer."})
+    assert [m["content"] for m in conversation(joined) or []] == ["Tracked question?", "Tracked answer."]
+    both = _row(payload={"prompt": "Own?", "interaction_prompt": "Tracked?", "interaction_response": "A."})
+    assert [m["content"] for m in conversation(both) or []] == ["Own?", "A."]
 
 
 def test_training_example_rechecks_pii_and_leaves_out_user_ids() -> None:

@@ -199,9 +199,8 @@ def create_gateway(settings: Settings, publisher: AsyncProducer | None = None) -
         return event, []
 
     def encode(event: FeedbackEvent) -> tuple[bytes, bytes]:
-        record = event.to_avro()
-        record["payload"] = redactor.payload(record["payload"])  # nothing unredacted reaches Kafka
-        return subject_key(event), serde.encode(record)
+        payload = redactor.payload(event.payload.to_avro())  # nothing unredacted reaches Kafka
+        return subject_key(event), serde.encode_model(event, payload=payload)
 
     def retry_after(seconds: float) -> dict[str, str]:
         return {"Retry-After": str(max(1, math.ceil(seconds)))}

@@ -18,7 +18,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from pipeline.errors import TransientError
+from pipeline.errors import PoisonEvent, TransientError
 from pipeline.settings import Settings, get_settings
 from schemas.models import FeedbackEvent
 from schemas.serde import AvroSerde
@@ -81,6 +81,7 @@ class FeedbackProducer:
         self._lock = threading.Lock()
         self._failures: list[tuple[str, str]] = []
         self.delivered = 0
+        self._on_event_delivery = self._event_delivered  # one bound method for every message
 
     # --- publishing ------------------------------------------------------
     def send(self, event: FeedbackEvent, *, timestamp_ms: int | None = None) -> None:
@@ -90,8 +91,8 @@ class FeedbackProducer:
         time bounds use it as the arrival time, so replaying an archive with its original
         arrival times reproduces the original decisions.
         """
-        value = self.serde.encode(event.to_avro())
-        self.send_raw(value, key=subject_key(event), label=event.event_id, timestamp_ms=timestamp_ms)
+        value = self.serde.encode_model(event)  # the bytes of serde.encode(event.to_avro())
+        self._produce(value, subject_key(event), self._on_event_delivery, timestamp_ms)
 
     def send_many(self, events: Iterable[FeedbackEvent]) -> int:
         """Queue many events; returns how many were queued."""
@@ -113,9 +114,31 @@ class FeedbackProducer:
             with self._lock:
                 self._failures.append((label, err.str()))
 
+        self._produce(value, key, on_delivery, timestamp_ms)
+
+    def _event_delivered(self, err: KafkaError | None, msg: Message) -> None:
+        # One callback shared by every event (no closure per message for the garbage collector
+        # to track while it is in flight); a failure names the event by the id its bytes carry.
+        if err is None:
+            self.delivered += 1
+            return
+        try:
+            label = str(self.serde.decode(msg.value())["event_id"])
+        except PoisonEvent:
+            label = "unknown"
+        with self._lock:
+            self._failures.append((label, err.str()))
+
+    def _produce(
+        self,
+        value: bytes,
+        key: bytes | None,
+        on_delivery: Callable[[KafkaError | None, Message], None],
+        timestamp_ms: int | None,
+    ) -> None:
+        extra = {} if timestamp_ms is None else {"timestamp": timestamp_ms}
         while True:
             try:
-                extra = {} if timestamp_ms is None else {"timestamp": timestamp_ms}
                 self._producer.produce(self.topic, value=value, key=key, on_delivery=on_delivery, **extra)
                 break
             except BufferError:

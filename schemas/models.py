@@ -125,6 +125,15 @@ class Payload(BaseModel):
             raise ValueError("payload.extra must be an object")
         return {key: _check_scalar(key, value) for key, value in extra.items()}
 
+    def to_avro(self) -> dict[str, Any]:
+        """The Avro record form: the three free-text fields and the map."""
+        return {
+            "text": self.text,
+            "comment": self.comment,
+            "corrected_response": self.corrected_response,
+            "extra": self.extra,
+        }
+
     def flat(self) -> dict[str, Scalar]:
         """The flat JSON form: free-text fields that are set, then the extra keys."""
         out: dict[str, Scalar] = {k: getattr(self, k) for k in FREE_TEXT_FIELDS if getattr(self, k) is not None}
@@ -184,12 +193,7 @@ class FeedbackEvent(BaseModel):
             "source": self.source,
             "type": self.type,
             "severity": self.severity.value,
-            "payload": {
-                "text": self.payload.text,
-                "comment": self.payload.comment,
-                "corrected_response": self.payload.corrected_response,
-                "extra": self.payload.extra,
-            },
+            "payload": self.payload.to_avro(),
             "user_id": self.user_id,
             "session_id": self.session_id,
             "interaction_id": self.interaction_id,

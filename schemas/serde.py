@@ -18,6 +18,7 @@ import itertools
 import json
 import struct
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -79,6 +80,14 @@ class _Unsupported(Exception):
     """The compiled encoder does not handle this value or schema; fastavro does."""
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _micros(value: datetime) -> int:
+    delta = value - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
 def _long(n: int) -> bytes:
     """Avro long: zigzag, then a little-endian base-128 varint."""
     n = (n << 1) ^ (n >> 63)
@@ -106,9 +115,14 @@ _UNION_SAMPLES: tuple[tuple[str, Any, str], ...] = (
 
 
 class _Writer:
-    """Generates the statements writing one value to ``out`` (a bytearray)."""
+    """Generates the statements writing one value to ``out`` (a bytearray).
 
-    def __init__(self) -> None:
+    With ``models``, a nested record may also be an object whose ``__dict__`` holds its
+    fields (a pydantic model mirroring the record).
+    """
+
+    def __init__(self, models: bool = False) -> None:
+        self.models = models
         self.lines: list[str] = []
         self.consts: dict[str, Any] = {}
         self._ids = itertools.count()
@@ -131,7 +145,12 @@ class _Writer:
         kind = schema.get("type")
         logical = schema.get("logicalType")
         if logical is not None and not (kind == "long" and logical in ("timestamp-micros", "timestamp-millis")):
-            raise _Unsupported(logical)  # a datetime is converted by fastavro's fallback; ints pass as they are
+            raise _Unsupported(logical)
+        if logical == "timestamp-micros":
+            # An aware datetime becomes microseconds as fastavro's prepare_timestamp_micros does it;
+            # a naive one (local time) is left to fastavro, and an int passes as it is.
+            self.emit(indent, f"if type({v}) is _datetime and {v}.tzinfo is not None:")
+            self.emit(indent + 1, f"{v} = _micros({v})")
         if kind == "null":
             self.emit(indent, f"if {v} is not None: raise _Unsupported")
         elif kind == "boolean":
@@ -160,7 +179,10 @@ class _Writer:
             self.emit(indent, f"if {i} is None: raise _Unsupported")
             self.emit(indent, f"out += _LENGTHS[{i}]")
         elif kind == "record":
-            self.emit(indent, f"if type({v}) is not dict: raise _Unsupported")
+            if self.models:
+                self.emit(indent, f"if type({v}) is not dict: {v} = {v}.__dict__")
+            else:
+                self.emit(indent, f"if type({v}) is not dict: raise _Unsupported")
             for field in schema["fields"]:
                 fv = self.name("v")
                 self.emit(indent, f"{fv} = {v}[{field['name']!r}]")  # missing: KeyError, fastavro decides
@@ -211,15 +233,16 @@ class _Writer:
         self.emit(indent, "else: raise _Unsupported" if keyword == "elif" else "raise _Unsupported")
 
 
-def compile_encoder(schema: Any) -> Callable[[Mapping[str, Any], bytearray], None] | None:
+def compile_encoder(schema: Any, *, models: bool = False) -> Callable[[Mapping[str, Any], bytearray], None] | None:
     """A function ``write(record, out)`` appending the Avro binary of ``record`` to ``out``,
     generated for this parsed schema; None when the schema uses types it does not handle.
 
     The function raises for any value it does not handle (a type other than the one our
-    models produce, a missing field, a datetime for a timestamp): the caller then uses
-    fastavro, so the bytes, and any error, are fastavro's.
+    models produce, a missing field, a naive datetime): the caller then uses fastavro, so
+    the bytes, and any error, are fastavro's. With ``models``, nested records may be
+    objects whose ``__dict__`` holds the fields.
     """
-    writer = _Writer()
+    writer = _Writer(models)
     try:
         writer.value(schema, "record", 1)
     except _Unsupported:
@@ -235,6 +258,8 @@ def compile_encoder(schema: Any) -> Callable[[Mapping[str, Any], bytearray], Non
         "_INT_MAX": _INT_MAX,
         "_pack_d": struct.Struct("<d").pack,
         "_pack_f": struct.Struct("<f").pack,
+        "_datetime": datetime,
+        "_micros": _micros,
         **writer.consts,
     }
     exec(compile(source, f"<avro encoder {schema.get('name', '') if isinstance(schema, dict) else ''}>", "exec"),
@@ -295,6 +320,7 @@ class AvroSerde:
         if registry is not None:
             self._header = self._register()
         self._write = compile_encoder(self.writer_schema)
+        self._write_model = compile_encoder(self.writer_schema, models=True)
         # Resolved readers per writer schema: resolution is the expensive part of decoding.
         self._readers: dict[int, Callable[[io.BytesIO], Any]] = {}
 
@@ -343,6 +369,22 @@ class AvroSerde:
         buf.write(self._header)
         fastavro.schemaless_writer(buf, self.writer_schema, record)
         return buf.getvalue()
+
+    def encode_model(self, model: Any, **fields: Any) -> bytes:
+        """``encode(record)`` where ``record`` is ``model.to_avro()`` with ``fields`` (record form)
+        replacing some of its fields, for a pydantic model whose fields mirror the record
+        (``FeedbackEvent``); the record dict is not built unless fastavro has to write it.
+        """
+        if self._write_model is not None:
+            out = bytearray(self._header)
+            try:
+                self._write_model({**model.__dict__, **fields} if fields else model.__dict__, out)
+                return bytes(out)
+            except Exception:  # a value the compiled encoder leaves to fastavro, below
+                pass
+        record = model.to_avro()
+        record.update(fields)
+        return self.encode(record)
 
     # --- decoding --------------------------------------------------------
     def decode(self, data: bytes | None) -> dict[str, Any]:

@@ -366,6 +366,7 @@ def main() -> None:
         sys.exit(1)
 
 
+import pipeline.ops_cli  # noqa: E402,F401  (registers dlq list/replay; it imports query_cli first)
 from pipeline import query_cli  # noqa: E402,F401  (registers list/report/export)
 
 if __name__ == "__main__":

@@ -367,7 +367,7 @@ def main() -> None:
 
 
 import pipeline.ops_cli  # noqa: E402,F401  (registers dlq list/replay; it imports query_cli first)
-from pipeline import query_cli  # noqa: E402,F401  (registers list/report/export)
+from pipeline import query_cli, triage_cli  # noqa: E402,F401  (register list/report/export, triage/label/resolve)
 
 if __name__ == "__main__":
     main()

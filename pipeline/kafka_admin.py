@@ -9,19 +9,30 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from pipeline.errors import StackError
 from pipeline.settings import Settings
-from schemas.topics import Topics
+from schemas.topics import Topics, TopicSpec
 
 __all__ = ["ensure_topics", "topic_message_counts"]
 
 log = logging.getLogger(__name__)
 
 
-def ensure_topics(settings: Settings, topics: Topics | None = None, timeout: float = 30.0) -> list[str]:
+def ensure_topics(
+    settings: Settings,
+    topics: Topics | None = None,
+    timeout: float = 30.0,
+    *,
+    compacted: list[str] | None = None,
+) -> list[str]:
     """Create every pipeline topic that does not exist yet; returns the names created.
 
+    ``compacted``: further compacted topics to create with the same partition count (the
+    worker's table changelogs, so they exist before its first rebalance; see run_worker).
     Raises :class:`StackError` when the broker is unreachable or refuses a topic.
     """
     topics = topics or Topics(settings.topic_prefix)
+    specs = dict(topics.specs())
+    for name in compacted or ():
+        specs[name] = TopicSpec(name, key="table key", value_schema=None, compacted=True)
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
     try:
         existing = set(admin.list_topics(timeout=timeout).topics)
@@ -36,7 +47,7 @@ def ensure_topics(settings: Settings, topics: Topics | None = None, timeout: flo
             replication_factor=-1,  # the broker default: 1 locally, the cluster's default elsewhere
             config=spec.config(),
         )
-        for name, spec in topics.specs().items()
+        for name, spec in specs.items()
         if name not in existing
     ]
     created: list[str] = []

@@ -156,6 +156,18 @@ class Settings(BaseSettings):
     reputation_threshold: float = Field(default=0.5, ge=0, le=1)
     reputation_min_observations: int = Field(default=20, ge=1)
 
+    # --- the triage queue ----------------------------------------------------
+    triage_types: list[str] = Field(
+        default_factory=lambda: ["veto", "safety", "bad_output", "correction"],
+        description='Event types that always need a human, JSON: ["veto", "safety"].',
+    )
+    triage_min_severity: Literal["debug", "info", "warn", "error", "critical", "off"] = Field(
+        default="warn", description="Events this severe or worse are triaged too ('off': by type only)."
+    )
+    triage_noise_labels: list[str] = Field(
+        default_factory=lambda: ["noise"], description="Labels that count against the source's reputation."
+    )
+
     # --- logging -----------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = False
@@ -191,7 +203,8 @@ class Settings(BaseSettings):
                 continue
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
-            env[f"FEEDBACK_{name.upper()}"] = orjson.dumps(value).decode() if isinstance(value, dict) else str(value)
+            structured = isinstance(value, dict | list)
+            env[f"FEEDBACK_{name.upper()}"] = orjson.dumps(value).decode() if structured else str(value)
         return env
 
     @property

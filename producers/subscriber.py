@@ -37,8 +37,9 @@ from schemas.state_records import (
     decode_reputation,
 )
 from schemas.topics import Topics
+from schemas.triage_records import TriageItem, decode_item
 
-__all__ = ["BiasSubscriber", "CompactedTopicReader", "read_bias", "read_reputation"]
+__all__ = ["BiasSubscriber", "CompactedTopicReader", "read_bias", "read_reputation", "read_triage"]
 
 log = logging.getLogger(__name__)
 
@@ -214,3 +215,8 @@ def read_bias(settings: Settings, timeout_s: float = 10.0) -> dict[str, BiasReco
 def read_reputation(settings: Settings, timeout_s: float = 10.0) -> dict[str, ReputationRecord]:
     """Every source's latest reputation record."""
     return _read_all(settings, Topics(settings.topic_prefix).reputation, decode_reputation, timeout_s)
+
+
+def read_triage(settings: Settings, timeout_s: float = 10.0) -> dict[str, TriageItem]:
+    """Every triage item's latest state, by triage id."""
+    return _read_all(settings, Topics(settings.topic_prefix).triage, decode_item, timeout_s)

@@ -58,6 +58,8 @@ TOPICS: dict[str, TopicSpec] = {
         TopicSpec("feedback.directive-bias.v1", key="directive", value_schema=None, compacted=True),
         TopicSpec("feedback.reputation.v1", key="source", value_schema=None, compacted=True),
         TopicSpec("feedback.triage.v1", key="triage id", value_schema=None, compacted=True),
+        # Every change to the triage queue (enqueue, label, resolve), kept a year for the audit trail.
+        TopicSpec("feedback.triage-commands.v1", key="triage id", value_schema=None, retention_ms=365 * _DAY_MS),
         # track(): the context of each interaction, for feedback that arrives later. Compacted
         # (the latest context per id) and deleted after a week; the worker's table keeps what it needs.
         TopicSpec(
@@ -120,6 +122,10 @@ class Topics:
     @property
     def triage(self) -> str:
         return self.name("feedback.triage.v1")
+
+    @property
+    def triage_commands(self) -> str:
+        return self.name("feedback.triage-commands.v1")
 
     @property
     def interactions(self) -> str:

@@ -400,7 +400,7 @@ class RejectedSink(_DeadLetters, BatchingSink):
 
 def all_sinks(settings: Settings) -> list[BatchingSink]:
     """Every sink ``feedback sink`` runs, one thread each."""
-    from sinks.state_sinks import BiasHistorySink, ReputationHistorySink
+    from sinks.state_sinks import BiasHistorySink, ReputationHistorySink, TriageSink
 
     return [
         EventSink(settings),
@@ -409,4 +409,5 @@ def all_sinks(settings: Settings) -> list[BatchingSink]:
         DeadLetterSink(settings),
         ReputationHistorySink(settings),
         BiasHistorySink(settings),
+        TriageSink(settings),
     ]

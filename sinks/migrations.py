@@ -460,3 +460,19 @@ def migrate(client: Client, settings: Settings) -> list[int]:
         retention_days=settings.clickhouse_retention_days,
         cluster=settings.clickhouse_cluster,
     )
+
+
+MIGRATIONS += (
+    Migration(
+        10,
+        "triage item details",
+        (
+            "ALTER TABLE {db}.triage ADD COLUMN IF NOT EXISTS severity LowCardinality(String) DEFAULT '' AFTER type",
+            "ALTER TABLE {db}.triage ADD COLUMN IF NOT EXISTS reason String DEFAULT '' "
+            "COMMENT 'why it needs a human, e.g. type veto' AFTER severity",
+            "ALTER TABLE {db}.triage ADD COLUMN IF NOT EXISTS value Nullable(Float64) AFTER reason",
+            "ALTER TABLE {db}.triage ADD COLUMN IF NOT EXISTS history String DEFAULT '[]' "
+            "COMMENT 'JSON list of changes: op, tag, by, at_s'",
+        ),
+    ),
+)

@@ -1,4 +1,5 @@
-"""The state topics' history in ClickHouse: every published reputation and directive-bias update.
+"""The state topics in ClickHouse: every published reputation and directive-bias update, and
+the triage queue (its items' latest state, plus the open queue as a JSONL file).
 
 Both sinks share the batching base; rows are keyed by the update's Kafka
 coordinates, so a replayed batch collapses (ReplacingMergeTree plus the batch's
@@ -9,15 +10,20 @@ skipped: the compacted topic keeps the next good value for the key.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import orjson
 from confluent_kafka import Message
 
 from pipeline.settings import Settings
 from schemas.state_records import decode_bias, decode_reputation
 from schemas.topics import Topics
+from schemas.triage_records import TriageItem, decode_item
 from sinks.batching import BatchingSink, by_partition
 from sinks.clickhouse import ClickHouseWriter, batch_token, connect
 from sinks.migrations import migrate
@@ -25,8 +31,11 @@ from sinks.migrations import migrate
 __all__ = [
     "BIAS_COLUMNS",
     "REPUTATION_COLUMNS",
+    "TRIAGE_COLUMNS",
+    "TRIAGE_QUEUE_FILE",
     "BiasHistorySink",
     "ReputationHistorySink",
+    "TriageSink",
     "bias_row",
     "reputation_row",
 ]
@@ -110,3 +119,84 @@ class BiasHistorySink(_HistorySink):
 
     def __init__(self, settings: Settings, **kwargs: Any) -> None:
         super().__init__(settings, Topics(settings.topic_prefix).directive_bias, **kwargs)
+
+
+TRIAGE_COLUMNS = (
+    "triage_id", "event_id", "source", "type", "severity", "reason", "value", "status", "label", "note",
+    "created_at", "updated_at", "version", "history",
+)  # fmt: skip
+TRIAGE_QUEUE_FILE = "triage-queue.jsonl"
+
+
+def _at(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+def triage_row(msg: Message) -> list[Any]:
+    i = decode_item(msg.value())
+    return [
+        i.triage_id, i.event_id, i.source, i.type, i.severity, i.reason, i.value, i.status, i.label, i.note,
+        _at(i.created_s), _at(i.updated_s), i.version, orjson.dumps(i.history).decode(),
+    ]  # fmt: skip
+
+
+def _item_from_row(r: dict[str, Any]) -> TriageItem:
+    item = TriageItem(
+        triage_id=r["triage_id"], event_id=r["event_id"], source=r["source"], type=r["type"], severity=r["severity"],
+        value=r["value"], reason=r["reason"], status=r["status"], label=r["label"], note=r["note"],
+        created_s=r["created_at"].replace(tzinfo=UTC).timestamp(),
+        updated_s=r["updated_at"].replace(tzinfo=UTC).timestamp(), version=r["version"],
+        history=orjson.loads(r["history"]),
+    )  # fmt: skip
+    return item
+
+
+class TriageSink(_HistorySink):
+    """``feedback.triage.v1`` → ClickHouse ``triage`` (ReplacingMergeTree by version: the latest
+    state per item) and ``$FEEDBACK_PATH/triage-queue.jsonl``: every item not yet resolved, oldest
+    first, one JSON object per line. The file is rewritten whole (temp file, fsync, rename) after
+    each batch reached ClickHouse, so a reader never sees half a queue and a replay rewrites the
+    same file. On start the queue is loaded back from ClickHouse.
+    """
+
+    name = "triage"
+    table = "triage"
+    columns = TRIAGE_COLUMNS
+    to_row = staticmethod(triage_row)
+
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(settings, Topics(settings.topic_prefix).triage, **kwargs)
+        self.queue_path = Path(settings.path) / TRIAGE_QUEUE_FILE
+        self._items: dict[str, TriageItem] = {item.triage_id: item for item in self._load()}
+
+    def _load(self) -> list[TriageItem]:
+        names = ", ".join(TRIAGE_COLUMNS)
+        rows = self.clickhouse.client.query(
+            f"SELECT {names} FROM `{self.clickhouse.database}`.triage FINAL WHERE status != 'resolved'"
+        ).named_results()
+        return [_item_from_row(r) for r in rows]
+
+    def flush(self, messages: Sequence[Message]) -> None:
+        super().flush(messages)
+        for msg in messages:
+            if msg.value() is None:
+                self._items.pop((msg.key() or b"").decode(), None)
+                continue
+            try:
+                item = decode_item(msg.value())
+            except ValueError:
+                continue  # logged by the row pass above
+            known = self._items.get(item.triage_id)
+            if known is None or item.version >= known.version:
+                self._items[item.triage_id] = item
+        self._write_queue()
+
+    def _write_queue(self) -> None:
+        queue = sorted((i for i in self._items.values() if i.status != "resolved"), key=lambda i: i.created_s)
+        self.queue_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.queue_path.with_suffix(".jsonl.tmp")
+        with open(tmp, "wb") as fh:
+            fh.writelines(orjson.dumps(asdict(i)) + b"\n" for i in queue)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.queue_path)

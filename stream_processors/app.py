@@ -13,6 +13,9 @@ Three agents, each a loop over batches (``stream.take_events``) of raw bytes:
   feedback.directive-bias.v1, at most one update per key per publish interval.
 * ``interactions``: feedback.interactions.v1 (``track()``) → the interaction's context
   (table, keyed by interaction_id; swept after twice the TTL).
+* ``triage``: feedback.triage-commands.v1 (the gate enqueues events that need a human;
+  people label and resolve them) → the item (table ``triage``) → feedback.triage.v1;
+  a ``noise`` label is reported to reputation as a ``noise`` outcome.
 * ``enrich``: clean events that name an interaction go through feedback.enrich.v1,
   keyed by interaction_id (co-partitioned with the interactions), get the context
   joined (:mod:`stream_processors.enrich`) and go on to feedback.clean.v1.
@@ -43,7 +46,8 @@ from schemas.dead_letter import dead_letter
 from schemas.serde import AvroSerde
 from schemas.state_records import encode_record
 from schemas.topics import Topics
-from stream_processors.config import bias_config, gate_config, reputation_policy
+from schemas.triage_records import TriageItem, decode_command
+from stream_processors.config import bias_config, gate_config, reputation_policy, triage_rules
 from stream_processors.dedup import dedup_key
 from stream_processors.enrich import context_of, enrich, newer
 from stream_processors.gate_step import GateResult, gate_step, rejection_record, subject_of
@@ -62,6 +66,7 @@ from stream_processors.state_steps import (
     subject_from_json,
     subject_to_json,
 )
+from stream_processors.triage import enqueue_command, needs_triage, triage_apply
 
 __all__ = ["FeedbackApp", "create_app", "run_worker"]
 
@@ -139,6 +144,7 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
     config = gate_config(settings)
     policy = reputation_policy(settings)
     bias_cfg = bias_config(settings)
+    rules = triage_rules(settings)
 
     def topic(name: str) -> faust.TopicT:
         return app.topic(name, value_serializer="raw", key_serializer="raw")
@@ -149,6 +155,7 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
     outcomes_topic, bias_input_topic = topic(topics.outcomes), topic(topics.bias_input)
     reputation_topic, bias_topic = topic(topics.reputation), topic(topics.directive_bias)
     interactions_topic, enrich_topic = topic(topics.interactions), topic(topics.enrich)
+    commands_topic, triage_topic = topic(topics.triage_commands), topic(topics.triage)
 
     json_schema = faust.Schema(key_serializer="json", value_serializer="json")
 
@@ -157,9 +164,16 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
 
     subjects, seen = table("gate-subjects"), table("gate-seen")
     reputation, bias = table("reputation"), table("directive-bias")
-    interactions = table("interactions")
+    interactions, triage = table("interactions"), table("triage")
     fa.tables.update(
-        {"subjects": subjects, "seen": seen, "reputation": reputation, "bias": bias, "interactions": interactions}
+        {
+            "subjects": subjects,
+            "seen": seen,
+            "reputation": reputation,
+            "bias": bias,
+            "interactions": interactions,
+            "triage": triage,
+        }
     )
 
     async def to_dlq(stage: str, event: EventT, reason: str) -> None:
@@ -237,6 +251,10 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
                 await fa.send(topics.clean, key=clean_key(out), value=events_serde.encode(out))
             metrics.feedback.labels(metrics.cap_source(source), metrics.cap_type(etype)).inc()
             metrics.text_dropped.inc(result.text_dropped)
+            why = needs_triage(out, rules)
+            if why is not None:
+                command = enqueue_command(out, why, arrived_s=now.timestamp())
+                await fa.send(topics.triage_commands, key=command.triage_id.encode(), value=command.to_bytes())
             if etype == "veto":
                 metrics.veto.inc()
             elif etype in ("regret", "regret_signal"):
@@ -338,6 +356,36 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
         if swept:
             log.info("interactions_forgotten count=%d", swept)
 
+    # --- the triage queue -------------------------------------------------------------
+    async def triage_one(event: EventT) -> None:
+        msg = event.message
+        try:
+            command = decode_command(msg.value)
+        except ValueError as exc:
+            raise PoisonEvent(f"not a triage command: {exc}") from None
+        stored = triage.get(command.triage_id)
+        new, noisy_source = triage_apply(stored, command, msg.offset, rules)
+        if new is not None:
+            triage[command.triage_id] = new
+            metrics.triage.labels(command.op).inc()
+        current = new if new is not None else stored
+        replayed = stored is not None and msg.offset <= stored["offset"]
+        if current is not None and (new is not None or replayed):  # a replay republishes: compacted, idempotent
+            item = TriageItem(**{k: v for k, v in current.items() if k != "offset"})
+            await fa.send(topics.triage, key=command.triage_id.encode(), value=item.to_bytes())
+        if noisy_source is not None:
+            assert current is not None
+            outcome = Outcome(
+                source=noisy_source, type=str(current["type"]), severity=str(current["severity"]), outcome="noise",
+                kept=False, ts_s=command.at_s, model_version=None, partition=msg.partition, offset=msg.offset,
+                origin="triage",
+            )  # fmt: skip
+            await fa.send(topics.outcomes, key=noisy_source.encode(), value=outcome.to_bytes())
+
+    @app.agent(commands_topic, name="triage")
+    async def triage_agent(stream: faust.StreamT) -> None:
+        await each("triage", stream, triage_one)
+
     # --- reputation ---------------------------------------------------------------
     reputation_out = Throttle(settings.bias_publish_interval_s)
     bias_out = Throttle(settings.bias_publish_interval_s)
@@ -414,6 +462,7 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
             "bias": bias_agent,
             "interactions": interactions_agent,
             "enrich": enrich_agent,
+            "triage": triage_agent,
         }
     )
     fa.outputs.update(
@@ -428,6 +477,8 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
                 reputation_topic,
                 bias_topic,
                 enrich_topic,
+                commands_topic,
+                triage_topic,
             )
         }
     )
@@ -437,8 +488,10 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
 
 def run_worker(settings: Settings) -> None:
     """Run the worker until SIGTERM/SIGINT (blocking)."""
-    ensure_topics(settings)
     fa = create_app(settings)
+    # The tables' changelogs too: a changelog Faust creates itself is missing from the metadata of
+    # its first rebalance, and an event that touches the table then fails (PartitionsMismatch).
+    ensure_topics(settings, compacted=[t.changelog_topic.get_topic_name() for t in fa.tables.values()])
     fa.metrics.serve(settings.worker_metrics_port)
     worker = faust.Worker(fa.app, loglevel=settings.log_level, quiet=True)
     worker.execute_from_commandline()

@@ -13,9 +13,10 @@ from stream_processors.gate_step import GateConfig
 from stream_processors.ratelimit import RateLimit
 from stream_processors.reputation import ReputationPolicy
 from stream_processors.state_steps import BiasConfig
+from stream_processors.triage import TriageRules
 from stream_processors.validate import Limits
 
-__all__ = ["bias_config", "gate_config", "pseudonym_key", "reputation_policy"]
+__all__ = ["bias_config", "gate_config", "pseudonym_key", "reputation_policy", "triage_rules"]
 
 PSEUDONYM_KEY_FILE = "pseudonym.key"
 
@@ -77,6 +78,14 @@ def gate_config(settings: Settings) -> GateConfig:
         sample_rates=dict(settings.sample_rates),
         allow_text=settings.allow_text,
         pseudonym_key=pseudonym_key(settings),
+    )
+
+
+def triage_rules(settings: Settings) -> TriageRules:
+    return TriageRules(
+        types=frozenset(settings.triage_types),
+        min_severity=None if settings.triage_min_severity == "off" else settings.triage_min_severity,
+        noise_labels=frozenset(settings.triage_noise_labels),
     )
 
 

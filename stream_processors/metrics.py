@@ -55,6 +55,7 @@ class GateMetrics:
         self.text_dropped = Counter("feedback_text_dropped", "Events whose payload.text was removed.", registry=r)
         self.sampled_out = Counter("feedback_sampled_out", "Events dropped by sampling.", ["type"], registry=r)
         self.dlq = Counter("feedback_dlq", "Messages sent to feedback.dlq.v1.", ["stage"], registry=r)
+        self.triage = Counter("feedback_triage", "Triage queue changes applied, by op.", ["op"], registry=r)
         self.interactions = Counter("feedback_interactions", "Interaction contexts stored (track()).", registry=r)
         self.enriched = Counter(
             "feedback_enriched", "Feedback joined to its interaction, by status: joined/expired/unknown.",

@@ -63,6 +63,7 @@ class Outcome:
     model_version: str | None
     partition: int  # raw partition and offset: the origin
     offset: int
+    origin: str = ""  # "": the raw topic; "triage": a noise label (partition/offset of the triage command)
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(asdict(self))
@@ -107,7 +108,7 @@ def reputation_apply(
 ) -> tuple[dict[str, Any] | None, BiasIncrement | None]:
     """The source's new table value (None: unchanged, a replay) and the bias increment to forward, if any."""
     applied: dict[str, int] = dict((value or {}).get("applied", {}))
-    origin = str(outcome.partition)
+    origin = f"{outcome.origin}:{outcome.partition}" if outcome.origin else str(outcome.partition)
     state = ReputationState(value["score"], value["observations"]) if value else None
     new_value: dict[str, Any] | None = None
     if not _replayed(applied, origin, outcome.offset):

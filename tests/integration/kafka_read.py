@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from pipeline.settings import Settings
 
 __all__ = ["latest_by_key", "read_partitions", "read_topic"]
+
+
+_SETTLING = (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART)
+
+
+def _watermarks(consumer: Consumer, tp: TopicPartition, timeout: float) -> tuple[int, int]:
+    """The partition's watermarks; a topic created a moment ago may have no leader yet: wait for it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            low, high = consumer.get_watermark_offsets(tp, timeout=timeout)
+            return int(low), int(high)
+        except KafkaException as exc:
+            if exc.args[0].code() not in _SETTLING or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def read_topic(settings: Settings, topic: str, timeout: float = 20.0) -> list[tuple[bytes | None, bytes | None]]:
@@ -31,7 +48,7 @@ def read_partitions(
         meta = consumer.list_topics(topic, timeout=timeout).topics[topic]
         ends: dict[int, int] = {}
         for p in meta.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+            low, high = _watermarks(consumer, TopicPartition(topic, p), timeout)
             if high > low:
                 ends[p] = high
         if not ends:

@@ -362,3 +362,51 @@ def _avro_interaction(interaction_id: str, at: datetime) -> dict[str, Any]:
     from schemas.interaction import Interaction
 
     return Interaction(interaction_id=interaction_id, ts=at, source="dream_ui").to_avro()
+
+
+# --- the triage queue ------------------------------------------------------------------------
+
+
+def test_triage_queue_from_the_gate_to_labels_and_reputation(tmp_path: Path) -> None:
+    from schemas.triage_records import TriageCommand, decode_command, decode_item
+
+    h = Harness(tmp_path, rate_limit_per_minute=1000, reputation_alpha=0.5)
+    msgs = [
+        _event(0, source="guardian", type="veto", severity="critical", user_id="g1"),
+        _event(1, source="oracle", type="bad_output", severity="error", user_id="o1"),
+        _event(2, source="oracle", type="thumbs", user_id="o2", payload={"direction": "up"}),  # no human needed
+        _event(3, source="mesh", type="rating", severity="warn", user_id="m1", payload={"stars": 1}),
+    ]
+    asyncio.run(h.feed("gate", msgs, lambda: len(h.sent[TOPICS.outcomes]) >= len(msgs)))
+    enqueued = [decode_command(v) for _, v in h.sent[TOPICS.triage_commands]]
+    assert [(c.source, c.reason) for c in enqueued] == [
+        ("guardian", "type veto"), ("oracle", "type bad_output"), ("mesh", "severity warn"),
+    ]  # fmt: skip
+    bad_output = enqueued[1].triage_id
+    people = [
+        TriageCommand("label", bad_output, T0.timestamp() + 60, tag="noise", by="ana"),
+        TriageCommand("resolve", enqueued[0].triage_id, T0.timestamp() + 70, note="ok", by="ana"),
+    ]
+    commands = [(c.triage_id.encode(), c.to_bytes(), 0.0) for c in [*enqueued, *people]]
+    commands.append((b"x", b"not a command", 0.0))
+    asyncio.run(h.feed("triage", commands, lambda: len(h.sent[TOPICS.triage]) >= 5, replay_from=3))
+
+    items = {k.decode(): decode_item(v) for k, v in h.sent[TOPICS.triage]}  # latest per id
+    assert items[bad_output].status == "labeled" and items[bad_output].label == "noise"
+    assert items[enqueued[0].triage_id].status == "resolved" and items[enqueued[2].triage_id].status == "open"
+    assert h.table("triage")[bad_output]["version"] == 2  # the replay of the label did not apply it twice
+    letters = [AvroSerde("dead_letter_v1").decode(v) for _, v in h.sent[TOPICS.dlq]]  # once, and once replayed
+    assert len(letters) == 2 and all(d["stage"] == "triage" and "not JSON" in d["error"] for d in letters)
+    assert h.metric("feedback_triage_total", op="enqueue") == 3 and h.metric("feedback_triage_total", op="label") == 1
+
+    # The noise label reaches reputation (twice: once replayed) and counts once.
+    noise = [(k, v) for k, v in h.sent[TOPICS.outcomes] if b'"origin":"triage"' in v]
+    assert len(noise) == 2 and all(k == b"oracle" for k, _ in noise)
+    before = dict(h.table("reputation"))
+    gate_outcomes = [(k, v, 0.0) for k, v in h.sent[TOPICS.outcomes] if b'"origin":"triage"' not in v]
+    asyncio.run(h.feed("reputation", [*gate_outcomes, *((k, v, 0.0) for k, v in noise)],
+                       lambda: sum(h._observations()) >= len(gate_outcomes) + 1))  # fmt: skip
+    oracle = h.table("reputation")["oracle"]
+    assert not before and oracle["observations"] == 3  # two gate outcomes + one noise label
+    assert oracle["score"] == pytest.approx(0.5)  # 1, 1, then 0 with alpha 0.5
+    assert oracle["applied"]["triage:0"] == 3

@@ -69,6 +69,7 @@ def test_topic_specs() -> None:
         "feedback.triage.v1",
         "feedback.interactions.v1",
         "feedback.enrich.v1",
+        "feedback.triage-commands.v1",
     }
     assert TOPICS["feedback.interactions.v1"].config()["cleanup.policy"] == "compact,delete"
     raw = TOPICS["feedback.raw.v1"].config()

@@ -135,7 +135,9 @@ def test_all_sinks_runs_every_sink(monkeypatch: pytest.MonkeyPatch) -> None:
     for module, cls, name in [
         (fs, "EventSink", "events"), (fs, "JsonlSink", "jsonl"), (fs, "DeadLetterSink", "dlq"),
         (fs, "RejectedSink", "rejected"), (ss, "ReputationHistorySink", "reputation"), (ss, "BiasHistorySink", "bias"),
+        (ss, "TriageSink", "triage"),
     ]:  # fmt: skip
         monkeypatch.setattr(module, cls, fake(name))
-    assert set(all_sinks(object())) == {"events", "jsonl", "dlq", "rejected", "reputation", "bias"}  # type: ignore[arg-type]
+    expected = {"events", "jsonl", "dlq", "rejected", "reputation", "bias", "triage"}
+    assert set(all_sinks(object())) == expected  # type: ignore[arg-type]
     assert RejectedSink.name == "rejected"

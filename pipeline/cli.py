@@ -230,9 +230,16 @@ def serve(
     if workers == 1:
         uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False)
         return
-    # Each worker process builds its own app (and Kafka producer) from the same environment.
-    uvicorn.run("producers.gateway:gateway_from_env", factory=True, workers=workers, host=host, port=port,
-                log_level="warning", access_log=False)  # fmt: skip
+    # Several processes: uvicorn's own command line supervises them, each building its app (and
+    # Kafka producer) from the same environment. Exec'd, so signals reach it directly, and its
+    # workers import only the gateway, not this CLI (spawned workers re-import the main module).
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "uvicorn", "producers.gateway:gateway_from_env", "--factory",
+                              "--workers", str(workers), "--host", host, "--port", str(port),
+                              "--log-level", "warning", "--no-access-log"])  # fmt: skip
 
 
 # --- inspection ----------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 from pathlib import Path
@@ -14,26 +13,14 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.cli_app import app, console, print_json
+from pipeline.cli_app import settings as load_settings
 from pipeline.errors import PipelineError
-from pipeline.logs import configure_logging
-from pipeline.settings import Settings, get_settings
 
 __all__ = ["app", "main"]
 
-app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="Feedback-event pipeline: local stack, producers, worker, sinks."
-)
-console = Console(stderr=True)
-
-
-def _settings() -> Settings:
-    settings = get_settings()
-    configure_logging(settings)
-    return settings
-
-
-def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+_settings = load_settings
+_print_json = print_json
 
 
 # --- local stack -------------------------------------------------------------

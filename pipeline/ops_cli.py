@@ -1,7 +1,7 @@
 """The operator commands of ``feedback``: ``dlq list`` and ``dlq replay`` (read the DLQ topic).
 
-They register on the app :mod:`pipeline.query_cli` registered on (``pipeline/cli.py`` imports
-this module right after it), so ``feedback --help`` lists them.
+They register on :data:`pipeline.cli_app.app` (``pipeline/cli.py`` imports this module), so
+``feedback --help`` lists them.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from pipeline.cli_app import app, console
 from pipeline.dlq import DlqRead, Letter, newest_first, plan_replay, read_letters, replay, select_letters
 from pipeline.errors import StackError
 from pipeline.logs import configure_logging
-from pipeline.query_cli import app, console, fail
+from pipeline.query_cli import fail
 from pipeline.settings import Settings, get_settings
 from pipeline.since import parse_time
 from schemas.topics import Topics

@@ -1,21 +1,18 @@
 """The analyst commands of ``feedback``: ``list``, ``report`` and ``export`` (read ClickHouse).
 
-They register on :data:`pipeline.cli.app`: ``pipeline/cli.py`` imports this module once the
-app is built, so ``feedback --help`` lists them.
+They register on :data:`pipeline.cli_app.app`; ``pipeline/cli.py`` imports this module, so
+``feedback --help`` lists them.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import re
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from types import ModuleType
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -24,6 +21,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from pipeline.cli_app import app, console, print_json
+from pipeline.cli_app import settings as load_settings
 from pipeline.errors import StackError
 from pipeline.settings import Settings
 from pipeline.since import parse_time, to_micros
@@ -31,21 +30,8 @@ from pipeline.since import parse_time, to_micros
 __all__ = ["clickhouse_client", "events_table", "fail", "list_cells", "list_events"]
 
 
-def _cli_module() -> ModuleType:
-    """The module that builds ``feedback``. Under ``python -m pipeline.cli`` that is ``__main__``:
-    importing ``pipeline.cli`` by name would load a second copy and register on its app instead."""
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    if main is not None and spec is not None and spec.name == "pipeline.cli":
-        return main
-    return importlib.import_module("pipeline.cli")
-
-
-_cli = _cli_module()
-app: typer.Typer = _cli.app
-console: Console = _cli.console
-_settings: Callable[[], Settings] = _cli._settings
-_print_json: Callable[[Any], None] = _cli._print_json
+_settings: Callable[[], Settings] = load_settings
+_print_json: Callable[[Any], None] = print_json
 
 # --- shared ------------------------------------------------------------------------------------
 _TIME_HELP = "30m, 1h, 7d, 2w, or an ISO date/time (2026-11-01, 2026-11-01T08:30Z)."

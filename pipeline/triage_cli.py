@@ -4,7 +4,7 @@ The queue is read from the compacted ``feedback.triage.v1`` (the worker's state,
 as soon as it applied a command). ``label`` and ``resolve`` publish a command to
 ``feedback.triage-commands.v1`` (the audit log) with Kafka's Java partitioner, so it
 lands in the partition of the item's other commands, and wait until the worker has
-applied it. They register on the ``feedback`` app like :mod:`pipeline.query_cli`.
+applied it. They register on :data:`pipeline.cli_app.app`.
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from pipeline.cli_app import app, console, print_json
+from pipeline.cli_app import settings as load_settings
 from pipeline.errors import StackError
-from pipeline.query_cli import _cli, fail
+from pipeline.query_cli import fail
 from pipeline.settings import Settings
 from schemas.triage_records import TriageCommand, TriageItem
 
 __all__ = ["queue", "send_command"]
 
-app: typer.Typer = _cli.app
-console = _cli.console
 APPLY_WAIT_S = 15.0
 
 Show = Literal["open", "labeled", "resolved", "pending", "all"]
@@ -85,12 +85,12 @@ def triage_queue(
     """
     if show not in ("open", "labeled", "resolved", "pending", "all"):
         raise typer.BadParameter("must be pending, open, labeled, resolved or all", param_hint="'--show'")
-    settings = _cli._settings()
+    settings = load_settings()
     items = queue(_read(settings), show)[:limit]  # type: ignore[arg-type]
     if as_json:
         from dataclasses import asdict
 
-        _cli._print_json([asdict(i) for i in items])
+        print_json([asdict(i) for i in items])
         return
     table = Table("id", "arrived (UTC)", "source", "type", "severity", "why", "status", "label", "note")
     for i in items:
@@ -103,7 +103,7 @@ def triage_queue(
 
 
 def _change(triage_id: str, command: TriageCommand, wait: bool) -> None:
-    settings = _cli._settings()
+    settings = load_settings()
     items = _read(settings)
     known = items.get(triage_id)
     if known is None:

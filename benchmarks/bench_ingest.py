@@ -3,13 +3,26 @@
 Run with ``make bench`` (or ``python -m benchmarks.bench_ingest``). In one run, on a
 private local stack:
 
+* **warm-up** (untimed): the bare producer sends ``--warmup`` events first, so no measured
+  path pays for a cold broker (JVM JIT, log segment creation, first metadata);
 * **bare**: a confluent-kafka producer (same settings as the client) sending the
-  already-encoded bytes of the events — the ceiling;
+  already-encoded bytes of the events — the ceiling. It runs first and again last; the
+  ratios use the faster of the two runs, so a broker that warms up or slows down over
+  the run does not flatter the other figures;
 * **client**: ``FeedbackClient.thumbs(...)`` per event — validation, hashing, Avro
   encoding and the produce — until Kafka has acknowledged all of them;
-* **gateway single**: ``POST /internal/feedback`` one event per request (keep-alive,
-  a few concurrent connections), each answered after Kafka's acknowledgement;
-* **gateway batch**: ``POST /internal/feedback/batch`` with 1,000 events per request.
+* **gateway batch**: ``POST /internal/feedback/batch`` with 1,000 events per request over a
+  few keep-alive connections, every item answered 202 (acknowledged by Kafka);
+* **gateway single**: ``POST /internal/feedback`` one event per request over
+  ``--connections`` keep-alive connections, each answered 202 after Kafka's ack
+  (acks=all and idempotence stay on: concurrency, not weaker safety, gives throughput);
+* **gateway refused**: the same POSTs with a wrong token, answered 401 before any parsing
+  or Kafka work — the ceiling of the HTTP stack itself on this machine.
+
+The HTTP load comes from a minimal asyncio HTTP/1.1 client written here (pre-built
+requests, a status-line and Content-Length parser): on this 2-core machine a full HTTP
+client library would take a core itself and measure mostly its own cost. The gateway
+runs with ``--workers`` processes (``feedback serve --workers``).
 
 Targets (issue 6): client ≥ 100,000 events/s, gateway batches ≥ 30,000 events/s,
 single POSTs ≥ 3,000/s, each also reported as a ratio to the bare producer.
@@ -18,12 +31,12 @@ single POSTs ≥ 3,000/s, each also reported as a ratio to the bare producer.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -44,18 +57,28 @@ from schemas.topics import Topics
 TOKEN = "bench-token-0123456789"
 
 
-def _events(n: int) -> list[dict[str, Any]]:
+def _events(n: int, offset: int = 0) -> list[dict[str, Any]]:
     return [
         {"source": "dream_ui", "type": "thumbs", "user_id": f"u-{i % 5000}", "interaction_id": f"i-{i}",
          "payload": {"direction": "up" if i % 3 else "down", "comment": "fine"}}
-        for i in range(n)
+        for i in range(offset, offset + n)
     ]  # fmt: skip
+
+
+def _encoded(events: list[dict[str, Any]]) -> list[tuple[bytes, bytes]]:
+    serde = AvroSerde()
+    out = []
+    for e in events:
+        event = FeedbackEvent.model_validate(e)
+        out.append((subject_key(event), serde.encode(event.to_avro())))
+    return out
 
 
 def bare(settings: Settings, values: list[tuple[bytes, bytes]]) -> float:
     producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True, "acks": "all",
                          "linger.ms": 5, "batch.size": 1_000_000, "compression.type": "lz4"})  # fmt: skip
     topic = Topics(settings.topic_prefix).raw
+    assert producer.list_topics(topic, timeout=30).topics[topic].error is None
     started = time.perf_counter()
     for key, value in values:
         while True:
@@ -69,59 +92,150 @@ def bare(settings: Settings, values: list[tuple[bytes, bytes]]) -> float:
     return len(values) / (time.perf_counter() - started)
 
 
-def client(settings: Settings, events: list[dict[str, Any]]) -> float:
-    started = time.perf_counter()
-    with FeedbackClient("dream_ui", settings) as fb:
-        for e in events:
+def client(settings: Settings, events: list[dict[str, Any]], warmup: list[dict[str, Any]]) -> float:
+    def send(fb: FeedbackClient, batch: list[dict[str, Any]]) -> None:
+        for e in batch:
             fb.thumbs(up=e["payload"]["direction"] == "up", user_id=e["user_id"], interaction_id=e["interaction_id"],
                       comment="fine")  # fmt: skip
-    return len(events) / (time.perf_counter() - started)
+
+    with FeedbackClient("dream_ui", settings) as fb:
+        send(fb, warmup)  # connections and metadata, untimed
+        fb.flush()
+        started = time.perf_counter()
+        send(fb, events)
+        fb.flush()
+        return len(events) / (time.perf_counter() - started)
 
 
-def gateway(settings: Settings, events: list[dict[str, Any]], batch: int, workers: int) -> float:
+def client_cpu_us(events: list[dict[str, Any]]) -> dict[str, float]:
+    """Per-event Python cost of the client's steps, without Kafka (best of 3 rounds)."""
+    serde = AvroSerde()
+    sample = events[:5000]
+
+    def best(step: Any, items: list[Any]) -> float:
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            for item in items:
+                step(item)
+            times.append((time.perf_counter() - started) / len(items) * 1e6)
+        return round(min(times), 2)
+
+    built = [FeedbackEvent.model_validate(e) for e in sample]
+    return {
+        "validate_and_hash": best(FeedbackEvent.model_validate, sample),
+        "to_avro_and_encode": best(lambda e: serde.encode(e.to_avro()), built),
+    }
+
+
+# --- HTTP load -------------------------------------------------------------------
+def _request(path: str, body: bytes) -> bytes:
+    head = (f"POST {path} HTTP/1.1\r\nHost: bench\r\nX-Internal-Token: {TOKEN}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
+    return head.encode() + body
+
+
+async def _load(port: int, requests: list[bytes], connections: int, expect: int, items: int) -> float:
+    """Send every request once over ``connections`` keep-alive connections; returns requests/s.
+
+    Every answer must have status ``expect``; a batch answer (``items`` > 1) must say 202 for
+    each of its items. Raises SystemExit otherwise.
+    """
+    pending = iter(range(len(requests)))
+
+    async def worker() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for i in pending:
+                writer.write(requests[i])
+                head = await reader.readuntil(b"\r\n\r\n")
+                status = int(head[9:12])
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                body = await reader.readexactly(length)
+                if status != expect:
+                    raise SystemExit(f"gateway answered {status}: {body[:200]!r}")
+                if items > 1:
+                    results = orjson.loads(body)["results"]
+                    if len(results) != items or any(r["status"] != 202 for r in results):
+                        raise SystemExit("a batch item was not accepted")
+        finally:
+            writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    return len(requests) / (time.perf_counter() - started)
+
+
+def gateway(
+    settings: Settings, events: list[dict[str, Any]], singles: list[dict[str, Any]], args: argparse.Namespace
+) -> tuple[float, float, float]:
+    """(batch events/s, single POSTs/s, refused POSTs/s) through one gateway process group.
+
+    The last is the HTTP stack's own ceiling here: POSTs answered 401 at once (no JSON, no
+    validation, no Kafka) over the same connections.
+    """
     port = free_port()
     env = {**os.environ, **settings.to_env(), "FEEDBACK_INTERNAL_TOKENS": TOKEN}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--port", str(port)]
+    cmd += ["--workers", str(args.workers)] if args.workers != 1 else []
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        url = f"http://127.0.0.1:{port}"
-        headers = {"X-Internal-Token": TOKEN, "Content-Type": "application/json"}
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while True:
             try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
-            if time.monotonic() > deadline:
+            if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("the gateway did not become ready")
             time.sleep(0.2)
-        chunks = [events[i : i + batch] for i in range(0, len(events), batch)]
-        path, expect = ("/internal/feedback/batch", 207) if batch > 1 else ("/internal/feedback", 202)
-
-        def send(part: list[list[dict[str, Any]]]) -> None:
-            with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
-                for chunk in part:
-                    body = orjson.dumps({"events": chunk} if batch > 1 else chunk[0])
-                    resp = http.post(path, content=body)
-                    if resp.status_code != expect:
-                        raise SystemExit(f"gateway answered {resp.status_code}")
-
-        parts = [chunks[i::workers] for i in range(workers)]
-        started = time.perf_counter()
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(send, parts))
-        return len(events) / (time.perf_counter() - started)
+        batches = [
+            _request("/internal/feedback/batch", orjson.dumps({"events": events[i : i + args.batch]}))
+            for i in range(0, len(events), args.batch)
+        ]
+        one_by_one = [_request("/internal/feedback", orjson.dumps(e)) for e in singles]
+        # Warm-up, untimed: every worker's Kafka producer connects on its first event.
+        warm = _events(2000, offset=10**9)
+        asyncio.run(_load(port, [_request("/internal/feedback", orjson.dumps(e)) for e in warm], args.connections,
+                          202, 1))  # fmt: skip
+        per_batch = min(args.batch, len(events))
+        batch_rate = asyncio.run(_load(port, batches, args.batch_connections, 207, per_batch)) * per_batch
+        single_rate = asyncio.run(_load(port, one_by_one, args.connections, 202, 1))
+        refused = [r.replace(TOKEN.encode(), b"x" * len(TOKEN), 1) for r in one_by_one[:5000]]
+        http_rate = asyncio.run(_load(port, refused, args.connections, 401, 1))
+        return batch_rate, single_rate, http_rate
     finally:
         proc.terminate()
         proc.wait(30)
 
 
+def _commit() -> str | None:
+    """The checked-out commit (with "+dirty" for local changes), None outside a git work tree."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here.parent, capture_output=True,
+                               text=True, timeout=30).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev + ("+dirty" if dirty else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=100_000)
-    parser.add_argument("--single", type=int, default=5_000, help="events for the single-POST run")
+    parser.add_argument("--events", type=int, default=100_000, help="events for bare, client and gateway batches")
+    parser.add_argument("--single", type=int, default=20_000, help="events for the single-POST run")
+    parser.add_argument("--warmup", type=int, default=50_000, help="untimed bare events sent first")
+    parser.add_argument("--workers", type=int, default=2, help="gateway worker processes")
+    parser.add_argument("--batch", type=int, default=1000, help="events per batch request")
+    parser.add_argument("--batch-connections", type=int, default=4)
+    parser.add_argument("--connections", type=int, default=64, help="connections for single POSTs")
+    parser.add_argument("--label", default="", help="a note stored with the result (e.g. which code ran)")
     args = parser.parse_args()
+    if args.events % args.batch:
+        parser.error("--events must be a multiple of --batch")
     with tempfile.TemporaryDirectory(prefix="feedback-bench-") as tmp:
         local, settings = stack(
             Path(tmp), topic_partitions=2, rate_limit_per_minute=1e9, pseudonym_key="bench-key-0123456789"
@@ -129,21 +243,28 @@ def main() -> None:
         try:
             ensure_topics(settings)
             events = _events(args.events)
-            serde = AvroSerde()
-            encoded = []
-            for e in events:
-                event = FeedbackEvent.model_validate(e)
-                encoded.append((subject_key(event), serde.encode(event.to_avro())))
-            bare_rate = bare(settings, encoded)
-            client_rate = client(settings, events)
-            batch_rate = gateway(settings, events, batch=1000, workers=2)
-            single_rate = gateway(settings, events[: args.single], batch=1, workers=4)
+            encoded = _encoded(events)
+            bare(settings, _encoded(_events(args.warmup, offset=10**8)))  # warm-up, untimed
+            bare_first = bare(settings, encoded)
+            client_rate = client(settings, events, warmup=_events(2000, offset=2 * 10**8))
+            batch_rate, single_rate, http_rate = gateway(settings, events, _events(args.single, offset=3 * 10**8), args)
+            bare_last = bare(settings, encoded)
         finally:
             local.down()
+    cpu = client_cpu_us(events)
+    bare_rate = max(bare_first, bare_last)
     result = {
         "benchmark": "ingest",
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": _commit(),
+        "label": args.label,
         "events": args.events,
+        "single_events": args.single,
+        "warmup_events": args.warmup,
+        "gateway_workers": args.workers,
+        "batch_connections": args.batch_connections,
+        "single_connections": args.connections,
+        "bare_runs_events_per_s": [round(bare_first), round(bare_last)],
         "bare_events_per_s": round(bare_rate),
         "client_events_per_s": round(client_rate),
         "client_ratio": round(client_rate / bare_rate, 3),
@@ -151,6 +272,8 @@ def main() -> None:
         "gateway_batch_ratio": round(batch_rate / bare_rate, 3),
         "gateway_single_per_s": round(single_rate),
         "gateway_single_ratio": round(single_rate / bare_rate, 4),
+        "gateway_refused_401_per_s": round(http_rate),
+        "client_cpu_us_per_event": cpu,
         "targets": {"client": 100_000, "gateway_batch": 30_000, "gateway_single": 3_000},
     }
     record_result("bench_ingest", result)

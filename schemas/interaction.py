@@ -12,10 +12,11 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from schemas.models import _micros
+
 __all__ = ["MAX_SNAPSHOT_CHARS", "Interaction"]
 
 MAX_SNAPSHOT_CHARS = 32 * 1024
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 _Id = Annotated[str, Field(min_length=1, max_length=200)]
 _Label = Annotated[str, Field(min_length=1, max_length=200)]
@@ -46,10 +47,7 @@ class Interaction(BaseModel):
         return value.astimezone(UTC)
 
     def to_avro(self) -> dict[str, Any]:
-        data = self.model_dump()
-        delta = self.ts - _EPOCH
-        data["ts"] = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-        return data
+        return {**self.model_dump(), "ts": _micros(self.ts)}
 
     @classmethod
     def from_avro(cls, record: dict[str, Any]) -> Interaction:

@@ -294,18 +294,24 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
     async def sweep_seen() -> None:
         """Tombstone dedup keys whose window has ended (an expired key is already ignored;
         this only keeps the table from growing)."""
+        now_s = time.time()
+        sweep(seen, lambda value: value["expires_s"] <= now_s, "dedup_keys_expired")
+
+    def sweep(table: Any, expired: Callable[[dict[str, Any]], bool], event: str) -> None:
+        """Tombstone up to SEEN_SWEEP_MAX ``expired`` entries of ``table`` (values remember their
+        changelog partition), so one sweep never stalls the agents; not during recovery."""
         if app.in_recovery or app.rebalancing:
             return
-        now_s, swept = time.time(), 0
-        for key, value in list(seen.data.items()):
-            if value is not None and value["expires_s"] <= now_s:
-                seen.data.pop(key, None)
-                seen.send_changelog(value["partition"], key, None, value_serializer="raw")
+        swept = 0
+        for key, value in list(table.data.items()):
+            if value is not None and expired(value):
+                table.data.pop(key, None)
+                table.send_changelog(value["partition"], key, None, value_serializer="raw")
                 swept += 1
                 if swept >= SEEN_SWEEP_MAX:
                     break
         if swept:
-            log.info("dedup_keys_expired count=%d", swept)
+            log.info("%s count=%d", event, swept)
 
     def clean_key(record: dict[str, Any]) -> bytes:
         return str(record.get("user_id") or record["source"]).encode()
@@ -343,18 +349,8 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
     async def sweep_interactions() -> None:
         """Forget interactions twice the TTL old: until then late feedback is told apart as
         'expired'; after that it is 'unknown'."""
-        if app.in_recovery or app.rebalancing:
-            return
-        horizon, swept = time.time() - 2 * ttl_s, 0
-        for key, value in list(interactions.data.items()):
-            if value is not None and value["ts_s"] < horizon:
-                interactions.data.pop(key, None)
-                interactions.send_changelog(value["partition"], key, None, value_serializer="raw")
-                swept += 1
-                if swept >= SEEN_SWEEP_MAX:
-                    break
-        if swept:
-            log.info("interactions_forgotten count=%d", swept)
+        horizon = time.time() - 2 * ttl_s
+        sweep(interactions, lambda value: value["ts_s"] < horizon, "interactions_forgotten")
 
     # --- the triage queue -------------------------------------------------------------
     async def triage_one(event: EventT) -> None:

@@ -33,6 +33,24 @@ def pipeline_process(settings: Settings, command: str, log: Path) -> Iterator[su
                 proc.wait(10)
 
 
+def run_cli(
+    settings: Settings, *args: str, env: dict[str, str] | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    """``feedback <args>`` in a child process with ``settings`` (wide terminal for rich tables)."""
+    full = {**os.environ, **settings.to_env(), "COLUMNS": "250", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], env=full, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def run_cli_ok(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """:func:`run_cli` that must succeed without a traceback."""
+    result = run_cli(settings, *args)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    return result
+
+
 def wait_for(
     predicate: Callable[[], bool], timeout: float, what: str, procs: list[subprocess.Popen[bytes]] = ()
 ) -> None:  # type: ignore[assignment]

@@ -13,10 +13,8 @@ id): Kafka and the worker are real, and nothing of either is mocked.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -35,7 +33,7 @@ from schemas.serde import AvroSerde
 from schemas.topics import Topics
 from tests.conftest import _free_port
 from tests.integration.kafka_read import read_partitions, read_topic
-from tests.integration.pipeline_procs import pipeline_process, wait_for
+from tests.integration.pipeline_procs import pipeline_process, run_cli, run_cli_ok, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -90,17 +88,10 @@ def registry() -> Iterator[str]:
 
 
 def _cli(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    full = {**os.environ, **settings.to_env(), "COLUMNS": "250", **env}
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], env=full, capture_output=True, text=True, timeout=180
-    )
+    return run_cli(settings, *args, env=env)
 
 
-def _ok(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    result = _cli(settings, *args)
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
-    return result
+_ok = run_cli_ok
 
 
 def _count(settings: Settings, topic: str) -> int:

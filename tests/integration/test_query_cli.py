@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import socket
-import subprocess
-import sys
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -33,6 +30,7 @@ from schemas.topics import Topics
 from sinks.clickhouse import EVENT_COLUMNS, ClickHouseWriter, connect, event_row
 from sinks.migrations import migrate
 from stream_processors.normalize import normalize
+from tests.integration.pipeline_procs import run_cli, run_cli_ok
 
 pytestmark = pytest.mark.integration
 
@@ -150,18 +148,8 @@ def loaded(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -
     yield Loaded(settings, out)
 
 
-def _cli(settings: Settings, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full = {**os.environ, **settings.to_env(), "COLUMNS": "200", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], env=full, capture_output=True, text=True, timeout=180
-    )
-
-
-def _ok(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    result = _cli(settings, *args)
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
-    return result
+_cli = run_cli
+_ok = run_cli_ok
 
 
 def _within(since: timedelta, until: timedelta = timedelta(0)) -> list[dict[str, Any]]:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 
 import orjson
@@ -17,13 +15,13 @@ from pipeline.settings import Settings
 from producers.subscriber import BiasSubscriber, read_reputation
 from schemas.state_records import BiasRecord, ReputationRecord, encode_record
 from schemas.topics import Topics
+from tests.integration.pipeline_procs import run_cli
 
 pytestmark = pytest.mark.integration
 
 
-def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[bytes]:
-    env = {**os.environ, **settings.to_env(), "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, capture_output=True, timeout=90)
+def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_cli(settings, *args, timeout=90)
 
 
 def test_subscribers_and_cli_see_the_latest_value_per_key(isolated: Settings) -> None:
@@ -74,7 +72,7 @@ def test_subscribers_and_cli_see_the_latest_value_per_key(isolated: Settings) ->
     assert rows["increase_grounding|m-1"]["value_now"] == pytest.approx(0.3, rel=1e-2)
     table = _cli(isolated, "bias")
     assert table.returncode == 0, table.stderr
-    assert b"model_version" in table.stdout and b"m-1" in table.stdout and b"reduce_novelty" not in table.stdout
+    assert "model_version" in table.stdout and "m-1" in table.stdout and "reduce_novelty" not in table.stdout
     reputation = _cli(isolated, "reputation", "--json")
     assert reputation.returncode == 0 and orjson.loads(reputation.stdout)[0]["score"] == 0.4
     watch = _cli(isolated, "bias", "watch", "--json", "--max-seconds", "4")
@@ -86,7 +84,7 @@ def test_subscribers_and_cli_see_the_latest_value_per_key(isolated: Settings) ->
 def test_cli_names_the_problem_when_kafka_is_absent(isolated: Settings) -> None:
     broken = isolated.model_copy(update={"bootstrap_servers": "127.0.0.1:1"})
     result = _cli(broken, "reputation", "--json")
-    assert result.returncode == 1 and b"127.0.0.1:1" in result.stderr
+    assert result.returncode == 1 and "127.0.0.1:1" in result.stderr
 
 
 def test_a_missing_topic_is_named_with_the_bootstrap_servers(isolated: Settings) -> None:

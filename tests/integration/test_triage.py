@@ -4,9 +4,6 @@ the JSONL queue file; a noise label lowers the source's reputation."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,16 +21,12 @@ from schemas.triage_records import decode_command
 from sinks.clickhouse import connect
 from sinks.state_sinks import TRIAGE_QUEUE_FILE
 from tests.integration.kafka_read import read_topic
-from tests.integration.pipeline_procs import pipeline_process, wait_for
+from tests.integration.pipeline_procs import pipeline_process, run_cli, wait_for
 
 pytestmark = pytest.mark.integration
 
 
-def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **settings.to_env(), "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], env=env, capture_output=True, text=True, timeout=120
-    )
+_cli = run_cli
 
 
 def _queue(settings: Settings, *args: str) -> list[dict[str, Any]]:

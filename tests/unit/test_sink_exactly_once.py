@@ -231,20 +231,6 @@ def test_a_lost_ledger_adopts_the_files_and_a_short_file_is_never_padded(tmp_pat
     assert adopted.ledger.lengths == {day.name: day.stat().st_size} and (tmp_path / LEDGER).exists()
 
 
-class _Msg:
-    def __init__(self, partition: int, offset: int) -> None:
-        self._p, self._o = partition, offset
-
-    def topic(self) -> str:
-        return "clean"
-
-    def partition(self) -> int:
-        return self._p
-
-    def offset(self) -> int:
-        return self._o
-
-
 def _sink() -> Any:
     from pipeline.settings import Settings
     from sinks.batching import BatchingSink
@@ -263,13 +249,13 @@ def test_intent_batches_end_exactly_and_redeliveries_are_not_taken_twice() -> No
     batch: list[Any] = []
     sink._batch = batch
     for p, o in [(0, 0), (1, 5), (0, 1), (0, 1), (0, 2), (0, 3), (1, 6), (0, 4)]:
-        sink._take(_Msg(p, o), batch)
+        sink._take(_Record(p, o), batch)
     assert [(m.partition(), m.offset()) for m in batch] == [(0, 0), (1, 5), (0, 1), (0, 2), (1, 6)]
     assert [m.offset() for m in sink._carry] == [3, 4] and not sink._intents
     # A rebalance hands partition 1 back: what was collected for it is read again, not kept twice.
     sink._forget({("clean", 1)})
     assert [(m.partition(), m.offset()) for m in batch] == [(0, 0), (0, 1), (0, 2)]
-    sink._take(_Msg(1, 5), batch)
+    sink._take(_Record(1, 5), batch)
     assert batch[-1].offset() == 5
 
 

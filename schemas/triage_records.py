@@ -3,7 +3,8 @@
 ``feedback.triage-commands.v1`` — key: triage id; value: JSON :class:`TriageCommand`.
 Every change to the queue is one command: ``enqueue`` (the worker, for an event that
 needs a human), ``label`` and ``resolve`` (people, with ``feedback label`` / ``feedback
-resolve``). The topic is kept for a year, so who changed what and when stays auditable.
+resolve``) and ``erase`` (``feedback forget``: the item is deleted and tombstoned).
+The topic is kept for a year, so who changed what and when stays auditable.
 
 ``feedback.triage.v1`` — compacted; key: triage id; value: JSON :class:`TriageItem`,
 the item's state after the latest command. The triage id is the event's id.
@@ -22,7 +23,7 @@ import orjson
 
 __all__ = ["TAG_PATTERN", "TriageCommand", "TriageItem", "decode_command", "decode_item"]
 
-Op = Literal["enqueue", "label", "resolve"]
+Op = Literal["enqueue", "label", "resolve", "erase"]
 Status = Literal["open", "labeled", "resolved"]
 TAG_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 MAX_NOTE_CHARS = 500
@@ -45,8 +46,8 @@ class TriageCommand:
     reason: str = ""
 
     def __post_init__(self) -> None:
-        if self.op not in ("enqueue", "label", "resolve"):
-            raise ValueError(f"op: must be enqueue, label or resolve, not {self.op!r}")
+        if self.op not in ("enqueue", "label", "resolve", "erase"):
+            raise ValueError(f"op: must be enqueue, label, resolve or erase, not {self.op!r}")
         if not self.triage_id or len(self.triage_id) > 200:
             raise ValueError("triage_id: required, at most 200 characters")
         if self.op == "label" and not TAG_PATTERN.match(self.tag):

@@ -168,6 +168,7 @@ class TriageSink(_HistorySink):
         super().__init__(settings, Topics(settings.topic_prefix).triage, **kwargs)
         self.queue_path = Path(settings.path) / TRIAGE_QUEUE_FILE
         self._items: dict[str, TriageItem] = {item.triage_id: item for item in self._load()}
+        self._write_queue()  # ClickHouse is the truth on start (an erasure while stopped shows at once)
 
     def _load(self) -> list[TriageItem]:
         names = ", ".join(TRIAGE_COLUMNS)
@@ -178,9 +179,12 @@ class TriageSink(_HistorySink):
 
     def flush(self, messages: Sequence[Message]) -> None:
         super().flush(messages)
+        erased: set[str] = set()
         for msg in messages:
-            if msg.value() is None:
-                self._items.pop((msg.key() or b"").decode(), None)
+            if msg.value() is None:  # erased (``feedback forget``): from the queue and from ClickHouse
+                triage_id = (msg.key() or b"").decode()
+                self._items.pop(triage_id, None)
+                erased.add(triage_id)
                 continue
             try:
                 item = decode_item(msg.value())
@@ -189,6 +193,13 @@ class TriageSink(_HistorySink):
             known = self._items.get(item.triage_id)
             if known is None or item.version >= known.version:
                 self._items[item.triage_id] = item
+            erased.discard(item.triage_id)
+        if erased:
+            self.clickhouse.client.command(
+                f"ALTER TABLE `{self.clickhouse.database}`.triage DELETE WHERE triage_id IN {{ids:Array(String)}}",
+                parameters={"ids": sorted(erased)},
+                settings={"mutations_sync": 2},
+            )
         self._write_queue()
 
     def _write_queue(self) -> None:

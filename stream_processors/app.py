@@ -50,8 +50,9 @@ from schemas.triage_records import TriageItem, decode_command
 from stream_processors.config import bias_config, gate_config, reputation_policy, triage_rules
 from stream_processors.dedup import dedup_key
 from stream_processors.enrich import context_of, enrich, newer
-from stream_processors.gate_step import GateResult, gate_step, rejection_record, subject_of
+from stream_processors.gate_step import GateResult, gate_step, rejection_record, subject_key
 from stream_processors.metrics import GateMetrics
+from stream_processors.redact import pseudonymize
 from stream_processors.state_steps import (
     REPUTATION_OUTCOMES,
     BiasIncrement,
@@ -108,7 +109,7 @@ class FeedbackApp:
     outputs: dict[str, faust.TopicT] = field(default_factory=dict)
     publish_state: Callable[..., Awaitable[None]] | None = None
 
-    async def send(self, topic: str, *, key: bytes | None, value: bytes) -> None:
+    async def send(self, topic: str, *, key: bytes | None, value: bytes | None) -> None:
         """Publish to one of the app's output topics (tests replace this to capture)."""
         await self.outputs[topic].send(key=key, value=value)
 
@@ -218,20 +219,24 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
     # --- the gate ---------------------------------------------------------------
     async def gate_one(event: EventT) -> None:
         msg = event.message
+        if msg.value is None:
+            forget_subject(msg.key, msg.partition)
+            return
         try:
             record = events_serde.decode(msg.value)
         except PoisonEvent as exc:
             await to_dlq("decode", event, exc.reason)
             return
         now = _message_time(msg.timestamp)
-        subject = subject_of(record)
+        subject = subject_key(record, config.pseudonym_key)
         key = dedup_key(record)
         result = gate_step(
             record, offset=msg.offset, now=now, config=config,
             subject_state=subject_from_json(subjects.get(subject)), seen=seen_from_json(seen.get(key)),
         )  # fmt: skip
         if result.subject_state is not None:
-            subjects[subject] = subject_to_json(result.subject_state)
+            # The partition too: an erasure marker may arrive on another partition (see forget_subject).
+            subjects[subject] = {**subject_to_json(result.subject_state), "partition": msg.partition}
         if result.seen is not None and result.outcome in ("clean", "sampled_out"):
             seen[key] = seen_to_json(result.seen, msg.partition)
         await emit(event, record, result, now)
@@ -313,6 +318,22 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
         if swept:
             log.info("%s count=%d", event, swept)
 
+    def forget_subject(key: bytes | None, partition: int) -> None:
+        """An erasure marker (``feedback forget``): a null value on the raw topic, keyed by the user id
+        or its pseudonym, sent to every partition. Drop that subject's rate-limit entry and tombstone
+        it in the changelog partition it was written to."""
+        if not key:
+            return
+        given = key.decode(errors="replace")
+        candidates = {given}
+        if config.pseudonym_key is not None:
+            candidates.add(pseudonymize(given, config.pseudonym_key))
+        for candidate in candidates:
+            value = subjects.data.pop(candidate, None)
+            if value is not None:
+                subjects.send_changelog(value.get("partition", partition), candidate, None, value_serializer="raw")
+                metrics.erased.labels("subjects").inc()
+
     def clean_key(record: dict[str, Any]) -> bytes:
         return str(record.get("user_id") or record["source"]).encode()
 
@@ -321,6 +342,12 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
 
     async def interaction_one(event: EventT) -> None:
         msg = event.message
+        if msg.value is None:  # a tombstone (``feedback forget``): the interaction is erased
+            key = (msg.key or b"").decode(errors="replace")
+            if interactions.get(key) is not None:
+                del interactions[key]  # same partition as the record: the changelog gets the tombstone
+                metrics.erased.labels("interactions").inc()
+            return
         record = interaction_serde.decode(msg.value)  # PoisonEvent → DLQ (stage "interactions")
         try:
             context = context_of(record, allow_text=config.allow_text)
@@ -360,6 +387,12 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
         except ValueError as exc:
             raise PoisonEvent(f"not a triage command: {exc}") from None
         stored = triage.get(command.triage_id)
+        if command.op == "erase":  # ``feedback forget``: the item goes, from the table and the compacted topic
+            if stored is not None:
+                del triage[command.triage_id]
+                metrics.erased.labels("triage").inc()
+            await fa.send(topics.triage, key=command.triage_id.encode(), value=None)
+            return
         new, noisy_source = triage_apply(stored, command, msg.offset, rules)
         if new is not None:
             triage[command.triage_id] = new

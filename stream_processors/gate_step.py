@@ -25,7 +25,16 @@ from stream_processors.redact import pseudonymize, redact_payload
 from stream_processors.sample import keep, sample_rate_for
 from stream_processors.validate import Limits, validate
 
-__all__ = ["GateConfig", "GateResult", "SeenEntry", "SubjectState", "gate_step", "rejection_record", "subject_of"]
+__all__ = [
+    "GateConfig",
+    "GateResult",
+    "SeenEntry",
+    "SubjectState",
+    "gate_step",
+    "rejection_record",
+    "subject_key",
+    "subject_of",
+]
 
 Outcome = Literal["clean", "rejected", "duplicate", "sampled_out"]
 _RECENT_REJECTIONS = 256
@@ -77,6 +86,15 @@ class GateResult:
 def subject_of(record: Mapping[str, Any]) -> str:
     """The rate-limit subject, the same precedence as the partition key: user_id, client ip, source."""
     return str(record.get("user_id") or record.get("client_ip") or record["source"])
+
+
+def subject_key(record: Mapping[str, Any], pseudonym_key: bytes | None) -> str:
+    """The rate-limit table's key for ``record``'s subject: a user id is pseudonymized like the
+    stored ``user_id``, so the table and its changelog never hold the id in clear."""
+    user_id = record.get("user_id")
+    if user_id and pseudonym_key is not None:
+        return pseudonymize(str(user_id), pseudonym_key)
+    return subject_of(record)
 
 
 def gate_step(

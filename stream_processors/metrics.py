@@ -57,6 +57,9 @@ class GateMetrics:
         self.dlq = Counter("feedback_dlq", "Messages sent to feedback.dlq.v1.", ["stage"], registry=r)
         self.triage = Counter("feedback_triage", "Triage queue changes applied, by op.", ["op"], registry=r)
         self.interactions = Counter("feedback_interactions", "Interaction contexts stored (track()).", registry=r)
+        self.erased = Counter(
+            "feedback_erased", "Table entries erased for `feedback forget`, by table.", ["table"], registry=r
+        )
         self.enriched = Counter(
             "feedback_enriched", "Feedback joined to its interaction, by status: joined/expired/unknown.",
             ["status"], registry=r,

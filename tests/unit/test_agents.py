@@ -187,7 +187,7 @@ def test_gate_applies_every_rule_and_counts_it(tmp_path: Path) -> None:
     assert h.metric("feedback_text_dropped_total") == 1
 
     # The tables: bob's bucket is empty, remembers the last offset applied and which were limited.
-    bob = h.table("subjects")["bob"]
+    bob = h.table("subjects")[pseudonymize("bob", KEY.encode())]  # keyed by pseudonym, never the id in clear
     assert bob["bucket"][0] < 1 and bob["offset"] == 9 and bob["limited"] == [7, 8, 9]
     assert "i:i-1:thumbs" in h.table("seen")
 

@@ -45,7 +45,7 @@ TOPICS: dict[str, TopicSpec] = {
         TopicSpec(
             "feedback.raw.v1",
             key="subject: user_id | client ip | source",
-            value_schema="feedback_event_v1",
+            value_schema="feedback_event_v1",  # or null: an erasure marker from `feedback forget`
             # Unredacted: keep only long enough to survive a worker outage.
             retention_ms=1 * _DAY_MS,
         ),

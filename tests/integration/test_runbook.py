@@ -29,7 +29,7 @@ pytestmark = pytest.mark.integration
 RUNBOOK = PROJECT_ROOT / "docs" / "FEEDBACK_SYSTEM.md"
 #: Commands the runbook announces as planned: they must not exist yet (when one lands, the
 #: runbook's section about it must be rewritten, and this set emptied).
-PLANNED = {"forget"}
+PLANNED: set[str] = set()
 
 
 @dataclass(frozen=True)

@@ -273,7 +273,8 @@ class JsonlSink(BatchingSink):
 
     Its own consumer group: the files' ledger says where reading resumes (see
     :mod:`sinks.jsonl`), and the files never wait for ClickHouse. Undecodable messages are
-    skipped here (the ClickHouse sink dead-letters them).
+    skipped here (the ClickHouse sink dead-letters them). It holds the folder's writer lock
+    from construction until its run ends (:meth:`close`).
     """
 
     name = "jsonl"
@@ -296,6 +297,18 @@ class JsonlSink(BatchingSink):
             for tp in partitions
             if (tp.topic, tp.partition) in ledger
         }
+
+    def run(self, idle_exit_s: float | None = None) -> None:
+        """:meth:`BatchingSink.run`, then release the folder's writer lock however the run ends
+        (stopped, failed, or killed by an exception), so ``feedback forget`` can erase offline."""
+        try:
+            super().run(idle_exit_s=idle_exit_s)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the JSONL writer (and its lock on the folder); the sink must not flush afterwards."""
+        self.jsonl.close()
 
     def maintenance(self) -> None:
         if time.monotonic() - self._housekept >= self.settings.jsonl_housekeeping_interval_s:

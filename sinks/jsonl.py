@@ -30,6 +30,12 @@ files the ledger does not know, and the sink reads each partition from
   Kafka's; reading resumes at the ledger's offsets, so nothing is written twice;
 * after 4: everything agrees.
 
+All of this assumes one writer per folder. :class:`JsonlWriter` takes an exclusive
+``flock`` on ``.writer.lock`` when it is created and keeps it until :meth:`JsonlWriter.close`
+(the JSONL sink closes it when its run ends; a dead process loses it with its descriptors),
+so a second sink on the same ``$FEEDBACK_PATH``, or ``feedback forget`` while a sink runs,
+gets :class:`WriterBusy` instead of cutting back the lines the first one is writing.
+
 Within a running sink, a failed write (disk full, I/O error) reloads the ledger
 from disk, cuts the files back the same way and raises :class:`TransientError`;
 the retried batch skips offsets the ledger already covers.
@@ -53,6 +59,7 @@ Deletions drop the ledger entries first, then the files.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gzip
 import logging
 import os
@@ -65,16 +72,48 @@ from typing import Any
 
 import orjson
 
-from pipeline.errors import TransientError
+from pipeline.errors import PipelineError, TransientError
 from schemas.models import format_ts
 
-__all__ = ["LEDGER", "JsonlWriter", "Ledger", "event_json", "file_for", "housekeep"]
+__all__ = [
+    "LEDGER",
+    "WRITER_LOCK",
+    "JsonlWriter",
+    "Ledger",
+    "WriterBusy",
+    "event_json",
+    "file_for",
+    "housekeep",
+]
 
 log = logging.getLogger(__name__)
 
 LEDGER = ".ledger.json"
+WRITER_LOCK = ".writer.lock"
 _DAY_FILE = re.compile(r"^feedback-(\d{4}-\d{2}-\d{2})\.jsonl(\.gz)?$")
 _CHUNK = 1 << 20
+
+
+class WriterBusy(PipelineError, RuntimeError):
+    """Another JSONL writer (a running sink, or ``feedback forget``) holds the folder's lock."""
+
+
+def _lock_folder(directory: Path) -> int:
+    """Take the folder's writer lock (exclusive, non-blocking ``flock``); the open descriptor holds it."""
+    path = directory / WRITER_LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise WriterBusy(f"another JSONL writer holds {path}: one writer per folder") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    with contextlib.suppress(OSError):  # for an operator wondering who holds it; the lock is the flock
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def file_for(directory: Path, ts: datetime) -> Path:
@@ -166,17 +205,46 @@ class Ledger:
 
 
 class JsonlWriter:
-    """Appends events to their day's file; durable and recorded in the ledger on return."""
+    """Appends events to their day's file; durable and recorded in the ledger on return.
+
+    The only writer of its folder: it holds ``<dir>/.writer.lock`` (``flock``) from construction
+    until :meth:`close` (or until it is garbage-collected, or the process dies); a second writer
+    on the same folder, in this process or another, gets :class:`WriterBusy`.
+    """
+
+    _lock_fd: int | None = None
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.ledger = Ledger.load(self.directory)
-        self._dirty = False
-        self.recover()
-        if not (self.directory / LEDGER).exists():
-            # From now on a file the ledger does not know holds nothing committed.
-            self.ledger.save(self.directory)
+        self._lock_fd = _lock_folder(self.directory)  # before anything is cut back or rewritten
+        try:
+            self.ledger = Ledger.load(self.directory)
+            self._dirty = False
+            self.recover()
+            if not (self.directory / LEDGER).exists():
+                # From now on a file the ledger does not know holds nothing committed.
+                self.ledger.save(self.directory)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the folder's writer lock (idempotent). The writer must not write afterwards."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def __enter__(self) -> JsonlWriter:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
 
     def recover(self) -> list[str]:
         """Cut every file back to its committed length; remove day files the ledger never saw.

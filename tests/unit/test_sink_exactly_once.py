@@ -68,6 +68,7 @@ def test_ledger_records_lengths_and_offsets_after_each_write(tmp_path: Path) -> 
     ledger = Ledger.load(tmp_path)
     day = tmp_path / "feedback-2026-11-22.jsonl"
     assert ledger.lengths == {day.name: day.stat().st_size} and ledger.offsets == {"clean:0": 3}
+    writer.close()  # a restart: the writer lock is released with the process
     assert JsonlWriter(tmp_path).next_offsets() == {("clean", 0): 3}
 
 
@@ -82,6 +83,7 @@ def test_restart_cuts_partial_and_uncommitted_lines_and_unknown_files(tmp_path: 
     stray = tmp_path / "feedback-2026-11-23.jsonl"
     stray.write_bytes(b'{"event_id": "never committed"}\n')
 
+    writer.close()  # killed: the writer lock goes with the process
     again = JsonlWriter(tmp_path)
     assert day.read_bytes() == committed and not stray.exists()
     again.write(records[2:], {("clean", 0): 4})
@@ -104,6 +106,7 @@ def test_housekeeping_compresses_closed_days_and_removes_old_ones(tmp_path: Path
     assert (tmp_path / "feedback-2026-11-23.jsonl").exists()  # today's file is never touched
     assert not (tmp_path / "feedback-2026-11-20.jsonl").exists()
     # A late event for a compressed day is appended as a further gzip member on the next run.
+    writer.close()
     writer = JsonlWriter(tmp_path)
     late = _records(1, "2026-11-20")
     writer.write(late)
@@ -163,6 +166,7 @@ def test_a_kill_during_compression_leaves_each_line_once(tmp_path: Path, monkeyp
     monkeypatch.setattr(Ledger, "save", real_save)
     gz = tmp_path / "feedback-2026-11-20.jsonl.gz"
     assert len(gzip.decompress(gz.read_bytes()).splitlines()) == 5  # the member is there, uncommitted
+    writer.close()  # killed: the writer lock goes with the process
     restarted = JsonlWriter(tmp_path)  # cuts the .gz back to its committed length
     assert len(gzip.decompress(gz.read_bytes()).splitlines()) == 3
     restarted.housekeep(today=today, now=now)
@@ -172,6 +176,7 @@ def test_a_kill_during_compression_leaves_each_line_once(tmp_path: Path, monkeyp
     # Killed after the ledger write, before the .jsonl was removed: the .jsonl is unknown, so removed.
     day = tmp_path / "feedback-2026-11-20.jsonl"
     day.write_bytes(b"".join(orjson.dumps(event_json(r)) + b"\n" for r in late))
+    restarted.close()
     JsonlWriter(tmp_path)
     assert not day.exists() and len(gzip.decompress(gz.read_bytes()).splitlines()) == 5
 
@@ -183,6 +188,7 @@ def test_a_kill_during_compression_leaves_each_line_once(tmp_path: Path, monkeyp
     with pytest.raises(_Killed):
         housekeep(tmp_path, writer.ledger, today=today, now=now)
     monkeypatch.setattr(Ledger, "save", real_save)
+    writer.close()
     JsonlWriter(tmp_path).housekeep(today=today, now=now)
     lines = gzip.decompress((tmp_path / "feedback-2026-11-19.jsonl.gz").read_bytes()).splitlines()
     assert [orjson.loads(line)["event_id"] for line in lines] == [r["event_id"] for r in other]
@@ -219,6 +225,7 @@ def test_a_lost_ledger_adopts_the_files_and_a_short_file_is_never_padded(tmp_pat
     data = day.read_bytes()
     # The ledger says more than the file holds (a lost tail): keep the whole lines, no NUL padding.
     day.write_bytes(data[:-10])
+    writer.close()
     JsonlWriter(tmp_path)
     assert day.read_bytes() == data[: data[:-10].rfind(b"\n") + 1]
     assert Ledger.load(tmp_path).lengths[day.name] == day.stat().st_size

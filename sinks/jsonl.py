@@ -54,17 +54,40 @@ fsynced and renamed; then the ledger records its length and forgets the
 ``.gz`` is cut back (or, if new, removed) on start and the day is compressed
 again; killed after it, the left-over ``.jsonl`` is unknown and removed.
 Deletions drop the ledger entries first, then the files.
+
+Erasure (GDPR)
+--------------
+:func:`erase_users` removes every committed line whose ``user_id`` is one of a set of ids
+(the id as sent and its pseudonym) from the ``.jsonl`` and ``.gz`` days; only the holder of
+the writer lock may run it. A file with such lines is rewritten without them to
+``<name>.erase.tmp`` (a ``.gz`` as one gzip member) and fsynced; the ledger records the
+intent (``erasing``: name → new length); the tmp is renamed over the file and the folder
+fsynced; the ledger records the new length and drops the intent. On start a kill
+
+* before the intent is on disk: the ledger is the old one and the tmp is removed;
+* after it, before the rename (the tmp is still there): the intent is dropped, the old file
+  kept, the tmp removed;
+* after the rename, before the last ledger write: the file has the recorded new length, and
+  that length is adopted as committed;
+
+so each file is either the old one or the new one, and erasing again finishes the job
+(it is idempotent). Nothing here logs ids or lines, only counts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import gzip
+import io
 import logging
 import os
 import re
+import shutil
+import zlib
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -81,8 +104,10 @@ __all__ = [
     "JsonlWriter",
     "Ledger",
     "WriterBusy",
+    "erase_users",
     "event_json",
     "file_for",
+    "find_user_lines",
     "housekeep",
 ]
 
@@ -90,6 +115,7 @@ log = logging.getLogger(__name__)
 
 LEDGER = ".ledger.json"
 WRITER_LOCK = ".writer.lock"
+ERASE_TMP = ".erase.tmp"  # suffix of a day file's rewrite in progress
 _DAY_FILE = re.compile(r"^feedback-(\d{4}-\d{2}-\d{2})\.jsonl(\.gz)?$")
 _CHUNK = 1 << 20
 
@@ -169,6 +195,8 @@ class Ledger:
     ``found`` is False when no ledger file existed (a new folder, or a lost ledger: then the
     files present are adopted rather than deleted). ``has_gz`` is False for a ledger written
     before compressed lengths were recorded (its ``.gz`` files are adopted as they are).
+    ``erasing`` names the day files being rewritten by :func:`erase_users` with their new
+    committed length (the intent :meth:`JsonlWriter.recover` settles after a crash).
     """
 
     lengths: dict[str, int] = field(default_factory=dict)
@@ -176,6 +204,7 @@ class Ledger:
     gz: dict[str, int] = field(default_factory=dict)
     found: bool = True
     has_gz: bool = True
+    erasing: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def load(cls, directory: Path) -> Ledger:
@@ -189,12 +218,15 @@ class Ledger:
             dict(data.get("gz", {})),
             found=True,
             has_gz="gz" in data,
+            erasing=dict(data.get("erasing", {})),
         )
 
     def save(self, directory: Path) -> None:
         """Replace the ledger atomically: tmp file, fsync, rename, fsync the folder."""
         tmp = directory / f"{LEDGER}.tmp"
-        data = {"lengths": self.lengths, "offsets": self.offsets, "gz": self.gz}
+        data: dict[str, Any] = {"lengths": self.lengths, "offsets": self.offsets, "gz": self.gz}
+        if self.erasing:
+            data["erasing"] = self.erasing
         with open(tmp, "wb") as fh:
             fh.write(orjson.dumps(data, option=orjson.OPT_SORT_KEYS))
             fh.flush()
@@ -258,6 +290,8 @@ class JsonlWriter:
             log.warning("jsonl_ledger_missing dir=%s adopting=existing files", self.directory)
         changed: list[str] = []
         dirty = False
+        if ledger.erasing:  # before the tmp files go: a rewrite's tmp says it was never renamed
+            self._settle_erasures()
         for tmp in self.directory.glob("*.tmp"):  # never renamed: never committed
             tmp.unlink()
         for path in sorted(self.directory.glob("feedback-*.jsonl")):
@@ -307,6 +341,30 @@ class JsonlWriter:
             ledger.save(self.directory)
         self._dirty = False
         return changed
+
+    def _settle_erasures(self) -> None:
+        """Finish or forget the rewrites :func:`erase_users` recorded but did not commit.
+
+        The rewrite's tmp file still there: it was never renamed, the old file is in place, the
+        intent is dropped. Otherwise the file is the rewritten one when its size is the recorded
+        new length (adopted), or when it is not its old committed length either (renamed, with an
+        uncommitted tail that the cut-back below removes). The ledger is saved before the tmp
+        files are removed, so a kill in between cannot leave an intent without its tmp file.
+        """
+        ledger = self.ledger
+        adopted = 0
+        for name, new_length in sorted(ledger.erasing.items()):
+            path = self.directory / name
+            table = ledger.gz if name.endswith(".gz") else ledger.lengths
+            if not path.exists() or (self.directory / f"{name}{ERASE_TMP}").exists():
+                continue
+            size = path.stat().st_size
+            if size == new_length or size != table.get(name):
+                table[name] = new_length
+                adopted += 1
+        log.warning("jsonl_erasure_settled intents=%d completed=%d", len(ledger.erasing), adopted)
+        ledger.erasing.clear()
+        ledger.save(self.directory)
 
     def _rollback(self) -> None:
         """After a failed write or housekeeping step: the ledger on disk is the truth again."""
@@ -366,6 +424,24 @@ class JsonlWriter:
             self._dirty = True
             log.error("jsonl_housekeeping_failed dir=%s error=%s", self.directory, exc.strerror or type(exc).__name__)
             return {"compressed": [], "removed": []}
+
+    def erase(self, user_ids: set[str]) -> dict[str, int]:
+        """:func:`erase_users` on this folder: ``{file name: lines removed}`` for the files rewritten.
+
+        Raises :class:`TransientError` if the disk fails; the ledger on disk is reloaded and the
+        files recovered first (each file is then either the old or the rewritten one), so the
+        (idempotent) erasure can simply be run again.
+        """
+        try:
+            if self._dirty:
+                self._rollback()
+            return erase_users(self.directory, self.ledger, user_ids)
+        except OSError as exc:
+            self._dirty = True
+            log.error("jsonl_erase_failed dir=%s error=%s", self.directory, exc.strerror or type(exc).__name__)
+            with contextlib.suppress(OSError):  # if this fails too, it is tried again before the next write
+                self._rollback()
+            raise TransientError(f"cannot erase from the JSONL files: {exc.strerror or type(exc).__name__}") from None
 
 
 def _copy(src: Any, dst: Any, length: int) -> None:
@@ -449,3 +525,200 @@ def housekeep(
     if done["compressed"] or done["removed"]:
         log.info("jsonl_housekeeping compressed=%d removed=%d", len(done["compressed"]), len(done["removed"]))
     return done
+
+
+# --- erasure -------------------------------------------------------------------------------
+
+
+class _Limited(io.RawIOBase):
+    """The first ``limit`` bytes of ``fh``: a ``.gz`` read up to its committed length."""
+
+    def __init__(self, fh: Any, limit: int) -> None:
+        self._fh = fh
+        self._left = limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = min(len(buffer), self._left)
+        if n <= 0:
+            return 0
+        got = self._fh.readinto(memoryview(buffer)[:n]) or 0
+        self._left -= got
+        return got
+
+
+def _blocks(fh: Any, limit: int | None = None, *, tolerant: bool = False) -> Iterator[bytes]:
+    """Line-aligned blocks of about :data:`_CHUNK` bytes from ``fh`` (at most ``limit`` bytes in
+    all): each ends with a newline but perhaps the last. Undecodable gzip data raises
+    :class:`OSError`, or with ``tolerant`` ends the blocks (a member still being written)."""
+    rest = b""
+    left = limit
+    while left is None or left > 0:
+        try:
+            chunk = fh.read(_CHUNK if left is None else min(_CHUNK, left))
+        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            if tolerant:
+                break
+            raise OSError(errno.EIO, f"unreadable gzip data ({type(exc).__name__})") from None
+        if not chunk:
+            break
+        if left is not None:
+            left -= len(chunk)
+        data = rest + chunk if rest else chunk
+        nl = data.rfind(b"\n")
+        if nl < 0:
+            rest = data
+            continue
+        yield data[: nl + 1]
+        rest = data[nl + 1 :]
+    if rest:
+        yield rest
+
+
+def _needles(user_ids: set[str]) -> tuple[bytes, ...]:
+    """The byte forms an id takes in a line: as is (UTF-8), and as orjson escapes it in a JSON string."""
+    return tuple({u.encode() for u in user_ids} | {orjson.dumps(u)[1:-1] for u in user_ids})
+
+
+def _users_line(line: bytes, needles: tuple[bytes, ...], user_ids: set[str]) -> bool:
+    """True if ``line`` is a JSON object whose ``user_id`` is one of ``user_ids`` (a bytes search
+    first, so only candidate lines are parsed)."""
+    if not any(n in line for n in needles):
+        return False
+    try:
+        value = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return False
+    user_id = value.get("user_id") if isinstance(value, dict) else None
+    return isinstance(user_id, str) and user_id in user_ids
+
+
+def _filter(block: bytes, needles: tuple[bytes, ...], user_ids: set[str]) -> tuple[bytes, int]:
+    """``block`` without the users' lines, and how many were removed."""
+    if not any(n in block for n in needles):
+        return block, 0
+    lines = block.split(b"\n")
+    last = lines.pop()  # b"" when the block ends with a newline
+    kept = [line for line in lines if not _users_line(line, needles, user_ids)]
+    removed = len(lines) - len(kept)
+    out = b"".join(line + b"\n" for line in kept)
+    if last:
+        if _users_line(last, needles, user_ids):
+            removed += 1
+        else:
+            out += last
+    return out, removed
+
+
+def _open_committed(raw: Any, name: str, committed: int) -> tuple[Any, int | None]:
+    """The committed lines of a day file opened as ``raw``: (readable, byte limit)."""
+    if name.endswith(".gz"):
+        return gzip.GzipFile(fileobj=_Limited(raw, committed), mode="rb"), None
+    return raw, committed
+
+
+def _has_users_lines(path: Path, committed: int, needles: tuple[bytes, ...], user_ids: set[str]) -> bool:
+    with open(path, "rb") as raw:
+        src, limit = _open_committed(raw, path.name, committed)
+        for block in _blocks(src, limit):
+            if any(n in block for n in needles) and _filter(block, needles, user_ids)[1]:
+                return True
+    return False
+
+
+def _rewrite_without(path: Path, committed: int, needles: tuple[bytes, ...], user_ids: set[str]) -> tuple[int, int]:
+    """Write ``path`` without the users' committed lines to its ``.erase.tmp`` (fsynced; a ``.gz`` as
+    one member; bytes past ``committed`` copied unchanged after them). Returns (lines removed,
+    new committed length)."""
+    tmp = path.with_name(path.name + ERASE_TMP)
+    stat = path.stat()
+    removed = 0
+    with open(tmp, "wb") as out, open(path, "rb") as raw:
+        src, limit = _open_committed(raw, path.name, committed)
+        if path.name.endswith(".gz"):
+            name = path.name.removesuffix(".gz")
+            with gzip.GzipFile(filename=name, mode="wb", fileobj=out, mtime=0) as dst:
+                for block in _blocks(src, limit):
+                    kept, n = _filter(block, needles, user_ids)
+                    dst.write(kept)
+                    removed += n
+        else:
+            for block in _blocks(src, limit):
+                kept, n = _filter(block, needles, user_ids)
+                out.write(kept)
+                removed += n
+        new_length = out.tell()
+        raw.seek(committed)
+        shutil.copyfileobj(raw, out)  # not committed: not ours to judge, and cut back on the next start
+        out.flush()
+        os.fsync(out.fileno())
+    # The same mtime: housekeeping's "quiet for quiet_s" is about the sink's writes, not this one.
+    os.utime(tmp, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    return removed, new_length
+
+
+def erase_users(directory: Path, ledger: Ledger, user_ids: set[str]) -> dict[str, int]:
+    """Remove every committed line whose ``user_id`` is in ``user_ids`` from the day files the
+    ledger knows (``.jsonl`` and ``.gz``); for the holder of the folder's writer lock.
+
+    Returns ``{file name: lines removed}`` for the files rewritten (``{}``: nothing left to
+    erase; running it again is harmless). Other lines keep their bytes and order; bytes past a
+    committed length are not looked at and stay where they are. Each file: the rewrite goes to
+    ``<name>.erase.tmp`` (fsync), the ledger records the intent (``erasing``), the tmp is renamed
+    over the file (fsync the folder), and the ledger records the new length and forgets the
+    intent; :meth:`JsonlWriter.recover` settles a kill anywhere in between (module docstring).
+    A rewritten ``.gz`` is one gzip member. Logs counts only, never ids or lines.
+    """
+    ids = {u for u in user_ids if u}
+    if not ids:
+        return {}
+    needles = _needles(ids)
+    done: dict[str, int] = {}
+    for name, committed in sorted([*ledger.lengths.items(), *ledger.gz.items()]):
+        path = directory / name
+        if not committed or not _DAY_FILE.match(name) or not _has_users_lines(path, committed, needles, ids):
+            continue
+        removed, new_length = _rewrite_without(path, committed, needles, ids)
+        ledger.erasing[name] = new_length
+        ledger.save(directory)
+        os.replace(path.with_name(name + ERASE_TMP), path)
+        _fsync_dir(directory)
+        (ledger.gz if name.endswith(".gz") else ledger.lengths)[name] = new_length
+        del ledger.erasing[name]
+        ledger.save(directory)
+        done[name] = removed
+    if done:
+        log.info("jsonl_erased files=%d lines=%d", len(done), sum(done.values()))
+    return done
+
+
+def find_user_lines(directory: Path, user_ids: set[str]) -> dict[str, int]:
+    """Lines holding any of ``user_ids`` anywhere (a bytes search, payload text included), per day
+    file: ``{file name: lines}`` for the files with any. Reads every byte of every
+    ``feedback-*.jsonl`` and ``.jsonl.gz``, committed or not; read-only, safe while the sink
+    writes (the ``.jsonl`` files are read before the ``.gz``, so a day compressed meanwhile is
+    still seen). A substring search: an id that is part of a longer one counts too.
+    """
+    ids = {u for u in user_ids if u}
+    if not ids:
+        return {}
+    needles = _needles(ids)
+    directory = Path(directory)
+    names = sorted(p.name for p in directory.glob("feedback-*.jsonl") if _DAY_FILE.match(p.name))
+    names += sorted(p.name for p in directory.glob("feedback-*.jsonl.gz") if _DAY_FILE.match(p.name))
+    found: dict[str, int] = {}
+    for name in names:
+        count = 0
+        try:
+            with open(directory / name, "rb") as raw:
+                src = gzip.GzipFile(fileobj=raw, mode="rb") if name.endswith(".gz") else raw
+                for block in _blocks(src, tolerant=True):
+                    if any(n in block for n in needles):
+                        count += sum(1 for line in block.split(b"\n") if line and any(n in line for n in needles))
+        except FileNotFoundError:  # compressed or expired meanwhile
+            continue
+        if count:
+            found[name] = count
+    return found

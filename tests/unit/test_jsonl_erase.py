@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+import errno
+import gzip
+import logging
 import os
 import subprocess
 import sys
+import zlib
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
-from sinks.jsonl import WRITER_LOCK, JsonlWriter, WriterBusy
+from pipeline.errors import TransientError
+from producers.synthetic import generate_events
+from schemas.serde import AvroSerde
+from sinks.jsonl import (
+    ERASE_TMP,
+    LEDGER,
+    WRITER_LOCK,
+    JsonlWriter,
+    Ledger,
+    WriterBusy,
+    erase_users,
+    find_user_lines,
+)
 
 
 def test_a_second_writer_on_the_same_folder_is_refused_until_the_first_closes(tmp_path: Path) -> None:
@@ -36,3 +55,280 @@ def test_the_lock_is_refused_to_another_process(tmp_path: Path) -> None:
         busy = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=Path(__file__).parents[2], check=False)
     free = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=Path(__file__).parents[2], check=False)
     assert (busy.returncode, free.returncode) == (3, 0)
+
+
+# --- erasure -------------------------------------------------------------------------------
+
+ALICE, ALICE_PSEUDONYM = "alice", "p-6f1d0c2a9b"
+ERASED = {ALICE, ALICE_PSEUDONYM}
+_FAR = datetime.now(UTC) + timedelta(days=365)  # long after the files were written: they are quiet
+_TODAY = date(2026, 11, 23)
+
+
+class _Killed(BaseException):
+    """A SIGKILL, as far as the code under test can tell: nothing catches it."""
+
+
+def _records(users: list[str | None], day: str, seed: int = 5) -> list[dict[str, Any]]:
+    serde = AvroSerde()
+    micros = int(datetime.fromisoformat(f"{day}T12:00:00+00:00").timestamp() * 1e6)
+    events = generate_events(len(users), seed=seed)
+    return [
+        serde.decode(serde.encode({**e.to_avro(), "ts": micros, "user_id": u}))
+        for e, u in zip(events, users, strict=True)
+    ]
+
+
+def _lines(path: Path) -> list[bytes]:
+    data = path.read_bytes()
+    return (gzip.decompress(data) if path.name.endswith(".gz") else data).splitlines(keepends=True)
+
+
+def _members(path: Path) -> int:
+    data, n = path.read_bytes(), 0
+    while data:
+        d = zlib.decompressobj(31)
+        d.decompress(data)
+        data, n = d.unused_data, n + 1
+    return n
+
+
+def _user(line: bytes) -> Any:
+    return orjson.loads(line)["user_id"]
+
+
+def _folder(tmp_path: Path) -> JsonlWriter:
+    """A ``.gz`` of two members (a day compressed, then late events compressed onto it), a closed
+    ``.jsonl`` day and today's: alice's lines under both her ids among other users' lines,
+    including bob's line whose comment mentions her, and a user whose id merely contains hers."""
+    writer = JsonlWriter(tmp_path)
+    writer.write(_records(["bob", ALICE, "carol", None, ALICE_PSEUDONYM, "bob"], "2026-11-20"), {("clean", 0): 6})
+    writer.housekeep(today=_TODAY, now=_FAR)
+    writer.write(_records([ALICE, "dave", "alice-2"], "2026-11-20", seed=6), {("clean", 0): 9})
+    writer.housekeep(today=_TODAY, now=_FAR)
+    mention = _records(["bob"], "2026-11-22", seed=8)
+    mention[0]["payload"]["comment"] = f"ask {ALICE} about it"
+    writer.write(_records([ALICE, "carol", ALICE], "2026-11-22", seed=7) + mention, {("clean", 0): 13})
+    writer.write(_records(["erin", "frank"], "2026-11-23", seed=9), {("clean", 0): 15})
+    assert _members(tmp_path / "feedback-2026-11-20.jsonl.gz") == 2
+    assert sorted(p.name for p in tmp_path.glob("feedback-*")) == [
+        "feedback-2026-11-20.jsonl.gz",
+        "feedback-2026-11-22.jsonl",
+        "feedback-2026-11-23.jsonl",
+    ]
+    return writer
+
+
+def _day_files(directory: Path) -> dict[str, list[bytes]]:
+    return {p.name: _lines(p) for p in sorted(directory.glob("feedback-*"))}
+
+
+def _without_alice(files: dict[str, list[bytes]]) -> dict[str, list[bytes]]:
+    return {name: [line for line in lines if _user(line) not in ERASED] for name, lines in files.items()}
+
+
+def _assert_ledger_matches_the_files(directory: Path) -> None:
+    ledger = Ledger.load(directory)
+    sizes = {p.name: p.stat().st_size for p in directory.glob("feedback-*")}
+    assert {**ledger.lengths, **ledger.gz} == sizes
+    assert ledger.erasing == {}
+    assert not list(directory.glob("*.tmp"))
+
+
+def test_erase_removes_exactly_the_users_lines_from_jsonl_and_multi_member_gz(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    writer = _folder(tmp_path)
+    before = _day_files(tmp_path)
+    assert find_user_lines(tmp_path, ERASED) == {
+        "feedback-2026-11-20.jsonl.gz": 4,  # alice, her pseudonym, alice again, and alice-2 (a substring)
+        "feedback-2026-11-22.jsonl": 3,  # twice alice, and bob's comment that names her
+    }
+    assert find_user_lines(tmp_path, {ALICE_PSEUDONYM}) == {"feedback-2026-11-20.jsonl.gz": 1}
+
+    assert writer.erase(ERASED) == {"feedback-2026-11-20.jsonl.gz": 3, "feedback-2026-11-22.jsonl": 2}
+
+    after = _day_files(tmp_path)
+    assert after == _without_alice(before)  # every other line byte for byte, in order
+    assert [_user(line) for line in after["feedback-2026-11-20.jsonl.gz"]] == [
+        "bob",
+        "carol",
+        None,
+        "bob",
+        "dave",
+        "alice-2",
+    ]
+    assert [_user(line) for line in after["feedback-2026-11-22.jsonl"]] == ["carol", "bob"]
+    assert after["feedback-2026-11-23.jsonl"] == before["feedback-2026-11-23.jsonl"]
+    assert _members(tmp_path / "feedback-2026-11-20.jsonl.gz") == 1
+    _assert_ledger_matches_the_files(tmp_path)
+    assert writer.ledger.lengths == Ledger.load(tmp_path).lengths and writer.ledger.gz == Ledger.load(tmp_path).gz
+    assert Ledger.load(tmp_path).offsets == {"clean:0": 15}  # erasure never moves the offsets
+    # What is left: a longer id that contains hers, and another user's text that names her.
+    assert find_user_lines(tmp_path, ERASED) == {"feedback-2026-11-20.jsonl.gz": 1, "feedback-2026-11-22.jsonl": 1}
+    assert find_user_lines(tmp_path, {ALICE_PSEUDONYM}) == {}
+
+    assert writer.erase(ERASED) == {}  # idempotent
+    assert _day_files(tmp_path) == after
+
+    # The sink writes on after an erasure: appended after the rewritten lines, and committed.
+    late = _records(["gina", ALICE], "2026-11-22", seed=10)
+    writer.write(late, {("clean", 0): 17})
+    lines = _lines(tmp_path / "feedback-2026-11-22.jsonl")
+    assert lines[:2] == after["feedback-2026-11-22.jsonl"]
+    assert [orjson.loads(line)["event_id"] for line in lines[2:]] == [r["event_id"] for r in late]
+    _assert_ledger_matches_the_files(tmp_path)
+    writer.close()
+    assert JsonlWriter(tmp_path).erase({ALICE}) == {"feedback-2026-11-22.jsonl": 1}  # after a restart too
+    assert "jsonl_erased files=2 lines=5" in caplog.text  # counts only: no ids, no lines
+    assert ALICE not in caplog.text and ALICE_PSEUDONYM not in caplog.text and "carol" not in caplog.text
+
+
+def test_erase_looks_only_at_committed_lines_and_leaves_the_rest_where_it_is(tmp_path: Path) -> None:
+    writer = JsonlWriter(tmp_path)
+    writer.write(_records(["bob", "carol"], "2026-11-22"))
+    day = tmp_path / "feedback-2026-11-22.jsonl"
+    tail = orjson.dumps({"user_id": ALICE}) + b"\n" + b'{"user_id": "ali'  # a batch in flight: not committed
+    with open(day, "ab") as fh:
+        fh.write(tail)
+    data = day.read_bytes()
+    assert erase_users(tmp_path, writer.ledger, ERASED) == {}
+    assert day.read_bytes() == data
+
+    # With committed lines to erase, the uncommitted bytes follow the rewrite unchanged.
+    writer.close()
+    writer = JsonlWriter(tmp_path)  # cuts the tail
+    writer.write(_records([ALICE, "dave"], "2026-11-22", seed=6))
+    kept = [line for line in _lines(day) if _user(line) != ALICE]
+    with open(day, "ab") as fh:
+        fh.write(tail)
+    assert erase_users(tmp_path, writer.ledger, ERASED) == {day.name: 1}
+    assert day.read_bytes() == b"".join(kept) + tail
+    assert Ledger.load(tmp_path).lengths[day.name] == len(b"".join(kept))
+    writer.close()
+    JsonlWriter(tmp_path).close()  # a restart cuts the tail: nothing uncommitted is ever kept
+    assert day.read_bytes() == b"".join(kept)
+
+
+def test_erase_matches_the_user_id_field_exactly_whatever_its_characters(tmp_path: Path) -> None:
+    writer = JsonlWriter(tmp_path)
+    odd = ['quo"te\\back', "ünïcødé", "tab\there"]
+    lines = [orjson.dumps({"user_id": u, "n": i}) + b"\n" for i, u in enumerate([*odd, "other", None])]
+    lines.append(b"not json but names " + odd[1].encode() + b"\n")  # not a user's line: kept
+    day = tmp_path / "feedback-2026-11-22.jsonl"
+    day.write_bytes(b"".join(lines))
+    writer.ledger.lengths[day.name] = day.stat().st_size
+    writer.ledger.save(tmp_path)
+    assert writer.erase(set(odd)) == {day.name: 3}
+    assert day.read_bytes() == b"".join(lines[3:])
+    assert writer.erase(set()) == {} and writer.erase({""}) == {}
+
+
+def test_a_ledger_without_erasure_intents_still_loads_and_an_empty_one_is_not_written(tmp_path: Path) -> None:
+    (tmp_path / LEDGER).write_bytes(b'{"lengths": {}, "offsets": {"clean:0": 4}, "gz": {}}')
+    ledger = Ledger.load(tmp_path)
+    assert ledger.erasing == {} and ledger.offsets == {"clean:0": 4}
+    ledger.save(tmp_path)
+    assert "erasing" not in orjson.loads((tmp_path / LEDGER).read_bytes())
+    ledger.erasing["feedback-2026-11-22.jsonl"] = 10
+    ledger.save(tmp_path)
+    assert Ledger.load(tmp_path).erasing == {"feedback-2026-11-22.jsonl": 10}
+
+
+# Erasing two files renames six times: per file the ledger's intent, the file, the ledger's commit.
+_KILLS = [("fsync", 1, "before")] + [("replace", k, when) for k in range(1, 7) for when in ("before", "after")]
+
+
+@pytest.mark.parametrize(("call", "k", "when"), _KILLS)
+def test_a_kill_at_any_step_of_an_erasure_leaves_each_file_old_or_new_and_the_ledger_exact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, call: str, k: int, when: str
+) -> None:
+    writer = _folder(tmp_path)
+    old = _day_files(tmp_path)
+    new = _without_alice(old)
+    real = getattr(os, call)
+    calls = {"n": 0}
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == k and when == "before":
+            raise _Killed
+        result = real(*args, **kwargs)
+        if calls["n"] == k:
+            raise _Killed
+        return result
+
+    monkeypatch.setattr(os, call, step)
+    with pytest.raises(_Killed):
+        writer.erase(ERASED)
+    monkeypatch.setattr(os, call, real)
+    writer.close()  # the process is gone, and its lock with it
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sinks.jsonl"):
+        restarted = JsonlWriter(tmp_path)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    files = _day_files(tmp_path)
+    assert set(files) == set(old)
+    for name, lines in files.items():
+        assert lines in (old[name], new[name]), name  # never a mix
+    _assert_ledger_matches_the_files(tmp_path)
+    assert Ledger.load(tmp_path).offsets == {"clean:0": 15}
+
+    restarted.erase(ERASED)  # run again (the request is still pending): finishes the job
+    assert _day_files(tmp_path) == new
+    _assert_ledger_matches_the_files(tmp_path)
+    restarted.write(_records(["hal"], "2026-11-22", seed=11))
+    assert _user(_lines(tmp_path / "feedback-2026-11-22.jsonl")[-1]) == "hal"
+    _assert_ledger_matches_the_files(tmp_path)
+
+
+def test_a_failed_erasure_is_undone_and_raised_as_transient(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = _folder(tmp_path)
+    old = _day_files(tmp_path)
+    real_replace = os.replace
+
+    def no_rename(src: Any, dst: Any) -> None:
+        if str(src).endswith(ERASE_TMP):
+            raise OSError(errno.EIO, "Input/output error")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", no_rename)
+    with pytest.raises(TransientError, match="cannot erase"):
+        writer.erase(ERASED)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert _day_files(tmp_path) == old
+    _assert_ledger_matches_the_files(tmp_path)
+    assert writer.erase(ERASED) == {"feedback-2026-11-20.jsonl.gz": 3, "feedback-2026-11-22.jsonl": 2}
+    assert _day_files(tmp_path) == _without_alice(old)
+
+
+@pytest.mark.parametrize("renamed", [False, True])
+def test_a_kill_with_uncommitted_bytes_after_the_lines_still_leaves_old_or_new(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, renamed: bool
+) -> None:
+    writer = JsonlWriter(tmp_path)
+    writer.write(_records([ALICE, "bob", ALICE, "carol"], "2026-11-22"))
+    day = tmp_path / "feedback-2026-11-22.jsonl"
+    old = day.read_bytes()
+    with open(day, "ab") as fh:
+        fh.write(b'{"user_id": "in flight"}\n{"user_')
+    real = os.replace
+
+    def killed(src: Any, dst: Any) -> None:
+        if str(src).endswith(ERASE_TMP):
+            if renamed:
+                real(src, dst)
+            raise _Killed
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(_Killed):
+        erase_users(tmp_path, writer.ledger, ERASED)
+    monkeypatch.setattr(os, "replace", real)
+    writer.close()
+    JsonlWriter(tmp_path).close()
+    expected = b"".join(line for line in old.splitlines(keepends=True) if _user(line) != ALICE) if renamed else old
+    assert day.read_bytes() == expected
+    _assert_ledger_matches_the_files(tmp_path)

@@ -20,7 +20,7 @@ from schemas.topics import Topics
 from sinks.avro_ocf import container
 from sinks.batching import BatchingSink, by_partition
 from sinks.clickhouse import EVENT_COLUMNS, ClickHouseWriter, avro_insert_query, batch_token, connect, event_row
-from sinks.jsonl import JsonlWriter
+from sinks.jsonl import JsonlWriter, apply_erasure_requests
 from sinks.migrations import migrate
 
 __all__ = [
@@ -35,6 +35,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+ERASURE_POLL_S = 0.5  # how often the JSONL sink looks for erasure requests (one folder listing)
+_ERASURE_BACKOFF_MAX_S = 60.0
 
 
 REJECTED_COLUMNS: tuple[str, ...] = (
@@ -284,6 +287,8 @@ class JsonlSink(BatchingSink):
         self.serde = AvroSerde.from_url(settings.schema_registry_url)
         self.jsonl = JsonlWriter(settings.path)  # cuts the files back to the ledger
         self._housekept = 0.0
+        self._erasure_due = 0.0
+        self._erasure_backoff = 0.0
         self.housekeeping()
 
     def start_offsets(
@@ -311,8 +316,26 @@ class JsonlSink(BatchingSink):
         self.jsonl.close()
 
     def maintenance(self) -> None:
+        """Between batches, on the sink's thread (the writer is never mid-write): housekeeping
+        every ``jsonl_housekeeping_interval_s``, erasure requests every :data:`ERASURE_POLL_S`."""
         if time.monotonic() - self._housekept >= self.settings.jsonl_housekeeping_interval_s:
             self.housekeeping()
+        if time.monotonic() >= self._erasure_due:
+            self.apply_erasures()
+
+    def apply_erasures(self) -> list[dict[str, Any]]:
+        """Apply ``feedback forget``'s pending requests (:func:`sinks.jsonl.apply_erasure_requests`).
+        A disk failure is logged and retried later with backoff; it never stops the sink."""
+        try:
+            receipts = apply_erasure_requests(self.jsonl)
+        except TransientError as exc:
+            self._erasure_backoff = min(max(2 * self._erasure_backoff, 1.0), _ERASURE_BACKOFF_MAX_S)
+            self._erasure_due = time.monotonic() + self._erasure_backoff
+            log.warning("jsonl_erasure_deferred retry_in_s=%.1f error=%s", self._erasure_backoff, exc)
+            return []
+        self._erasure_backoff = 0.0
+        self._erasure_due = time.monotonic() + ERASURE_POLL_S
+        return receipts
 
     def housekeeping(self) -> dict[str, list[str]]:
         """Compress closed days and delete expired ones (see :func:`sinks.jsonl.housekeep`)."""

@@ -71,7 +71,13 @@ fsynced; the ledger records the new length and drops the intent. On start a kill
   that length is adopted as committed;
 
 so each file is either the old one or the new one, and erasing again finishes the job
-(it is idempotent). Nothing here logs ids or lines, only counts.
+(it is idempotent). Without a sink, ``feedback forget`` takes the lock itself
+(:func:`erase_offline`). A running sink holds the lock, so forget drops a request into
+``.erasure/`` instead (:func:`request_erasure`, mode 0600: it holds the ids) and polls for
+its receipt (:func:`erasure_receipt`); the sink applies the requests between two batches
+(:func:`apply_erasure_requests`, from its maintenance): erase, write the receipt (counts per
+file, no ids), delete the request. Killed before the receipt, it erases again (nothing left
+to find) on its next start. Nothing here logs ids or lines, only counts.
 """
 
 from __future__ import annotations
@@ -85,6 +91,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import zlib
 from collections import defaultdict
 from collections.abc import Iterator
@@ -99,16 +106,21 @@ from pipeline.errors import PipelineError, TransientError
 from schemas.models import format_ts
 
 __all__ = [
+    "ERASURE_DIR",
     "LEDGER",
     "WRITER_LOCK",
     "JsonlWriter",
     "Ledger",
     "WriterBusy",
+    "apply_erasure_requests",
+    "erase_offline",
     "erase_users",
+    "erasure_receipt",
     "event_json",
     "file_for",
     "find_user_lines",
     "housekeep",
+    "request_erasure",
 ]
 
 log = logging.getLogger(__name__)
@@ -116,6 +128,10 @@ log = logging.getLogger(__name__)
 LEDGER = ".ledger.json"
 WRITER_LOCK = ".writer.lock"
 ERASE_TMP = ".erase.tmp"  # suffix of a day file's rewrite in progress
+ERASURE_DIR = ".erasure"  # erasure requests for the running sink, and its receipts
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_RECEIPT = ".done.json"
+_STALE_TMP_S = 60.0  # a request's tmp file this old belongs to a request_erasure that died
 _DAY_FILE = re.compile(r"^feedback-(\d{4}-\d{2}-\d{2})\.jsonl(\.gz)?$")
 _CHUNK = 1 << 20
 
@@ -276,7 +292,8 @@ class JsonlWriter:
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        with contextlib.suppress(Exception):  # at interpreter exit the process releases it anyway
+            self.close()
 
     def recover(self) -> list[str]:
         """Cut every file back to its committed length; remove day files the ledger never saw.
@@ -722,3 +739,152 @@ def find_user_lines(directory: Path, user_ids: set[str]) -> dict[str, int]:
         if count:
             found[name] = count
     return found
+
+
+# --- erasure requests for a running sink --------------------------------------------------
+
+
+def _check_request_id(request_id: str) -> str:
+    if not isinstance(request_id, str) or not _REQUEST_ID.match(request_id):
+        raise ValueError("an erasure request id is 1-64 characters of A-Z, a-z, 0-9, _ and -")
+    return request_id
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically with ``data``, readable by the owner only: tmp (0600), fsync,
+    rename, fsync the folder."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # a tmp left over with wider bits
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def request_erasure(directory: Path, request_id: str, user_ids: set[str]) -> Path:
+    """Ask the sink that holds ``directory`` to erase ``user_ids`` from its files: writes
+    ``.erasure/<request_id>.json`` atomically (mode 0600, it holds the ids). Poll
+    :func:`erasure_receipt` for the result. ``request_id`` must be new (a uuid4 hex, say);
+    a stale receipt under the same id is removed first so it is never taken for this one.
+    """
+    _check_request_id(request_id)
+    ids = sorted(user_ids)
+    if not ids or not all(isinstance(u, str) and u for u in ids):
+        raise ValueError("an erasure request needs at least one non-empty user id")
+    spool = Path(directory) / ERASURE_DIR
+    spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (spool / f"{request_id}{_RECEIPT}").unlink(missing_ok=True)
+    path = spool / f"{request_id}.json"
+    request = {"request_id": request_id, "user_ids": ids, "requested_s": time.time()}
+    _write_private(path, orjson.dumps(request))
+    return path
+
+
+def erasure_receipt(directory: Path, request_id: str) -> dict[str, Any] | None:
+    """The receipt of an applied request: ``{"request_id", "files": {name: lines}, "lines",
+    "requested_s", "done_s"}``; None while it is pending."""
+    path = Path(directory) / ERASURE_DIR / f"{_check_request_id(request_id)}{_RECEIPT}"
+    try:
+        receipt: dict[str, Any] = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    return receipt
+
+
+def _parse_request(path: Path, data: bytes) -> tuple[str, set[str], float] | None:
+    """(request id, user ids, requested_s) from a request file; None if it is malformed."""
+    try:
+        request = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(request, dict):
+        return None
+    request_id, ids, requested = request.get("request_id"), request.get("user_ids"), request.get("requested_s", 0.0)
+    if not isinstance(request_id, str) or not _REQUEST_ID.match(request_id) or path.name != f"{request_id}.json":
+        return None
+    if not isinstance(ids, list) or not ids or not all(isinstance(u, str) and u for u in ids):
+        return None
+    if not isinstance(requested, int | float) or isinstance(requested, bool):
+        return None
+    return request_id, set(ids), float(requested)
+
+
+def _pending_requests(spool: Path) -> list[Path]:
+    """The request files, oldest first; tmp files of requests that died long ago are removed
+    (they hold ids)."""
+    now = time.time()
+    found: list[tuple[int, str, Path]] = []
+    for path in spool.iterdir():
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            continue
+        if path.name.endswith(".tmp"):
+            if now - stat.st_mtime > _STALE_TMP_S:
+                path.unlink(missing_ok=True)
+        elif path.name.endswith(".json") and not path.name.endswith(_RECEIPT):
+            found.append((stat.st_mtime_ns, path.name, path))
+    return [path for *_, path in sorted(found)]
+
+
+def apply_erasure_requests(writer: JsonlWriter) -> list[dict[str, Any]]:
+    """Apply the pending requests in ``writer``'s ``.erasure/`` folder, oldest first: erase, write
+    the receipt (no ids), delete the request. Returns the receipts written.
+
+    For the writer's own thread, between writes (the JSONL sink's maintenance). A malformed
+    request is renamed to ``<name>.bad`` and logged by file name. Raises :class:`TransientError`
+    when the disk fails; the request then stays and is applied on a later call. Cheap when
+    there is nothing to do: one listing of the folder.
+    """
+    spool = writer.directory / ERASURE_DIR
+    receipts: list[dict[str, Any]] = []
+    try:
+        if not spool.is_dir():
+            return receipts
+        for path in _pending_requests(spool):
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            request = _parse_request(path, data)
+            if request is None:
+                os.replace(path, path.with_name(path.name + ".bad"))
+                _fsync_dir(spool)
+                log.warning("jsonl_erasure_request_bad file=%s", path.name)
+                continue
+            request_id, ids, requested = request
+            files = writer.erase(ids)  # a TransientError leaves the request for a later call
+            receipt = {
+                "request_id": request_id,
+                "files": files,
+                "lines": sum(files.values()),
+                "requested_s": requested,
+                "done_s": time.time(),
+            }
+            _write_private(spool / f"{request_id}{_RECEIPT}", orjson.dumps(receipt, option=orjson.OPT_SORT_KEYS))
+            path.unlink(missing_ok=True)
+            _fsync_dir(spool)
+            log.info("jsonl_erasure_applied request=%s files=%d lines=%d", request_id, len(files), receipt["lines"])
+            receipts.append(receipt)
+    except OSError as exc:
+        log.error("jsonl_erasure_spool_failed dir=%s error=%s", spool, exc.strerror or type(exc).__name__)
+        raise TransientError(f"cannot apply erasure requests: {exc.strerror or type(exc).__name__}") from None
+    return receipts
+
+
+def erase_offline(directory: Path, user_ids: set[str]) -> dict[str, int]:
+    """Erase ``user_ids`` from ``directory`` when no sink runs: take the folder's writer lock
+    (recovering the files as a starting sink does), erase, release. Raises :class:`WriterBusy`
+    if a sink holds the folder (then :func:`request_erasure`). ``{}`` for a missing folder.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return {}
+    with JsonlWriter(directory) as writer:
+        return writer.erase(user_ids)

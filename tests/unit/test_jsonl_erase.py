@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import zlib
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -21,13 +22,18 @@ from producers.synthetic import generate_events
 from schemas.serde import AvroSerde
 from sinks.jsonl import (
     ERASE_TMP,
+    ERASURE_DIR,
     LEDGER,
     WRITER_LOCK,
     JsonlWriter,
     Ledger,
     WriterBusy,
+    apply_erasure_requests,
+    erase_offline,
     erase_users,
+    erasure_receipt,
     find_user_lines,
+    request_erasure,
 )
 
 
@@ -332,3 +338,190 @@ def test_a_kill_with_uncommitted_bytes_after_the_lines_still_leaves_old_or_new(
     expected = b"".join(line for line in old.splitlines(keepends=True) if _user(line) != ALICE) if renamed else old
     assert day.read_bytes() == expected
     _assert_ledger_matches_the_files(tmp_path)
+
+
+# --- requests for a running sink -------------------------------------------------------------
+
+
+def test_a_request_is_applied_by_the_writer_and_leaves_a_receipt_without_ids(tmp_path: Path) -> None:
+    writer = _folder(tmp_path)
+    old = _day_files(tmp_path)
+    path = request_erasure(tmp_path, "req-1", ERASED)
+    assert path == tmp_path / ERASURE_DIR / "req-1.json"
+    assert path.stat().st_mode & 0o777 == 0o600  # it holds the ids
+    request = orjson.loads(path.read_bytes())
+    assert request["request_id"] == "req-1" and request["user_ids"] == sorted(ERASED)
+    assert isinstance(request["requested_s"], float)
+    assert erasure_receipt(tmp_path, "req-1") is None  # pending
+
+    receipts = apply_erasure_requests(writer)
+    files = {"feedback-2026-11-20.jsonl.gz": 3, "feedback-2026-11-22.jsonl": 2}
+    receipt = erasure_receipt(tmp_path, "req-1")
+    assert receipts == [receipt]
+    assert receipt is not None and receipt["files"] == files and receipt["lines"] == 5
+    assert receipt["request_id"] == "req-1" and receipt["requested_s"] == request["requested_s"]
+    assert receipt["done_s"] >= receipt["requested_s"]
+    assert not path.exists()
+    spool_text = b"".join(p.read_bytes() for p in (tmp_path / ERASURE_DIR).iterdir())
+    assert ALICE.encode() not in spool_text and ALICE_PSEUDONYM.encode() not in spool_text
+    assert _day_files(tmp_path) == _without_alice(old)
+    assert find_user_lines(tmp_path, {ALICE_PSEUDONYM}) == {}
+    assert apply_erasure_requests(writer) == []  # nothing pending
+
+    # Oldest first; a request for lines already gone gets a receipt with nothing in it.
+    request_erasure(tmp_path, "req-3", {"carol"})
+    request_erasure(tmp_path, "req-2", {ALICE})
+    os.utime(tmp_path / ERASURE_DIR / "req-2.json", (1, 1))
+    assert [r["request_id"] for r in apply_erasure_requests(writer)] == ["req-2", "req-3"]
+    assert erasure_receipt(tmp_path, "req-2") == {**erasure_receipt(tmp_path, "req-2"), "files": {}, "lines": 0}
+    assert erasure_receipt(tmp_path, "req-3")["files"] == {  # type: ignore[index]
+        "feedback-2026-11-20.jsonl.gz": 1,
+        "feedback-2026-11-22.jsonl": 1,
+    }
+    _assert_ledger_matches_the_files(tmp_path)
+
+
+def test_request_ids_and_ids_are_checked(tmp_path: Path) -> None:
+    for bad in ("", "a" * 65, "../x", "a.b", "a b"):
+        with pytest.raises(ValueError, match="request id"):
+            request_erasure(tmp_path, bad, ERASED)
+        with pytest.raises(ValueError):
+            erasure_receipt(tmp_path, bad)
+    with pytest.raises(ValueError, match="user id"):
+        request_erasure(tmp_path, "r", set())
+    with pytest.raises(ValueError, match="user id"):
+        request_erasure(tmp_path, "r", {""})
+    assert not (tmp_path / ERASURE_DIR / "r.json").exists()
+    request_erasure(tmp_path, "A-z_09", {"x"})  # the whole alphabet of ids
+
+
+def test_a_malformed_request_is_set_aside_by_name_and_the_rest_still_applied(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer = _folder(tmp_path)
+    spool = tmp_path / ERASURE_DIR
+    spool.mkdir()
+    (spool / "garbage.json").write_bytes(b'{"user_ids": ["alice"')
+    (spool / "renamed.json").write_bytes(orjson.dumps({"request_id": "other", "user_ids": [ALICE]}))
+    (spool / "empty.json").write_bytes(orjson.dumps({"request_id": "empty", "user_ids": []}))
+    request_erasure(tmp_path, "good", ERASED)
+    with caplog.at_level(logging.INFO, logger="sinks.jsonl"):
+        receipts = apply_erasure_requests(writer)
+    assert [r["request_id"] for r in receipts] == ["good"]
+    assert sorted(p.name for p in spool.iterdir()) == [
+        "empty.json.bad",
+        "garbage.json.bad",
+        "good.done.json",
+        "renamed.json.bad",
+    ]
+    assert "jsonl_erasure_request_bad file=garbage.json" in caplog.text
+    assert ALICE not in caplog.text
+
+
+def test_a_request_left_by_a_kill_before_its_receipt_is_applied_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = _folder(tmp_path)
+    request_erasure(tmp_path, "req", ERASED)
+    real = os.replace
+
+    def killed(src: Any, dst: Any) -> None:
+        if str(dst).endswith(".done.json"):
+            raise _Killed
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(_Killed):
+        apply_erasure_requests(writer)
+    monkeypatch.setattr(os, "replace", real)
+    writer.close()
+    assert erasure_receipt(tmp_path, "req") is None
+    restarted = JsonlWriter(tmp_path)
+    (receipt,) = apply_erasure_requests(restarted)
+    assert receipt["lines"] == 0 and not (tmp_path / ERASURE_DIR / "req.json").exists()
+    assert find_user_lines(tmp_path, {ALICE_PSEUDONYM}) == {}
+
+
+def test_a_stale_request_tmp_is_removed(tmp_path: Path) -> None:
+    writer = JsonlWriter(tmp_path)
+    spool = tmp_path / ERASURE_DIR
+    spool.mkdir()
+    stale, fresh = spool / "old.json.tmp", spool / "new.json.tmp"
+    stale.write_bytes(b'{"user_ids": ["alice"]}')
+    fresh.write_bytes(b"{")
+    os.utime(stale, (1, 1))
+    assert apply_erasure_requests(writer) == []
+    assert not stale.exists() and fresh.exists()  # fresh: a request_erasure may be writing it
+
+
+def test_erase_offline_takes_the_lock_or_says_a_sink_holds_it(tmp_path: Path) -> None:
+    writer = _folder(tmp_path)
+    old = _day_files(tmp_path)
+    with pytest.raises(WriterBusy):
+        erase_offline(tmp_path, ERASED)
+    assert _day_files(tmp_path) == old
+    writer.close()
+    assert erase_offline(tmp_path, ERASED) == {"feedback-2026-11-20.jsonl.gz": 3, "feedback-2026-11-22.jsonl": 2}
+    assert _day_files(tmp_path) == _without_alice(old)
+    JsonlWriter(tmp_path).close()  # released again
+    assert erase_offline(tmp_path / "missing", ERASED) == {}
+    assert not (tmp_path / "missing").exists()
+
+
+def _jsonl_sink(path: Path) -> Any:
+    from pipeline.settings import Settings
+    from sinks.feedback_sink import JsonlSink
+
+    return JsonlSink(Settings(bootstrap_servers="127.0.0.1:1", path=path))
+
+
+def test_the_running_sink_applies_requests_between_batches_and_releases_its_lock(tmp_path: Path) -> None:
+    from sinks.feedback_sink import ERASURE_POLL_S
+
+    _folder(tmp_path).close()
+    old = _day_files(tmp_path)
+    sink = _jsonl_sink(tmp_path)
+    # forget's path while a sink runs: the folder is busy, so it asks.
+    with pytest.raises(WriterBusy):
+        erase_offline(tmp_path, ERASED)
+    request_erasure(tmp_path, "r1", ERASED)
+    sink.maintenance()
+    assert erasure_receipt(tmp_path, "r1")["lines"] == 5  # type: ignore[index]
+    assert _day_files(tmp_path) == _without_alice(old)
+    request_erasure(tmp_path, "r2", {"carol"})
+    sink.maintenance()  # within the poll interval: the folder is not even listed
+    assert erasure_receipt(tmp_path, "r2") is None
+    time.sleep(ERASURE_POLL_S + 0.05)
+    sink.maintenance()
+    assert erasure_receipt(tmp_path, "r2")["lines"] == 2  # type: ignore[index]
+    _assert_ledger_matches_the_files(tmp_path)
+
+    sink.stop()
+    sink.run()  # stopped at once: the run ends, and with it the writer lock
+    assert erase_offline(tmp_path, {"bob"}) == {"feedback-2026-11-20.jsonl.gz": 2, "feedback-2026-11-22.jsonl": 1}
+
+
+def test_a_sink_whose_erasure_fails_keeps_running_and_retries_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _folder(tmp_path).close()
+    sink = _jsonl_sink(tmp_path)
+    request_erasure(tmp_path, "r", ERASED)
+    real = os.replace
+
+    def full(src: Any, dst: Any) -> None:
+        if str(src).endswith(ERASE_TMP):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", full)
+    with caplog.at_level(logging.WARNING):
+        sink.maintenance()  # logged, never raised
+    assert "jsonl_erasure_deferred retry_in_s=1.0" in caplog.text
+    assert erasure_receipt(tmp_path, "r") is None and (tmp_path / ERASURE_DIR / "r.json").exists()
+    monkeypatch.setattr(os, "replace", real)
+    sink._erasure_due = 0.0  # the backoff has passed
+    sink.maintenance()
+    assert erasure_receipt(tmp_path, "r")["lines"] == 5  # type: ignore[index]
+    _assert_ledger_matches_the_files(tmp_path)
+    sink.close()

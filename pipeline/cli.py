@@ -361,7 +361,9 @@ def main() -> None:
 
 
 import pipeline.ops_cli  # noqa: E402,F401  (registers dlq list/replay; it imports query_cli first)
-from pipeline import query_cli, triage_cli  # noqa: E402,F401  (register list/report/export, triage/label/resolve)
+
+# Register forget, list/report/export and triage/label/resolve.
+from pipeline import forget_cli, query_cli, triage_cli  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()

@@ -21,7 +21,7 @@ from pipeline.errors import TransientError
 from producers.synthetic import generate_events
 from schemas.serde import AvroSerde, schema_text
 from sinks.avro_ocf import container, zigzag
-from sinks.batching import decode_intent, encode_intent
+from sinks.batching import Batch, decode_intent, encode_intent
 from sinks.clickhouse import AVRO_EVENT_SELECT, EVENT_COLUMNS, avro_insert_query
 from sinks.jsonl import LEDGER, JsonlWriter, Ledger, event_json, housekeep
 
@@ -253,15 +253,18 @@ def test_intent_batches_end_exactly_and_redeliveries_are_not_taken_twice() -> No
     sink = _sink()
     sink._intents = {("clean", 0): 2}
     sink._closed = set()
-    batch: list[Any] = []
+    batch = Batch()
     sink._batch = batch
     for p, o in [(0, 0), (1, 5), (0, 1), (0, 1), (0, 2), (0, 3), (1, 6), (0, 4)]:
         sink._take(_Record(p, o), batch)
     assert [(m.partition(), m.offset()) for m in batch] == [(0, 0), (1, 5), (0, 1), (0, 2), (1, 6)]
+    parts = {k: [m.offset() for m in v] for k, v in batch.parts.items()}
+    assert parts == {("clean", 0): [0, 1, 2], ("clean", 1): [5, 6]}
     assert [m.offset() for m in sink._carry] == [3, 4] and not sink._intents
     # A rebalance hands partition 1 back: what was collected for it is read again, not kept twice.
     sink._forget({("clean", 1)})
     assert [(m.partition(), m.offset()) for m in batch] == [(0, 0), (0, 1), (0, 2)]
+    assert list(batch.parts) == [("clean", 0)]
     sink._take(_Record(1, 5), batch)
     assert batch[-1].offset() == 5
 

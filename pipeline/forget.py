@@ -184,6 +184,7 @@ def forget(
 ) -> ForgetReport:
     """Erase the user known by ``ids`` (``given``: the id as the operator gave it; see the module
     docstring). ``step`` is told each step's name."""
+    from pipeline.query_cli import events_table
     from sinks.clickhouse import connect
     from stream_processors.config import triage_rules
     from stream_processors.triage import needs_triage
@@ -222,10 +223,11 @@ def forget(
         step("finding the user's events in ClickHouse")
         client = connect(settings)
         db = f"`{settings.clickhouse_database}`"
+        events = events_table(settings)  # the Distributed table on a cluster
+        on_cluster = f" ON CLUSTER `{settings.clickhouse_cluster}`" if settings.clickhouse_cluster else ""
         try:
             rows = client.query(
-                f"SELECT event_id, interaction_id, type, severity FROM {db}.feedback_events "
-                "WHERE user_id IN {ids:Array(String)}",
+                f"SELECT event_id, interaction_id, type, severity FROM {events} WHERE user_id IN {{ids:Array(String)}}",
                 parameters={"ids": sorted(ids)},
             ).result_rows
             event_ids = sorted({r[0] for r in rows})
@@ -281,7 +283,7 @@ def forget(
                 ("interaction_stats", "interaction_id", interaction_ids),
                 ("triage", "triage_id", event_ids),
             ):
-                report.erased[f"ClickHouse {table} rows"] = _delete(client, db, table, column, values)
+                report.erased[f"ClickHouse {table} rows"] = _delete(client, db, table, column, values, on_cluster)
         finally:
             client.close()
 
@@ -298,14 +300,18 @@ def forget(
         kafka.close()
 
 
-def _delete(client: Any, db: str, table: str, column: str, values: list[str]) -> int:
+def _delete(client: Any, db: str, table: str, column: str, values: list[str], on_cluster: str) -> int:
+    """Delete synchronously (the data parts are rewritten, not masked); on a cluster on every shard and replica."""
     if not values:
         return 0
     where = f"{column} IN {{v:Array(String)}}"
-    found = int(client.command(f"SELECT count() FROM {db}.{table} WHERE {where}", parameters={"v": values}))
+    source = f"{db}.{table}_all" if on_cluster and table == "feedback_events" else f"{db}.{table}"
+    found = int(client.command(f"SELECT count() FROM {source} WHERE {where}", parameters={"v": values}))
     if found:
         client.command(
-            f"ALTER TABLE {db}.{table} DELETE WHERE {where}", parameters={"v": values}, settings={"mutations_sync": 2}
+            f"ALTER TABLE {db}.{table}{on_cluster} DELETE WHERE {where}",
+            parameters={"v": values},
+            settings={"mutations_sync": 2},
         )
     return found
 
@@ -341,6 +347,7 @@ def _erase_files(settings: Settings, ids: set[str], deadline: float, report: For
 
 def _remaining(settings: Settings, ids: set[str], event_ids: list[str], interaction_ids: list[str]) -> dict[str, int]:
     """Traces found after the erasure: by query in ClickHouse and by scanning the files."""
+    from pipeline.query_cli import events_table
     from sinks.clickhouse import connect
     from sinks.jsonl import find_user_lines
 
@@ -350,7 +357,7 @@ def _remaining(settings: Settings, ids: set[str], event_ids: list[str], interact
         left = {
             "ClickHouse feedback_events": int(
                 client.command(
-                    f"SELECT count() FROM {db}.feedback_events WHERE user_id IN {{v:Array(String)}}",
+                    f"SELECT count() FROM {events_table(settings)} WHERE user_id IN {{v:Array(String)}}",
                     parameters={"v": sorted(ids)},
                 )
             )

@@ -50,3 +50,27 @@ def test_the_user_is_found_as_sent_and_as_pseudonym(tmp_path: object) -> None:
     assert ForgetReport().complete
     assert not ForgetReport(pending=["the worker is behind"]).complete
     assert not ForgetReport(remaining={"JSONL lines": 1}).complete
+
+
+class _Recorder:
+    """Records the statements sent; answers every count with 3."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, object]]] = []
+
+    def command(self, sql: str, parameters: dict[str, object], settings: dict[str, object] | None = None) -> int:
+        self.sent.append((sql, settings or {}))
+        return 3
+
+
+@pytest.mark.parametrize("cluster", ["", " ON CLUSTER `c1`"])
+def test_deletes_are_synchronous_and_reach_every_shard_on_a_cluster(cluster: str) -> None:
+    from pipeline.forget import _delete
+
+    client = _Recorder()
+    assert _delete(client, "`db`", "feedback_events", "user_id", ["u_1"], cluster) == 3
+    (count, _), (alter, settings) = client.sent
+    assert count.startswith("SELECT count() FROM `db`.feedback_events" + ("_all" if cluster else " "))
+    assert alter.startswith(f"ALTER TABLE `db`.feedback_events{cluster} DELETE WHERE user_id IN")
+    assert settings == {"mutations_sync": 2}
+    assert _delete(client, "`db`", "triage", "triage_id", [], cluster) == 0 and len(client.sent) == 2

@@ -184,7 +184,6 @@ def forget(
 ) -> ForgetReport:
     """Erase the user known by ``ids`` (``given``: the id as the operator gave it; see the module
     docstring). ``step`` is told each step's name."""
-    from pipeline.query_cli import events_table
     from sinks.clickhouse import connect
     from stream_processors.config import triage_rules
     from stream_processors.triage import needs_triage
@@ -223,8 +222,8 @@ def forget(
         step("finding the user's events in ClickHouse")
         client = connect(settings)
         db = f"`{settings.clickhouse_database}`"
-        events = events_table(settings)  # the Distributed table on a cluster
         on_cluster = f" ON CLUSTER `{settings.clickhouse_cluster}`" if settings.clickhouse_cluster else ""
+        events = _read_from(db, "feedback_events", on_cluster)
         try:
             rows = client.query(
                 f"SELECT event_id, interaction_id, type, severity FROM {events} WHERE user_id IN {{ids:Array(String)}}",
@@ -278,38 +277,53 @@ def forget(
 
             # 4. ClickHouse
             step("deleting from ClickHouse")
-            for table, column, values in (
+            targets = (
                 ("feedback_events", "user_id", sorted(ids)),
                 ("interaction_stats", "interaction_id", interaction_ids),
                 ("triage", "triage_id", event_ids),
-            ):
+            )
+            for table, column, values in targets:
                 report.erased[f"ClickHouse {table} rows"] = _delete(client, db, table, column, values, on_cluster)
+
+            # 5. the JSONL files
+            step("rewriting the JSONL files")
+            report.erased["JSONL lines"] = _erase_files(settings, ids, deadline, report)
+
+            # 6. verify, by query and by scanning the files
+            step("verifying")
+            report.remaining = {
+                f"ClickHouse {table}": _count(client, _read_from(db, table, on_cluster), column, values)
+                for table, column, values in targets
+                if values
+            }
+            report.remaining.update(_left_in_files(settings, ids, event_ids))
         finally:
             client.close()
-
-        # 5. the JSONL files
-        step("rewriting the JSONL files")
-        report.erased["JSONL lines"] = _erase_files(settings, ids, deadline, report)
-
-        # 6. verify
-        step("verifying")
-        report.remaining = _remaining(settings, ids, event_ids, interaction_ids)
         report.ageing = _ageing(settings)
         return report
     finally:
         kafka.close()
 
 
-def _delete(client: Any, db: str, table: str, column: str, values: list[str], on_cluster: str) -> int:
-    """Delete synchronously (the data parts are rewritten, not masked); on a cluster on every shard and replica."""
+def _read_from(db: str, table: str, on_cluster: str) -> str:
+    """Where to count: the Distributed table for the sharded events on a cluster."""
+    return f"{db}.{table}_all" if on_cluster and table == "feedback_events" else f"{db}.{table}"
+
+
+def _count(client: Any, source: str, column: str, values: list[str]) -> int:
     if not values:
         return 0
-    where = f"{column} IN {{v:Array(String)}}"
-    source = f"{db}.{table}_all" if on_cluster and table == "feedback_events" else f"{db}.{table}"
-    found = int(client.command(f"SELECT count() FROM {source} WHERE {where}", parameters={"v": values}))
+    return int(
+        client.command(f"SELECT count() FROM {source} WHERE {column} IN {{v:Array(String)}}", parameters={"v": values})
+    )
+
+
+def _delete(client: Any, db: str, table: str, column: str, values: list[str], on_cluster: str) -> int:
+    """Delete synchronously (the data parts are rewritten, not masked); on a cluster on every shard and replica."""
+    found = _count(client, _read_from(db, table, on_cluster), column, values)
     if found:
         client.command(
-            f"ALTER TABLE {db}.{table}{on_cluster} DELETE WHERE {where}",
+            f"ALTER TABLE {db}.{table}{on_cluster} DELETE WHERE {column} IN {{v:Array(String)}}",
             parameters={"v": values},
             settings={"mutations_sync": 2},
         )
@@ -345,40 +359,12 @@ def _erase_files(settings: Settings, ids: set[str], deadline: float, report: For
     return 0
 
 
-def _remaining(settings: Settings, ids: set[str], event_ids: list[str], interaction_ids: list[str]) -> dict[str, int]:
-    """Traces found after the erasure: by query in ClickHouse and by scanning the files."""
-    from pipeline.query_cli import events_table
-    from sinks.clickhouse import connect
+def _left_in_files(settings: Settings, ids: set[str], event_ids: list[str]) -> dict[str, int]:
+    """Traces found by scanning the day files and the triage queue file after the erasure."""
     from sinks.jsonl import find_user_lines
 
-    db = f"`{settings.clickhouse_database}`"
-    client = connect(settings)
-    try:
-        left = {
-            "ClickHouse feedback_events": int(
-                client.command(
-                    f"SELECT count() FROM {events_table(settings)} WHERE user_id IN {{v:Array(String)}}",
-                    parameters={"v": sorted(ids)},
-                )
-            )
-        }
-        if event_ids:
-            left["ClickHouse triage"] = int(
-                client.command(
-                    f"SELECT count() FROM {db}.triage WHERE triage_id IN {{v:Array(String)}}",
-                    parameters={"v": event_ids},
-                )
-            )
-        if interaction_ids:
-            left["ClickHouse interaction_stats"] = int(
-                client.command(
-                    f"SELECT count() FROM {db}.interaction_stats WHERE interaction_id IN {{v:Array(String)}}",
-                    parameters={"v": interaction_ids},
-                )
-            )
-    finally:
-        client.close()
     directory = Path(settings.path)
+    left: dict[str, int] = {}
     if directory.exists():
         left["JSONL lines"] = sum(find_user_lines(directory, ids).values())
         queue = directory / TRIAGE_QUEUE_FILE

@@ -19,6 +19,12 @@ from schemas.topics import Topics
 __all__ = ["analyst_counts", "clickhouse_counts", "collect_stats", "jsonl_counts", "print_stats", "state_snapshot"]
 
 
+def _tables(client: Any, db: str) -> set[str]:
+    """The tables of database ``db`` (a missing table means "nothing yet", not an error)."""
+    rows = client.query("SELECT name FROM system.tables WHERE database = {db:String}", parameters={"db": db})
+    return {row[0] for row in rows.result_rows}
+
+
 def jsonl_counts(directory: Path) -> dict[str, int]:
     """Lines per daily file (gzipped closed days are counted too)."""
     import gzip
@@ -41,12 +47,7 @@ def clickhouse_counts(settings: Settings) -> dict[str, Any]:
 
     client = connect(settings)
     db = settings.clickhouse_database
-    exists = {
-        row[0]
-        for row in client.query(
-            "SELECT name FROM system.tables WHERE database = {db:String}", parameters={"db": db}
-        ).result_rows
-    }
+    exists = _tables(client, db)
     out: dict[str, Any] = {}
     if "feedback_events" in exists:
         out["feedback_events"] = int(client.command(f"SELECT count() FROM `{db}`.feedback_events"))
@@ -81,12 +82,7 @@ def analyst_counts(settings: Settings) -> dict[str, Any]:
 
     client = connect(settings)
     db = settings.clickhouse_database
-    exists = {
-        row[0]
-        for row in client.query(
-            "SELECT name FROM system.tables WHERE database = {db:String}", parameters={"db": db}
-        ).result_rows
-    }
+    exists = _tables(client, db)
     out: dict[str, Any] = {"totals": [], "rejections": [], "sampling": []}
     if "feedback_events" in exists:
         rows = client.query(

@@ -403,16 +403,23 @@ class JsonlWriter:
         Raises :class:`TransientError` if the disk fails; the files are cut back to the
         ledger first, so a retry of the same batch leaves them exact.
         """
+        with self._undone_on_disk_error("jsonl_write_failed", "cannot write JSONL files"):
+            self._write(records, offsets)
+
+    @contextlib.contextmanager
+    def _undone_on_disk_error(self, event: str, what: str) -> Iterator[None]:
+        """Run a change to the files from the ledger on disk; on an ``OSError`` cut the files back
+        to it and raise :class:`TransientError`, so the change can simply be tried again."""
         try:
             if self._dirty:
                 self._rollback()
-            self._write(records, offsets)
+            yield
         except OSError as exc:
             self._dirty = True
-            log.error("jsonl_write_failed dir=%s error=%s", self.directory, exc.strerror or type(exc).__name__)
-            with contextlib.suppress(OSError):  # if this fails too, it is tried again before the next write
+            log.error("%s dir=%s error=%s", event, self.directory, exc.strerror or type(exc).__name__)
+            with contextlib.suppress(OSError):  # if this fails too, it is tried again before the next change
                 self._rollback()
-            raise TransientError(f"cannot write JSONL files: {exc.strerror or type(exc).__name__}") from None
+            raise TransientError(f"{what}: {exc.strerror or type(exc).__name__}") from None
 
     def _write(self, records: list[dict[str, Any]], offsets: dict[tuple[str, int], int] | None) -> None:
         by_file: dict[Path, list[bytes]] = defaultdict(list)
@@ -449,16 +456,9 @@ class JsonlWriter:
         files recovered first (each file is then either the old or the rewritten one), so the
         (idempotent) erasure can simply be run again.
         """
-        try:
-            if self._dirty:
-                self._rollback()
-            return erase_users(self.directory, self.ledger, user_ids)
-        except OSError as exc:
-            self._dirty = True
-            log.error("jsonl_erase_failed dir=%s error=%s", self.directory, exc.strerror or type(exc).__name__)
-            with contextlib.suppress(OSError):  # if this fails too, it is tried again before the next write
-                self._rollback()
-            raise TransientError(f"cannot erase from the JSONL files: {exc.strerror or type(exc).__name__}") from None
+        with self._undone_on_disk_error("jsonl_erase_failed", "cannot erase from the JSONL files"):
+            erased = erase_users(self.directory, self.ledger, user_ids)
+        return erased
 
 
 def _copy(src: Any, dst: Any, length: int) -> None:

@@ -310,13 +310,21 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
         swept = 0
         for key, value in list(table.data.items()):
             if value is not None and expired(value):
-                table.data.pop(key, None)
-                table.send_changelog(value["partition"], key, None, value_serializer="raw")
+                drop(table, key)
                 swept += 1
                 if swept >= SEEN_SWEEP_MAX:
                     break
         if swept:
             log.info("%s count=%d", event, swept)
+
+    def drop(table: Any, key: str, partition: int | None = None) -> bool:
+        """Remove ``key`` from ``table`` outside its partition's event (a timer, an erasure marker on
+        another partition): the tombstone goes to the changelog partition the value remembers."""
+        value = table.data.pop(key, None)
+        if value is None:
+            return False
+        table.send_changelog(value.get("partition", partition), key, None, value_serializer="raw")
+        return True
 
     def forget_subject(key: bytes | None, partition: int) -> None:
         """An erasure marker (``feedback forget``): a null value on the raw topic, keyed by the user id
@@ -329,9 +337,7 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
         if config.pseudonym_key is not None:
             candidates.add(pseudonymize(given, config.pseudonym_key))
         for candidate in candidates:
-            value = subjects.data.pop(candidate, None)
-            if value is not None:
-                subjects.send_changelog(value.get("partition", partition), candidate, None, value_serializer="raw")
+            if drop(subjects, candidate, partition):
                 metrics.erased.labels("subjects").inc()
 
     def clean_key(record: dict[str, Any]) -> bytes:

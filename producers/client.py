@@ -14,6 +14,9 @@
         # later with the same interaction_id is joined to this context in the stream.
         fb.track("i-11", latency_ms=840, cost=0.002, response=answer)
 
+        # Many at once (the gateway's JSON form): all validated before any is sent.
+        fb.emit_many([{"type": "implicit", "payload": {"signal": "copy"}, "interaction_id": "i-12"}, ...])
+
 Each helper builds and validates a :class:`FeedbackEvent` (a bad argument raises
 ``ValueError`` naming the field) and queues it; ``flush()`` (and leaving the
 ``with`` block) waits for Kafka and raises :class:`DeliveryError` for anything not
@@ -29,7 +32,7 @@ leave the process, and not sent at all unless text is allowed (``FEEDBACK_ALLOW_
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from typing import Any
 
 from confluent_kafka import KafkaException
@@ -37,13 +40,14 @@ from pydantic import ValidationError
 
 from pipeline.settings import Settings, get_settings
 from producers.producer import AsyncProducer, DeliveryError, FeedbackProducer, subject_key
+from schemas.bulk import Accepted, BulkEncoder, Refused
 from schemas.interaction import Interaction
 from schemas.models import FeedbackEvent
 from schemas.serde import AvroSerde
 from schemas.topics import Topics
 from stream_processors.redact import redact_text
 
-__all__ = ["REGRET_THRESHOLD", "AsyncFeedbackClient", "FeedbackClient"]
+__all__ = ["REGRET_THRESHOLD", "Accepted", "AsyncFeedbackClient", "FeedbackClient"]
 
 REGRET_THRESHOLD = -0.3
 
@@ -58,6 +62,7 @@ class _Signals:
         self.source = source
         self.defaults = {"model_version": model_version, "prompt_version": prompt_version}
         self.regret_threshold = regret_threshold
+        self._bulk: BulkEncoder | None = None
 
     def _event(self, type_: str, payload: Mapping[str, Any], **fields: Any) -> FeedbackEvent:
         data = {"source": self.source, "type": type_, "payload": dict(payload)}
@@ -72,6 +77,35 @@ class _Signals:
 
     def _submit(self, event: FeedbackEvent) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _submit_many(self, accepted: list[Accepted]) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _serde(self) -> AvroSerde:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def emit_many(self, events: Iterable[Mapping[str, Any]]) -> Any:
+        """Many events at once, each in the gateway's JSON form (``type``, a flat ``payload``,
+        ``user_id``, ``interaction_id``, ...); the client's source and versions fill what an
+        event leaves out. Every event is validated first: an invalid one raises ``ValueError``
+        naming its index and field (``events.3.payload.rating: ...``) and nothing is sent.
+        Returns one :class:`~schemas.bulk.Accepted` (``event_id``, ``hash``) per event.
+
+        The same rules, hash and bytes as the helpers, at about half their cost per event:
+        no model object is built (``schemas.bulk``)."""
+        if self._bulk is None:
+            self._bulk = BulkEncoder(self._serde())
+        items = [dict(e) if isinstance(e, Mapping) else e for e in events]
+        defaults = {"source": self.source, **{k: v for k, v in self.defaults.items() if v is not None}}
+        results = self._bulk.encode(items, defaults=defaults)
+        for i, result in enumerate(results):
+            if isinstance(result, Refused):
+                if result.error is None:
+                    raise ValueError(f"events.{i}: must be a mapping of fields")
+                err = result.error.errors()[0]
+                field = ".".join(str(p) for p in err["loc"]) or "event"
+                raise ValueError(f"events.{i}.{field}: {err['msg'].removeprefix('Value error, ')}")
+        return self._submit_many(results)  # type: ignore[arg-type]  # every result is Accepted here
 
     def _track(self, interaction: Interaction) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -190,6 +224,15 @@ class FeedbackClient(_Signals):
         self.producer.send(event)
         return event
 
+    def _serde(self) -> AvroSerde:
+        return self.producer.serde
+
+    def _submit_many(self, accepted: list[Accepted]) -> list[Accepted]:
+        send = self.producer.send_encoded
+        for event in accepted:
+            send(event.key, event.value)
+        return accepted
+
     def _allow_text(self) -> bool:
         return self.producer.settings.allow_text
 
@@ -231,16 +274,29 @@ class AsyncFeedbackClient(_Signals):
         self._tracker: FeedbackProducer | None = None
 
     async def _send(self, event: FeedbackEvent) -> FeedbackEvent:
-        if self._producer is None:
-            self._producer = AsyncProducer(self.settings, timeout_s=120.0, client_id="feedback-client")
         try:
-            await self._producer.publish(subject_key(event), self.serde.encode(event.to_avro()))
+            await self._publisher().publish(subject_key(event), self.serde.encode(event.to_avro()))
         except KafkaException as exc:
             raise DeliveryError([(event.event_id, exc.args[0].str())]) from None
         return event
 
+    def _publisher(self) -> AsyncProducer:
+        if self._producer is None:
+            self._producer = AsyncProducer(self.settings, timeout_s=120.0, client_id="feedback-client")
+        return self._producer
+
     def _submit(self, event: FeedbackEvent) -> Awaitable[FeedbackEvent]:
         return self._send(event)
+
+    def _serde(self) -> AvroSerde:
+        return self.serde
+
+    async def _submit_many(self, accepted: list[Accepted]) -> list[Accepted]:
+        outcomes = await self._publisher().publish_many([(event.key, event.value) for event in accepted])
+        failures = [(event.event_id, err.str()) for event, err in zip(accepted, outcomes, strict=True) if err]
+        if failures:
+            raise DeliveryError(failures)
+        return accepted
 
     def _nothing(self) -> Awaitable[None]:
         return asyncio.sleep(0)

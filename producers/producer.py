@@ -94,6 +94,11 @@ class FeedbackProducer:
         value = self.serde.encode_model(event)  # the bytes of serde.encode(event.to_avro())
         self._produce(value, subject_key(event), self._on_event_delivery, timestamp_ms)
 
+    def send_encoded(self, key: bytes, value: bytes) -> None:
+        """Queue an event already validated and encoded (``schemas.bulk.Accepted``'s key and
+        value); a delivery failure names it by the event id its bytes carry, as for :meth:`send`."""
+        self._produce(value, key, self._on_event_delivery, None)
+
     def send_many(self, events: Iterable[FeedbackEvent]) -> int:
         """Queue many events; returns how many were queued."""
         n = 0

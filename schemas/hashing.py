@@ -14,13 +14,14 @@ Python versions.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
 from schemas.models import FREE_TEXT_FIELDS, FeedbackEvent, format_ts
 
-__all__ = ["EXCLUDED_FROM_HASH", "canonical_json", "compute_hash"]
+__all__ = ["EXCLUDED_FROM_HASH", "canonical_json", "compute_hash", "content_of", "hash_content"]
 
 EXCLUDED_FROM_HASH = frozenset({"event_id", "hash", "client_ip", "sample_rate", "text_dropped", "propagation_weight"})
 
@@ -45,19 +46,32 @@ def canonical_content(event: FeedbackEvent) -> dict[str, Any]:
     payload = fields["payload"].__dict__
     flat = {k: payload[k] for k in FREE_TEXT_FIELDS if payload[k] is not None}
     flat.update(payload["extra"])
+    return content_of(fields, flat)
+
+
+def content_of(fields: Mapping[str, Any], flat: dict[str, Any], ts_text: str | None = None) -> dict[str, Any]:
+    """:func:`canonical_content` from validated field values (``severity`` a :class:`Severity`,
+    ``ts`` an aware datetime, optional fields present or missing) and the flat payload;
+    ``ts_text`` is ``format_ts(fields["ts"])`` when the caller has it already."""
     content: dict[str, Any] = {
-        "ts": format_ts(fields["ts"]),
+        "ts": ts_text or format_ts(fields["ts"]),
         "source": fields["source"],
         "type": fields["type"],
         "severity": fields["severity"].value,
         "payload": flat,
         "tags": fields["tags"],
     }
+    get = fields.get
     for name in _OPTIONAL_CONTENT:
-        value = fields[name]
+        value = get(name)
         if value is not None:
             content[name] = value
     return content
+
+
+def hash_content(content: dict[str, Any]) -> str:
+    """Hex SHA-256 of the canonical JSON of :func:`content_of`'s dict."""
+    return hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 def canonical_json(event: FeedbackEvent) -> bytes:

@@ -79,3 +79,22 @@ def test_async_client_raises_when_kafka_does_not_acknowledge(isolated: Settings)
             await fb.aclose()
 
     asyncio.run(run())
+
+
+def test_emit_many_publishes_every_event_once_with_its_hash(isolated: Settings) -> None:
+    ensure_topics(isolated)
+    items = [{"type": "implicit", "user_id": f"u-{i % 7}", "payload": {"signal": "copy", "n": i}} for i in range(300)]
+    with FeedbackClient("dream_ui", isolated) as fb:
+        sent = fb.emit_many(items)
+    records = {r["event_id"]: r for r in _raw(isolated)}
+    assert len(records) == 300 and set(records) == {s.event_id for s in sent}
+    for s in sent:
+        assert records[s.event_id]["hash"] == s.hash
+    assert sorted(r["payload"]["extra"]["n"] for r in records.values()) == list(range(300))
+
+    async def run() -> list[str]:
+        async with AsyncFeedbackClient("mesh", isolated) as fb:
+            return [s.event_id for s in await fb.emit_many(items[:50])]
+
+    more = asyncio.run(run())
+    assert set(more) <= {r["event_id"] for r in _raw(isolated)} and len(set(more)) == 50

@@ -61,3 +61,32 @@ def test_track_keeps_snapshots_only_when_text_is_allowed_and_always_redacts() ->
     assert tracked.response is None and tracked.model_version == "m-1" and tracked.latency_ms == 12
     allowed = FeedbackClient("svc", Settings(bootstrap_servers="127.0.0.1:1", allow_text=True))
     assert allowed.track("i-2", response="mail me: a@b.example").response == "mail me: [EMAIL]"
+
+
+def test_emit_many_refuses_the_whole_call_naming_index_and_field(
+    client: FeedbackClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = {"type": "implicit", "payload": {"signal": "copy"}}
+    queued: list[bytes] = []
+    monkeypatch.setattr(client.producer, "send_encoded", lambda key, value: queued.append(value))
+    with pytest.raises(ValueError, match=r"^events\.2\.payload.*payload\.signal: .*nested"):
+        client.emit_many([good, good, {"type": "implicit", "payload": {"signal": {"nested": 1}}}])
+    with pytest.raises(ValueError, match=r"^events\.1\.type: "):
+        client.emit_many([good, {"type": ""}])
+    with pytest.raises(ValueError, match=r"^events\.0: must be a mapping"):
+        client.emit_many(["thumbs"])  # type: ignore[list-item]
+    assert queued == []  # nothing sent for any of them
+    client.emit_many([good, good])
+    assert len(queued) == 2
+
+
+def test_emit_many_fills_the_clients_source_and_versions(monkeypatch: pytest.MonkeyPatch) -> None:
+    fb = FeedbackClient("dream_ui", Settings(bootstrap_servers="127.0.0.1:1"), model_version="m-1")
+    queued: list[bytes] = []
+    monkeypatch.setattr(fb.producer, "send_encoded", lambda key, value: queued.append(value))
+    sent = fb.emit_many([{"type": "thumbs", "payload": {"direction": "up"}}, {"type": "t", "source": "own"}])
+    assert queued == [s.value for s in sent]
+    first, second = (fb.producer.serde.decode(s.value) for s in sent)
+    assert (first["source"], first["model_version"], first["hash"]) == ("dream_ui", "m-1", sent[0].hash)
+    assert (second["source"], second["model_version"]) == ("own", "m-1")
+    assert first["event_id"] == sent[0].event_id != sent[1].event_id

@@ -11,6 +11,8 @@ private local stack:
   the run does not flatter the other figures;
 * **client**: ``FeedbackClient.thumbs(...)`` per event — validation, hashing, Avro
   encoding and the produce — until Kafka has acknowledged all of them;
+* **client bulk**: ``FeedbackClient.emit_many(...)`` with ``--batch`` events per call (the
+  same events; same validation, hash and bytes, no model object per event);
 * **gateway batch**: ``POST /internal/feedback/batch`` with 1,000 events per request over a
   few keep-alive connections, every item answered 202 (acknowledged by Kafka);
 * **gateway single**: ``POST /internal/feedback`` one event per request over
@@ -50,6 +52,7 @@ from pipeline.kafka_admin import ensure_topics
 from pipeline.settings import Settings
 from producers.client import FeedbackClient
 from producers.producer import subject_key
+from schemas.bulk import BulkEncoder
 from schemas.models import FeedbackEvent
 from schemas.serde import AvroSerde
 from schemas.topics import Topics
@@ -107,6 +110,20 @@ def client(settings: Settings, events: list[dict[str, Any]], warmup: list[dict[s
         return len(events) / (time.perf_counter() - started)
 
 
+def client_bulk(settings: Settings, events: list[dict[str, Any]], warmup: list[dict[str, Any]], chunk: int) -> float:
+    """``FeedbackClient.emit_many`` in chunks of ``chunk`` events (the same events in their JSON
+    form, without ``source``, which the client fills): validation, hashing, encoding, produce."""
+    items = [{k: v for k, v in e.items() if k != "source"} for e in events]
+    with FeedbackClient("dream_ui", settings) as fb:
+        fb.emit_many(warmup)
+        fb.flush()
+        started = time.perf_counter()
+        for i in range(0, len(items), chunk):
+            fb.emit_many(items[i : i + chunk])
+        fb.flush()
+        return len(items) / (time.perf_counter() - started)
+
+
 def client_cpu_us(events: list[dict[str, Any]]) -> dict[str, float]:
     """Per-event Python cost of the client's steps, without Kafka (best of 3 rounds)."""
     serde = AvroSerde()
@@ -122,9 +139,12 @@ def client_cpu_us(events: list[dict[str, Any]]) -> dict[str, float]:
         return round(min(times), 2)
 
     built = [FeedbackEvent.model_validate(e) for e in sample]
+    bulk = BulkEncoder(serde)
+    chunks = [sample[i : i + 1000] for i in range(0, len(sample), 1000)]
     return {
         "validate_and_hash": best(FeedbackEvent.model_validate, sample),
         "to_avro_and_encode": best(lambda e: serde.encode(e.to_avro()), built),
+        "bulk_validate_hash_encode": round(best(bulk.encode, chunks) / 1000, 2),
     }
 
 
@@ -247,6 +267,7 @@ def main() -> None:
             bare(settings, _encoded(_events(args.warmup, offset=10**8)))  # warm-up, untimed
             bare_first = bare(settings, encoded)
             client_rate = client(settings, events, warmup=_events(2000, offset=2 * 10**8))
+            bulk_rate = client_bulk(settings, events, _events(2000, offset=4 * 10**8), args.batch)
             batch_rate, single_rate, http_rate = gateway(settings, events, _events(args.single, offset=3 * 10**8), args)
             bare_last = bare(settings, encoded)
         finally:
@@ -268,6 +289,8 @@ def main() -> None:
         "bare_events_per_s": round(bare_rate),
         "client_events_per_s": round(client_rate),
         "client_ratio": round(client_rate / bare_rate, 3),
+        "client_bulk_events_per_s": round(bulk_rate),
+        "client_bulk_ratio": round(bulk_rate / bare_rate, 3),
         "gateway_batch_events_per_s": round(batch_rate),
         "gateway_batch_ratio": round(batch_rate / bare_rate, 3),
         "gateway_single_per_s": round(single_rate),

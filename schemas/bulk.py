@@ -28,7 +28,7 @@ from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, Stri
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 from schemas.hashing import content_of, hash_content
-from schemas.models import _TS_MAX, _TS_MIN, FREE_TEXT_FIELDS, FeedbackEvent, Severity, format_ts, to_utc
+from schemas.models import _TS_MAX, _TS_MIN, FeedbackEvent, Severity, format_ts, to_utc
 from schemas.serde import AvroSerde
 
 __all__ = ["Accepted", "BulkEncoder", "Refused", "new_event_ids"]
@@ -82,10 +82,6 @@ def new_event_ids(n: int) -> list[str]:
             for i in range(0, 32 * n, 32)]  # fmt: skip
 
 
-_EMPTY: dict[str, Any] = {}
-_NO_TEXT = dict.fromkeys(FREE_TEXT_FIELDS)
-
-
 class BulkEncoder:
     """Turns items (the JSON form of :class:`FeedbackEvent`: a flat ``payload``) into
     :class:`Accepted` or :class:`Refused`, in order.
@@ -124,25 +120,26 @@ class BulkEncoder:
             fields = self._check(item)
         except ValidationError:
             return None  # the model says why (or accepts what this check is too strict for)
-        extra = fields.get("payload", _EMPTY)
-        text = _NO_TEXT
-        if extra:
+        extra = fields.get("payload")
+        if extra:  # a fresh dict from the check: taken apart in place
             given = item["payload"]
             for key, value in extra.items():
                 # A float the check made from an int (e.g. one past the 64-bit range): the model refuses it.
                 if type(value) is float and type(given[key]) is not float:
                     return None
-            extra = dict(extra)
-            text = {}
-            for name in FREE_TEXT_FIELDS:
-                value = extra.pop(name, None)
-                if value is not None and type(value) is not str:
-                    return None
-                text[name] = value
-            flat = {k: v for k, v in text.items() if v is not None}
-            flat.update(extra)
+            text = extra.pop("text", None)
+            comment = extra.pop("comment", None)
+            corrected = extra.pop("corrected_response", None)
+            flat = dict(extra)
+            for name, value in (("text", text), ("comment", comment), ("corrected_response", corrected)):
+                if value is not None:
+                    if type(value) is not str:
+                        return None  # the model says "payload.<name>: must be a string"
+                    flat[name] = value
+            fields["payload"] = {"text": text, "comment": comment, "corrected_response": corrected, "extra": extra}
         else:
             flat = {}
+            fields["payload"] = {"text": None, "comment": None, "corrected_response": None, "extra": {}}
         ts = fields.get("ts")
         ts_text: str | None = now_text
         if ts is None:
@@ -157,7 +154,6 @@ class BulkEncoder:
         digest = fields.get("hash") or hash_content(content_of(fields, flat, ts_text))
         fields["hash"] = digest
         event_id = fields.setdefault("event_id", event_id)
-        fields["payload"] = {**text, "extra": extra}
         return self._accepted(fields, event_id, digest)
 
     def _accepted(self, fields: dict[str, Any], event_id: str, digest: str) -> Accepted:

@@ -287,3 +287,49 @@ def test_a_chunked_post_through_the_test_client(app: FastAPI, sent: FakePublishe
         )
     assert resp.status_code == 202 and "content-length" not in resp.request.headers
     assert len(sent.sent) == 1
+
+
+def test_a_batch_judges_each_item_as_a_single_post_would() -> None:
+    ts = "2026-11-20T10:00:00.000Z"
+    items: list[Any] = [
+        {
+            **EVENT,
+            "ts": ts,
+            "payload": {"direction": "up", "comment": "mail jane@example.com", "ref": "+1 415 555 0100"},
+        },
+        {**EVENT, "ts": ts, "user_id": None, "client_ip": ""},  # keyed by the request's address
+        {**EVENT, "ts": ts, "severity": "apocalyptic", "type": 7},
+        {**EVENT, "ts": ts, "payload": {"nested": {"a": 1}}},
+        {"source": "x"},
+        "not an object",
+        {**EVENT, "ts": ts, "client_ip": "192.0.2.7", "user_id": None, "tags": ["a"]},
+    ]
+    one_by_one, together = FakePublisher(), FakePublisher()
+    singles = [call(_gateway(one_by_one), "/internal/feedback", JSON, [orjson.dumps(item)]) for item in items]
+    batch = call(_gateway(together), "/internal/feedback/batch", JSON, [orjson.dumps({"events": items})])
+    assert batch is not None and batch.status == 207
+    results = batch.json()["results"]
+    assert [r["status"] for r in results] == [202, 202, 422, 422, 422, 422, 202]
+    for i, (single, result) in enumerate(zip(singles, results, strict=True)):
+        assert single is not None and result["index"] == i
+        if single.status == 202:
+            assert result["hash"] == single.json()["hash"]  # same content, same hash
+        else:
+            prefix = f"events.{i}."
+            fields = [p["field"].removeprefix(prefix) for p in result["problems"]]
+            expected = [p["field"] for p in single.json()["problems"]]
+            assert fields == (expected if expected != ["body"] else [f"events.{i}"]), i
+    assert b"apocalyptic" not in batch.body
+
+    def records(publisher: FakePublisher) -> list[tuple[bytes, dict[str, Any]]]:
+        serde = AvroSerde()
+        return [(key, {k: v for k, v in serde.decode(value).items() if k != "event_id"})
+                for key, value in publisher.sent]  # fmt: skip
+
+    assert records(together) == records(one_by_one) and len(together.sent) == 3
+    first, second, _ = records(together)
+    assert first[1]["payload"]["comment"] == "mail [EMAIL]" and first[1]["payload"]["extra"]["ref"] == "[PHONE]"
+    assert second[0] == b"10.1.2.3" and second[1]["client_ip"] == "10.1.2.3"
+    assert [r["event_id"] for r in results if r["status"] == 202] == [
+        AvroSerde().decode(value)["event_id"] for _, value in together.sent
+    ]

@@ -147,10 +147,7 @@ class _Writer:
         if logical is not None and not (kind == "long" and logical in ("timestamp-micros", "timestamp-millis")):
             raise _Unsupported(logical)
         if logical == "timestamp-micros":
-            # An aware datetime becomes microseconds as fastavro's prepare_timestamp_micros does it;
-            # a naive one (local time) is left to fastavro, and an int passes as it is.
-            self.emit(indent, f"if type({v}) is _datetime and {v}.tzinfo is not None:")
-            self.emit(indent + 1, f"{v} = _micros({v})")
+            return self.timestamp_micros(v, indent)
         if kind == "null":
             self.emit(indent, f"if {v} is not None: raise _Unsupported")
         elif kind == "boolean":
@@ -191,7 +188,9 @@ class _Writer:
             is_map = kind == "map"
             self.emit(indent, f"if type({v}) is not {'dict' if is_map else 'list'}: raise _Unsupported")
             self.emit(indent, f"if {v}:")
-            self.emit(indent + 1, f"out += _long(len({v}))")
+            count = self.name("n")
+            self.emit(indent + 1, f"{count} = len({v})")
+            self.emit(indent + 1, f"out += _LENGTHS[{count}] if {count} < 4096 else _long({count})")
             item = self.name("v")
             if is_map:
                 key = self.name("k")
@@ -204,6 +203,25 @@ class _Writer:
             self.emit(indent, "out += b'\\x00'")
         else:
             raise _Unsupported(kind)
+
+    def timestamp_micros(self, v: str, indent: int) -> None:
+        """A timestamp-micros long. An aware datetime becomes microseconds as fastavro's
+        prepare_timestamp_micros does it; a naive one (local time) is left to fastavro, and an
+        int passes as it is. The last datetime's bytes are kept: events written together
+        often share their time (a batch stamped at once), and its varint costs ~1.5 µs."""
+        memo, m, e = self.name("_memo"), self.name("m"), self.name("e")
+        self.consts[memo] = [(None, b"")]  # (datetime, bytes), replaced whole: safe across threads
+        self.emit(indent, f"{m} = {memo}[0]")
+        self.emit(indent, f"if type({v}) is _datetime and {v}.tzinfo is not None and {v} == {m}[0]:")
+        self.emit(indent + 1, f"out += {m}[1]")
+        self.emit(indent, "else:")
+        self.emit(indent + 1, f"{m} = {v}")
+        self.emit(indent + 1, f"if type({v}) is _datetime and {v}.tzinfo is not None:")
+        self.emit(indent + 2, f"{v} = _micros({v})")
+        self.emit(indent + 1, f"if type({v}) is not int or not _LONG_MIN <= {v} <= _LONG_MAX: raise _Unsupported")
+        self.emit(indent + 1, f"{e} = _long({v})")
+        self.emit(indent + 1, f"if type({m}) is _datetime: {memo}[0] = ({m}, {e})")
+        self.emit(indent + 1, f"out += {e}")
 
     def known(self, kind: str, v: str, indent: int) -> None:
         """A string or bytes value whose type was checked already."""

@@ -177,3 +177,19 @@ def test_encode_model_leaves_what_it_does_not_handle_to_fastavro() -> None:
     assert serde.encode_model(as_int) == serde.encode(as_int.to_avro()) == expected
     with pytest.raises(ValueError):  # a severity outside the enum: fastavro's refusal
         serde.encode_model(event, severity="fatal")
+
+
+def test_a_repeated_instant_reuses_its_bytes_exactly() -> None:
+    """The timestamp memo: the same instant (the same object, an equal one in another zone)
+    writes fastavro's bytes, and a different instant after it is not confused with it."""
+    from datetime import timedelta, timezone
+
+    serde = AvroSerde()
+    base = FeedbackEvent.model_validate({"source": "s", "type": "t", "event_id": "e"}).to_avro()
+    t0 = datetime(2026, 11, 23, 12, 0, 0, 1, tzinfo=UTC)
+    shifted = t0.astimezone(timezone(timedelta(hours=-5)))
+    for ts in (t0, t0, shifted, t0 + timedelta(microseconds=1), 1_700_000_000_000_000, t0):
+        record = {**base, "ts": ts}
+        assert compiled_bytes(record) == fastavro_bytes(record)
+        if isinstance(ts, datetime):
+            assert serde.decode(serde.encode(record))["ts"] == ts

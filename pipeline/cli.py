@@ -15,7 +15,7 @@ from rich.table import Table
 
 from pipeline.cli_app import app, console, print_json
 from pipeline.cli_app import settings as load_settings
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, field_rules
 
 __all__ = ["app", "main"]
 
@@ -119,9 +119,7 @@ def _read_events(source: str) -> list[tuple[int, dict[str, Any] | None, str]]:
 
 
 def _first_problem(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    field = ".".join(str(p) for p in err["loc"]) or "event"
-    message = err["msg"].removeprefix("Value error, ")
+    field, message = field_rules(exc)[0]
     if message.startswith(f"{field}:") or message.startswith("payload"):
         return message
     return f"{field}: {message}"

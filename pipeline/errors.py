@@ -6,6 +6,11 @@ message that says what went wrong and what to do about it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 __all__ = [
     "ConfigError",
     "InvalidEvent",
@@ -13,7 +18,18 @@ __all__ = [
     "PoisonEvent",
     "StackError",
     "TransientError",
+    "field_rules",
 ]
+
+
+def field_rules(exc: ValidationError, prefix: str = "", default: str = "event") -> list[tuple[str, str]]:
+    """Each error of a pydantic ``ValidationError`` as (dotted field, rule): the field after
+    ``prefix`` (``default`` when the error is about the whole object), the rule without
+    pydantic's "Value error, " prefix. Never the submitted value."""
+    return [
+        (prefix + (".".join(str(p) for p in err["loc"]) or default), err["msg"].removeprefix("Value error, "))
+        for err in exc.errors()
+    ]
 
 
 class PipelineError(Exception):
@@ -39,6 +55,11 @@ class InvalidEvent(PipelineError, ValueError):
         self.field = field
         self.rule = rule
         super().__init__(f"{field}: {rule}")
+
+    @classmethod
+    def first(cls, exc: ValidationError, prefix: str = "", default: str = "event") -> InvalidEvent:
+        """The first of ``exc``'s errors (see :func:`field_rules`)."""
+        return cls(*field_rules(exc, prefix, default)[0])
 
 
 class PoisonEvent(PipelineError):

@@ -38,6 +38,7 @@ from typing import Any
 from confluent_kafka import KafkaException
 from pydantic import ValidationError
 
+from pipeline.errors import InvalidEvent
 from pipeline.settings import Settings, get_settings
 from producers.producer import AsyncProducer, DeliveryError, FeedbackProducer, subject_key
 from schemas.bulk import Accepted, BulkEncoder, Refused
@@ -71,9 +72,7 @@ class _Signals:
         try:
             return FeedbackEvent.model_validate(data)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            field = ".".join(str(p) for p in err["loc"]) or "event"
-            raise ValueError(f"{field}: {err['msg'].removeprefix('Value error, ')}") from None
+            raise InvalidEvent.first(exc) from None  # a ValueError: "field: rule"
 
     def _submit(self, event: FeedbackEvent) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -102,9 +101,7 @@ class _Signals:
             if isinstance(result, Refused):
                 if result.error is None:
                     raise ValueError(f"events.{i}: must be a mapping of fields")
-                err = result.error.errors()[0]
-                field = ".".join(str(p) for p in err["loc"]) or "event"
-                raise ValueError(f"events.{i}.{field}: {err['msg'].removeprefix('Value error, ')}")
+                raise InvalidEvent.first(result.error, prefix=f"events.{i}.")
         return self._submit_many(results)  # type: ignore[arg-type]  # every result is Accepted here
 
     def _track(self, interaction: Interaction) -> Any:  # pragma: no cover - abstract
@@ -134,9 +131,7 @@ class _Signals:
         try:
             interaction = Interaction.model_validate({k: v for k, v in data.items() if v is not None})
         except ValidationError as exc:
-            err = exc.errors()[0]
-            field = ".".join(str(p) for p in err["loc"]) or "interaction"
-            raise ValueError(f"{field}: {err['msg'].removeprefix('Value error, ')}") from None
+            raise InvalidEvent.first(exc, default="interaction") from None
         return self._track(interaction)
 
     def _allow_text(self) -> bool:  # pragma: no cover - abstract

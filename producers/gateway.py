@@ -29,10 +29,10 @@ from pydantic import SecretStr, ValidationError
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, field_rules
 from pipeline.settings import Settings
-from producers.producer import AsyncProducer, subject_key
-from schemas.bulk import BulkEncoder, Refused
+from producers.producer import AsyncProducer
+from schemas.bulk import Accepted, BulkEncoder, Refused
 from schemas.models import FREE_TEXT_FIELDS, FeedbackEvent
 from schemas.serde import AvroSerde
 from stream_processors.ratelimit import BucketState, RateLimit, take_token
@@ -47,11 +47,7 @@ MAX_DEPTH = 32
 
 def problems(exc: ValidationError, prefix: str = "") -> list[dict[str, str]]:
     """Pydantic errors as ``{"field", "rule"}`` pairs (never the submitted values)."""
-    out = []
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "body"
-        out.append({"field": f"{prefix}{field}", "rule": err["msg"].removeprefix("Value error, ")})
-    return out
+    return [{"field": field, "rule": rule} for field, rule in field_rules(exc, prefix, default="body")]
 
 
 def _too_deep(value: Any) -> bool:
@@ -268,20 +264,21 @@ def create_gateway(settings: Settings, publisher: AsyncProducer | None = None) -
                 {"field": "body", "rule": f"nested deeper than {MAX_DEPTH} levels"}]})  # fmt: skip
         return data
 
-    def prepare(
-        item: Any, client_ip: str | None, prefix: str = ""
-    ) -> tuple[FeedbackEvent | None, list[dict[str, str]]]:
-        if not isinstance(item, dict):
-            return None, [{"field": prefix.rstrip(".") or "body", "rule": "must be a JSON object"}]
-        try:
-            event = FeedbackEvent.model_validate({**item, "client_ip": item.get("client_ip") or client_ip})
-        except ValidationError as exc:
-            return None, problems(exc, prefix)
-        return event, []
+    def judge(items: list[Any], client_ip: str | None) -> list[Accepted | Refused]:
+        """Validation, hash, redaction (nothing unredacted reaches Kafka) and Avro bytes for
+        each item, exactly as the model would (schemas.bulk: a fast check, and FeedbackEvent
+        itself for anything it is unsure of). The request's address fills a missing or empty
+        client_ip."""
+        return bulk.encode(
+            [{**item, "client_ip": item.get("client_ip") or client_ip} if isinstance(item, dict) else item
+             for item in items]
+        )  # fmt: skip
 
-    def encode(event: FeedbackEvent) -> tuple[bytes, bytes]:
-        payload = redactor.payload(event.payload.to_avro())  # nothing unredacted reaches Kafka
-        return subject_key(event), serde.encode_model(event, payload=payload)
+    def refusal(outcome: Refused, where: str) -> list[dict[str, str]]:
+        """The problems of a refused item; ``where`` is its place in the body ("" for the body)."""
+        if outcome.error is None:
+            return [{"field": where or "body", "rule": "must be a JSON object"}]
+        return problems(outcome.error, f"{where}." if where else "")
 
     def retry_after(seconds: float) -> dict[str, str]:
         return {"Retry-After": str(max(1, math.ceil(seconds)))}
@@ -294,15 +291,15 @@ def create_gateway(settings: Settings, publisher: AsyncProducer | None = None) -
         data = await read_json(scope, receive, "single", settings.gateway_max_body_bytes)
         if isinstance(data, _Reply):
             return data
-        event, errs = prepare(data, client_host(scope))
-        if event is None:
-            return reply("single", 422, {"error": "invalid", "problems": errs})
-        wait = buckets.take(event.user_id or event.client_ip or event.source, time.time())
+        [event] = judge([data], client_host(scope))
+        if isinstance(event, Refused):
+            return reply("single", 422, {"error": "invalid", "problems": refusal(event, "")})
+        wait = buckets.take(event.key.decode(), time.time())  # the key: user_id, else client_ip, else source
         if wait:
             rate_limited.inc()
             return reply("single", 429, {"error": "rate limited"}, retry_after(wait))
         try:
-            await get_publisher().publish(*encode(event))
+            await get_publisher().publish(event.key, event.value)
         except KafkaException as exc:
             err = exc.args[0] if exc.args else None
             log.warning(
@@ -322,24 +319,15 @@ def create_gateway(settings: Settings, publisher: AsyncProducer | None = None) -
                 {"field": "events", "rule": "must be a list of events"}]})  # fmt: skip
         if len(items) > settings.gateway_max_batch:
             return reply("batch", 413, {"error": f"more than {settings.gateway_max_batch} events"})
-        client_ip = client_host(scope)
-        # The request's address fills a missing or empty client_ip, as for a single POST; then
-        # validation, hash, redaction and Avro bytes for all items at once, exactly as the model
-        # (schemas.bulk: a fast check, and FeedbackEvent itself for anything it is unsure of).
-        outcomes = bulk.encode(
-            [{**item, "client_ip": item.get("client_ip") or client_ip} if isinstance(item, dict) else item
-             for item in items]
-        )  # fmt: skip
+        outcomes = judge(items, client_host(scope))
         results: list[dict[str, Any]] = []
         to_send: list[tuple[int, tuple[bytes, bytes]]] = []
         now = time.time()
         for i, outcome in enumerate(outcomes):
             if isinstance(outcome, Refused):
-                errs = (problems(outcome.error, f"events.{i}.") if outcome.error is not None
-                        else [{"field": f"events.{i}", "rule": "must be a JSON object"}])  # fmt: skip
-                results.append({"index": i, "status": 422, "problems": errs})
+                results.append({"index": i, "status": 422, "problems": refusal(outcome, f"events.{i}")})
                 continue
-            wait = buckets.take(outcome.key.decode(), now)  # the key is user_id, else client_ip, else source
+            wait = buckets.take(outcome.key.decode(), now)
             if wait:
                 rate_limited.inc()
                 results.append({"index": i, "status": 429, "retry_after": max(1, math.ceil(wait))})

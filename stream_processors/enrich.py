@@ -49,9 +49,7 @@ def context_of(record: dict[str, Any], *, allow_text: bool, counts: Counter[str]
     try:
         interaction = Interaction.from_avro(record)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "interaction"
-        raise InvalidEvent(field, err["msg"].removeprefix("Value error, ")) from None
+        raise InvalidEvent.first(exc, default="interaction") from None
     context: dict[str, Any] = {
         "ts_s": interaction.ts.timestamp(),
         "source": interaction.source,

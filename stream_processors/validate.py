@@ -29,9 +29,7 @@ def validate(record: dict[str, Any], now: datetime, limits: Limits = Limits()) -
     try:
         event = FeedbackEvent.from_avro(record)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "event"
-        raise InvalidEvent(field, err["msg"].removeprefix("Value error, ")) from None
+        raise InvalidEvent.first(exc) from None
     size = len(orjson.dumps(record["payload"]))
     if size > limits.max_payload_bytes:
         raise InvalidEvent("payload", f"{size} bytes is over the {limits.max_payload_bytes}-byte limit")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,22 @@ _TODAY = date(2026, 11, 23)
 
 class _Killed(BaseException):
     """A SIGKILL, as far as the code under test can tell: nothing catches it."""
+
+
+def _failing_rename(
+    monkeypatch: pytest.MonkeyPatch, error: BaseException, *, src_end: str = "", dst_end: str = ""
+) -> Callable[[], None]:
+    """``os.replace`` raises ``error`` for a rename from a path ending in ``src_end`` (or to one
+    ending in ``dst_end``) and renames anything else; returns the undo."""
+    real = os.replace
+
+    def replace(src: Any, dst: Any) -> None:
+        if (src_end and str(src).endswith(src_end)) or (dst_end and str(dst).endswith(dst_end)):
+            raise error
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return lambda: monkeypatch.setattr(os, "replace", real)
 
 
 def _records(users: list[str | None], day: str, seed: int = 5) -> list[dict[str, Any]]:
@@ -293,17 +310,10 @@ def test_a_kill_at_any_step_of_an_erasure_leaves_each_file_old_or_new_and_the_le
 def test_a_failed_erasure_is_undone_and_raised_as_transient(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     writer = _folder(tmp_path)
     old = _day_files(tmp_path)
-    real_replace = os.replace
-
-    def no_rename(src: Any, dst: Any) -> None:
-        if str(src).endswith(ERASE_TMP):
-            raise OSError(errno.EIO, "Input/output error")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", no_rename)
+    undo = _failing_rename(monkeypatch, OSError(errno.EIO, "Input/output error"), src_end=ERASE_TMP)
     with pytest.raises(TransientError, match="cannot erase"):
         writer.erase(ERASED)
-    monkeypatch.setattr(os, "replace", real_replace)
+    undo()
     assert _day_files(tmp_path) == old
     _assert_ledger_matches_the_files(tmp_path)
     assert writer.erase(ERASED) == {"feedback-2026-11-20.jsonl.gz": 3, "feedback-2026-11-22.jsonl": 2}
@@ -423,17 +433,10 @@ def test_a_request_left_by_a_kill_before_its_receipt_is_applied_again(
 ) -> None:
     writer = _folder(tmp_path)
     request_erasure(tmp_path, "req", ERASED)
-    real = os.replace
-
-    def killed(src: Any, dst: Any) -> None:
-        if str(dst).endswith(".done.json"):
-            raise _Killed
-        real(src, dst)
-
-    monkeypatch.setattr(os, "replace", killed)
+    undo = _failing_rename(monkeypatch, _Killed(), dst_end=".done.json")
     with pytest.raises(_Killed):
         apply_erasure_requests(writer)
-    monkeypatch.setattr(os, "replace", real)
+    undo()
     writer.close()
     assert erasure_receipt(tmp_path, "req") is None
     restarted = JsonlWriter(tmp_path)
@@ -507,19 +510,12 @@ def test_a_sink_whose_erasure_fails_keeps_running_and_retries_later(
     _folder(tmp_path).close()
     sink = _jsonl_sink(tmp_path)
     request_erasure(tmp_path, "r", ERASED)
-    real = os.replace
-
-    def full(src: Any, dst: Any) -> None:
-        if str(src).endswith(ERASE_TMP):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(src, dst)
-
-    monkeypatch.setattr(os, "replace", full)
+    undo = _failing_rename(monkeypatch, OSError(errno.ENOSPC, "No space left on device"), src_end=ERASE_TMP)
     with caplog.at_level(logging.WARNING):
         sink.maintenance()  # logged, never raised
     assert "jsonl_erasure_deferred retry_in_s=1.0" in caplog.text
     assert erasure_receipt(tmp_path, "r") is None and (tmp_path / ERASURE_DIR / "r.json").exists()
-    monkeypatch.setattr(os, "replace", real)
+    undo()
     sink._erasure_due = 0.0  # the backoff has passed
     sink.maintenance()
     assert erasure_receipt(tmp_path, "r")["lines"] == 5  # type: ignore[index]

@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 .PHONY: setup demo test unit integration bench up down status lint clean
 
 # pip's build chatter goes to a log, shown only when the install fails.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml schemas/_speedups.c
 	$(PYTHON) -m venv $(VENV)
 	@echo "installing Python packages into $(VENV) (log: $(VENV)/pip.log)"
 	@{ $(BIN)/pip install -q --upgrade pip && $(BIN)/pip install -q -e '.[dev]'; } > $(VENV)/pip.log 2>&1 \

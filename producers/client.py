@@ -223,9 +223,7 @@ class FeedbackClient(_Signals):
         return self.producer.serde
 
     def _submit_many(self, accepted: list[Accepted]) -> list[Accepted]:
-        send = self.producer.send_encoded
-        for event in accepted:
-            send(event.key, event.value)
+        self.producer.send_encoded_many(accepted)
         return accepted
 
     def _allow_text(self) -> bool:

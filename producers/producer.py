@@ -20,6 +20,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from pipeline.errors import PoisonEvent, TransientError
 from pipeline.settings import Settings, get_settings
+from schemas.bulk import Accepted
 from schemas.models import FeedbackEvent
 from schemas.serde import AvroSerde
 from schemas.topics import Topics
@@ -98,6 +99,23 @@ class FeedbackProducer:
         """Queue an event already validated and encoded (``schemas.bulk.Accepted``'s key and
         value); a delivery failure names it by the event id its bytes carry, as for :meth:`send`."""
         self._produce(value, key, self._on_event_delivery, None)
+
+    def send_encoded_many(self, events: Iterable[Accepted]) -> int:
+        """:meth:`send_encoded` for many ``schemas.bulk.Accepted`` events; delivery reports
+        are served once at the end, or whenever librdkafka's queue is full. Returns how many
+        were queued."""
+        produce, topic, on_delivery = self._producer.produce, self.topic, self._on_event_delivery
+        n = 0
+        for _, _, key, value in events:
+            while True:
+                try:
+                    produce(topic, value, key, on_delivery=on_delivery)
+                    break
+                except BufferError:  # local queue full: serve delivery reports to make room
+                    self._producer.poll(0.05)
+            n += 1
+        self._producer.poll(0)
+        return n
 
     def send_many(self, events: Iterable[FeedbackEvent]) -> int:
         """Queue many events; returns how many were queued."""

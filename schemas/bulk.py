@@ -27,9 +27,14 @@ from typing import Annotated, Any, NamedTuple, NotRequired, Required
 from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter, ValidationError
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
-from schemas.hashing import content_of, hash_content
+from schemas.hashing import _LAYOUT, content_hash
 from schemas.models import _TS_MAX, _TS_MIN, FeedbackEvent, Severity, format_ts, to_utc
-from schemas.serde import AvroSerde
+from schemas.serde import AvroSerde, compile_program
+
+try:  # built from schemas/_speedups.c by `pip install -e .` when a C compiler is present
+    from schemas import _speedups
+except ImportError:  # pragma: no cover - depends on the install; the Python loop below stands in
+    _speedups = None  # type: ignore[assignment]
 
 __all__ = ["Accepted", "BulkEncoder", "Refused", "new_event_ids"]
 
@@ -88,13 +93,24 @@ class BulkEncoder:
 
     ``redact`` (optional) maps the Avro payload (``text``, ``comment``,
     ``corrected_response``, ``extra``) to what is written to Kafka; the hash is the event's
-    own, computed before, as the gateway does.
+    own, computed before, as the gateway does. ``native=False`` keeps to the Python loop even
+    when the C one (``schemas._speedups``) is built; both give the same results.
     """
 
-    def __init__(self, serde: AvroSerde, *, redact: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        serde: AvroSerde,
+        *,
+        redact: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        native: bool = True,
+    ) -> None:
         self.serde = serde
         self.redact = redact
-        self._check = _fast_schema().validate_python
+        self._check = _fast_schema().validator.validate_python  # pydantic-core itself, no wrapper
+        # The C loop (schemas/_speedups.c, bulk_encode) runs _fast below for a whole list;
+        # what it hands back undecided goes through the model here, as in the Python loop.
+        self._program = compile_program(serde.writer_schema)
+        self._native = native and _speedups is not None
 
     def encode(
         self, items: Sequence[Any], *, defaults: Mapping[str, Any] | None = None, now: datetime | None = None
@@ -104,6 +120,8 @@ class BulkEncoder:
         and items without ``event_id`` a fresh one."""
         now = datetime.now(UTC) if now is None else to_utc(now)
         now_text = format_ts(now)  # most items share it: formatted once for their hashes
+        if self._native:
+            return self._encode_c(items, defaults, now, now_text)
         ids = new_event_ids(len(items))
         out: list[Accepted | Refused] = []
         for i, item in enumerate(items):
@@ -113,6 +131,18 @@ class BulkEncoder:
             if defaults:
                 item = {**defaults, **{k: v for k, v in item.items() if v is not None}}
             out.append(self._fast(item, now, now_text, ids[i]) or self._reference(item, ids[i]))
+        return out
+
+    def _encode_c(
+        self, items: Sequence[Any], defaults: Mapping[str, Any] | None, now: datetime, now_text: str
+    ) -> list[Accepted | Refused]:
+        context = (self._check, ValidationError, now, now_text, os.urandom(16 * len(items)), _DEFAULTS,
+                   Severity.info, to_utc, format_ts, _TS_MIN, _TS_MAX, self.redact, self._program,
+                   self.serde.header, _LAYOUT, content_hash, self.serde.encode, Accepted)  # fmt: skip
+        out: list[Any] = _speedups.bulk_encode(list(items), dict(defaults) if defaults else None, context)
+        for i, result in enumerate(out):
+            if type(result) is not Accepted:  # not a dict (None), or an item for the model to judge
+                out[i] = Refused(None) if result is None else self._reference(result, new_event_ids(1)[0])
         return out
 
     def _fast(self, item: dict[str, Any], now: datetime, now_text: str, event_id: str) -> Accepted | None:
@@ -151,7 +181,7 @@ class BulkEncoder:
             ts_text = None
         fields.setdefault("severity", Severity.info)
         fields.setdefault("tags", [])
-        digest = fields.get("hash") or hash_content(content_of(fields, flat, ts_text))
+        digest = fields.get("hash") or content_hash(fields, flat, ts_text)
         fields["hash"] = digest
         event_id = fields.setdefault("event_id", event_id)
         return self._accepted(fields, event_id, digest)

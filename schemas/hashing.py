@@ -21,7 +21,12 @@ import orjson
 
 from schemas.models import FREE_TEXT_FIELDS, FeedbackEvent, format_ts
 
-__all__ = ["EXCLUDED_FROM_HASH", "canonical_json", "compute_hash", "content_of", "hash_content"]
+try:  # built from schemas/_speedups.c by `pip install -e .` when a C compiler is present
+    from schemas import _speedups
+except ImportError:  # pragma: no cover - depends on the install; orjson and hashlib stand in
+    _speedups = None  # type: ignore[assignment]
+
+__all__ = ["EXCLUDED_FROM_HASH", "canonical_json", "compute_hash", "content_hash", "content_of", "hash_content"]
 
 EXCLUDED_FROM_HASH = frozenset({"event_id", "hash", "client_ip", "sample_rate", "text_dropped", "propagation_weight"})
 
@@ -41,12 +46,16 @@ _OPTIONAL_CONTENT = (
 
 def canonical_content(event: FeedbackEvent) -> dict[str, Any]:
     """The dict that gets hashed: content fields only, nulls dropped."""
-    # Built straight from the instance dict: this runs once per event on the client's hot path.
+    return content_of(*_fields_and_flat(event))
+
+
+def _fields_and_flat(event: FeedbackEvent) -> tuple[dict[str, Any], dict[str, Any]]:
+    # Straight from the instance dict: this runs once per event on the client's hot path.
     fields = event.__dict__
     payload = fields["payload"].__dict__
     flat = {k: payload[k] for k in FREE_TEXT_FIELDS if payload[k] is not None}
     flat.update(payload["extra"])
-    return content_of(fields, flat)
+    return fields, flat
 
 
 def content_of(fields: Mapping[str, Any], flat: dict[str, Any], ts_text: str | None = None) -> dict[str, Any]:
@@ -69,6 +78,29 @@ def content_of(fields: Mapping[str, Any], flat: dict[str, Any], ts_text: str | N
     return content
 
 
+def _layout() -> tuple[tuple[str, int], ...]:
+    """:func:`content_of`'s keys in sorted order, each with how the C hash reads it."""
+    kinds = _speedups.KEY_KINDS
+    keys = {"ts": kinds["ts"], "source": kinds["required"], "type": kinds["required"],
+            "severity": kinds["enum_value"], "payload": kinds["flat"], "tags": kinds["required"]}  # fmt: skip
+    keys.update(dict.fromkeys(_OPTIONAL_CONTENT, kinds["optional"]))
+    return tuple(sorted(keys.items()))
+
+
+_LAYOUT = _layout() if _speedups is not None else ()
+
+
+def content_hash(fields: Mapping[str, Any], flat: dict[str, Any], ts_text: str | None = None) -> str:
+    """``hash_content(content_of(fields, flat, ts_text))``: in C, without building the content
+    dict, when the extension is built; any value it does not handle goes the Python way."""
+    if _speedups is not None:
+        try:
+            return _speedups.content_hash(fields, flat, ts_text or format_ts(fields["ts"]), _LAYOUT)
+        except ValueError:  # a value the C writer leaves to orjson (or an error orjson should name)
+            pass
+    return hash_content(content_of(fields, flat, ts_text))
+
+
 def hash_content(content: dict[str, Any]) -> str:
     """Hex SHA-256 of the canonical JSON of :func:`content_of`'s dict."""
     return hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).hexdigest()
@@ -83,4 +115,4 @@ def canonical_json(event: FeedbackEvent) -> bytes:
 
 def compute_hash(event: FeedbackEvent) -> str:
     """Hex SHA-256 of :func:`canonical_json` — the same record gives the same hash anywhere."""
-    return hashlib.sha256(canonical_json(event)).hexdigest()
+    return content_hash(*_fields_and_flat(event))

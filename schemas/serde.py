@@ -13,10 +13,12 @@ reader and the other way round. Anything that cannot be decoded raises
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
 import struct
+import sys
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from functools import cache
@@ -28,12 +30,19 @@ from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from pipeline.errors import ConfigError, PoisonEvent
 
+try:  # built from schemas/_speedups.c by `pip install -e .` when a C compiler is present
+    from schemas import _speedups
+except ImportError:  # pragma: no cover - depends on the install; the Python writers stand in
+    _speedups = None  # type: ignore[assignment]
+
 __all__ = [
     "CONFLUENT_MAGIC",
     "SINGLE_OBJECT_MAGIC",
     "AvroSerde",
     "SchemaCatalog",
     "compile_encoder",
+    "compile_program",
+    "fast_encoder",
     "load_schema",
     "schema_text",
 ]
@@ -104,14 +113,44 @@ _LENGTHS.extend(_long(n) for n in range(4096))
 _PRIMITIVES = ("null", "boolean", "int", "long", "float", "double", "string", "bytes")
 # One sample per Python type the union dispatch handles; fastavro's own validator says
 # which branch it would pick for each, so the compiled code picks the same.
-_UNION_SAMPLES: tuple[tuple[str, Any, str], ...] = (
-    ("v is None", None, "null"),
-    ("t is bool", True, "boolean"),
-    ("t is int", 1, "long"),
-    ("t is float", 1.5, "double"),
-    ("t is str", "s", "string"),
-    ("t is bytes", b"s", "bytes"),
+_UNION_SAMPLES: tuple[tuple[str, str, Any, str], ...] = (
+    ("none", "v is None", None, "null"),
+    ("bool", "t is bool", True, "boolean"),
+    ("int", "t is int", 1, "long"),
+    ("float", "t is float", 1.5, "double"),
+    ("str", "t is str", "s", "string"),
+    ("bytes", "t is bytes", b"s", "bytes"),
 )
+
+
+def _union_branches(branches: list[Any]) -> list[tuple[str, str, int, str]]:
+    """(test name, Python test, branch index, branch type) for each Python type a union of
+    primitives takes as it is: fastavro's own validator says which branch it would pick for
+    each, so the compiled encoders pick the same; types it refuses or converts are left to it."""
+    if not all(isinstance(b, str) and b in _PRIMITIVES for b in branches):
+        raise _Unsupported("union of non-primitive types")
+    from fastavro.validation import validate
+
+    out = []
+    for name, test, sample, natural in _UNION_SAMPLES:
+        chosen = next((i for i, b in enumerate(branches) if validate(sample, b, raise_errors=False)), None)
+        if chosen is not None and branches[chosen] == natural:
+            out.append((name, test, chosen, natural))
+    return out
+
+
+def _schema_kind(schema: Any) -> tuple[dict[str, Any], str | None]:
+    """The schema as a dict and the type the encoders write it as (``timestamp-micros``, or
+    the Avro type); raises for a logical type they do not handle."""
+    if isinstance(schema, str):
+        schema = {"type": schema}
+    if not isinstance(schema, dict):
+        raise _Unsupported(schema)
+    kind = schema.get("type")
+    logical = schema.get("logicalType")
+    if logical is not None and not (kind == "long" and logical in ("timestamp-micros", "timestamp-millis")):
+        raise _Unsupported(logical)
+    return schema, "timestamp-micros" if logical == "timestamp-micros" else kind
 
 
 class _Writer:
@@ -138,15 +177,8 @@ class _Writer:
         unless ``checked`` (a union branch chosen by its type)."""
         if isinstance(schema, list):
             return self.union(schema, v, indent)
-        if isinstance(schema, str):
-            schema = {"type": schema}
-        if not isinstance(schema, dict):
-            raise _Unsupported(schema)
-        kind = schema.get("type")
-        logical = schema.get("logicalType")
-        if logical is not None and not (kind == "long" and logical in ("timestamp-micros", "timestamp-millis")):
-            raise _Unsupported(logical)
-        if logical == "timestamp-micros":
+        schema, kind = _schema_kind(schema)
+        if kind == "timestamp-micros":
             return self.timestamp_micros(v, indent)
         if kind == "null":
             self.emit(indent, f"if {v} is not None: raise _Unsupported")
@@ -232,17 +264,10 @@ class _Writer:
         self.emit(indent, f"out += {b}")
 
     def union(self, branches: list[Any], v: str, indent: int) -> None:
-        if not all(isinstance(b, str) and b in _PRIMITIVES for b in branches):
-            raise _Unsupported("union of non-primitive types")
-        from fastavro.validation import validate
-
         t = self.name("t")
         self.emit(indent, f"{t} = type({v})")
         keyword = "if"
-        for test, sample, natural in _UNION_SAMPLES:
-            chosen = next((i for i, b in enumerate(branches) if validate(sample, b, raise_errors=False)), None)
-            if chosen is None or branches[chosen] != natural:
-                continue  # fastavro refuses it or converts it: leave such values to fastavro
+        for _, test, chosen, natural in _union_branches(branches):
             self.emit(indent, f"{keyword} {test.replace('t is', f'{t} is').replace('v is', f'{v} is')}:")
             self.emit(indent + 1, f"out += {_long(chosen)!r}")
             if natural != "null":
@@ -283,6 +308,56 @@ def compile_encoder(schema: Any, *, models: bool = False) -> Callable[[Mapping[s
     exec(compile(source, f"<avro encoder {schema.get('name', '') if isinstance(schema, dict) else ''}>", "exec"),
          namespace)  # fmt: skip
     return namespace["write"]  # type: ignore[no-any-return]
+
+
+def compile_program(schema: Any, *, models: bool = False) -> tuple[Any, ...] | None:
+    """The encoding program ``schemas._speedups.encode`` runs for this parsed schema (nested
+    tuples of opcodes: the same cases, in the same order, as :func:`compile_encoder`); None
+    when the schema uses types the encoders do not handle or the extension is not built."""
+    if _speedups is None:
+        return None
+    ops, tests = _speedups.OPCODES, _speedups.UNION_TESTS
+
+    def build(node: Any) -> tuple[Any, ...]:
+        if isinstance(node, list):
+            branches = _union_branches(node)
+            return (ops["union"], tuple((tests[name], i, build(kind)) for name, _, i, kind in branches))
+        node, kind = _schema_kind(node)
+        if kind == "timestamp-micros":
+            return (ops[kind], [None, b""])  # the last datetime and its bytes
+        if kind in _PRIMITIVES:
+            return (ops[kind],)
+        if kind == "enum":
+            return (ops[kind], {symbol: i for i, symbol in enumerate(node["symbols"])})
+        if kind == "record":
+            return (ops[kind], models, tuple((sys.intern(f["name"]), build(f["type"])) for f in node["fields"]))
+        if kind in ("array", "map"):
+            return (ops[kind], build(node["items" if kind == "array" else "values"]))
+        raise _Unsupported(kind)
+
+    try:
+        return build(schema)
+    except _Unsupported:
+        return None
+
+
+def fast_encoder(schema: Any, header: bytes, *, models: bool = False) -> Callable[[Any], bytes] | None:
+    """``encode(record) -> header + Avro binary`` for this parsed schema: the C encoder when
+    the extension is built, else the generated Python one; None when neither handles the
+    schema. It raises for any value it leaves to fastavro (see :func:`compile_encoder`)."""
+    program = compile_program(schema, models=models)
+    if program is not None:
+        return functools.partial(_speedups.encode, program, header)
+    write = compile_encoder(schema, models=models)
+    if write is None:
+        return None
+
+    def encode(record: Any) -> bytes:
+        out = bytearray(header)
+        write(record, out)
+        return bytes(out)
+
+    return encode
 
 
 class SchemaCatalog:
@@ -337,8 +412,8 @@ class AvroSerde:
         self._header = SINGLE_OBJECT_MAGIC + self.fingerprint
         if registry is not None:
             self._header = self._register()
-        self._write = compile_encoder(self.writer_schema)
-        self._write_model = compile_encoder(self.writer_schema, models=True)
+        self._fast = fast_encoder(self.writer_schema, self._header)
+        self._fast_model = fast_encoder(self.writer_schema, self._header, models=True)
         # Resolved readers per writer schema: resolution is the expensive part of decoding.
         self._readers: dict[int, Callable[[io.BytesIO], Any]] = {}
 
@@ -376,11 +451,9 @@ class AvroSerde:
 
         The bytes are fastavro's ``schemaless_writer`` output; errors are fastavro's.
         """
-        if self._write is not None:
-            out = bytearray(self._header)
+        if self._fast is not None:
             try:
-                self._write(record, out)
-                return bytes(out)
+                return self._fast(record)
             except Exception:  # a value the compiled encoder leaves to fastavro, below
                 pass
         buf = io.BytesIO()
@@ -393,11 +466,9 @@ class AvroSerde:
         replacing some of its fields, for a pydantic model whose fields mirror the record
         (``FeedbackEvent``); the record dict is not built unless fastavro has to write it.
         """
-        if self._write_model is not None:
-            out = bytearray(self._header)
+        if self._fast_model is not None:
             try:
-                self._write_model({**model.__dict__, **fields} if fields else model.__dict__, out)
-                return bytes(out)
+                return self._fast_model({**model.__dict__, **fields} if fields else model.__dict__)
             except Exception:  # a value the compiled encoder leaves to fastavro, below
                 pass
         record = model.to_avro()

@@ -15,10 +15,18 @@ from pydantic import ValidationError
 
 from producers.producer import subject_key
 from schemas import AvroSerde, FeedbackEvent
+from schemas import bulk as bulk_module
 from schemas.bulk import Accepted, BulkEncoder, Refused, new_event_ids
 
 SERDE = AvroSerde()
-BULK = BulkEncoder(SERDE)
+# The C loop (schemas/_speedups.c) and the Python loop beside it: every test runs both.
+BULKS = {"c": BulkEncoder(SERDE), "python": BulkEncoder(SERDE, native=False)}
+paths = pytest.mark.parametrize("path", sorted(BULKS))
+
+
+def test_the_c_loop_is_built_and_used() -> None:
+    assert bulk_module._speedups is not None, "schemas._speedups is not built: `make setup` builds it"
+    assert BULKS["c"]._native and not BULKS["python"]._native
 NOW = datetime(2026, 11, 23, 12, 0, 0, 123456, tzinfo=UTC)
 
 # Values valid for some fields, invalid for others: the two paths must agree on every one.
@@ -91,10 +99,11 @@ def reference(item: dict[str, Any], event_id: str) -> FeedbackEvent:
     return FeedbackEvent.model_validate({"event_id": event_id, "ts": NOW, **item})
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@paths
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(item=items)
-def test_the_bulk_result_is_the_models_for_any_item(item: dict[str, Any]) -> None:
-    [result] = BULK.encode([item], now=NOW)
+def test_the_bulk_result_is_the_models_for_any_item(path: str, item: dict[str, Any]) -> None:
+    [result] = BULKS[path].encode([item], now=NOW)
     event_id = result.event_id if isinstance(result, Accepted) else "e-fixed"
     try:
         event = reference(item, event_id)
@@ -112,8 +121,9 @@ def test_the_bulk_result_is_the_models_for_any_item(item: dict[str, Any]) -> Non
     assert SERDE.decode(result.value) == SERDE.decode(SERDE.encode(event.to_avro()))
 
 
-def test_defaults_fill_missing_and_null_fields_only() -> None:
-    [a, b] = BULK.encode(
+@paths
+def test_defaults_fill_missing_and_null_fields_only(path: str) -> None:
+    [a, b] = BULKS[path].encode(
         [{"type": "thumbs", "model_version": None}, {"type": "thumbs", "source": "own", "model_version": "m-2"}],
         defaults={"source": "dream_ui", "model_version": "m-1"},
         now=NOW,
@@ -124,9 +134,10 @@ def test_defaults_fill_missing_and_null_fields_only() -> None:
     assert (second["source"], second["model_version"]) == ("own", "m-2")
 
 
-def test_missing_ids_and_times_are_filled_fresh() -> None:
+@paths
+def test_missing_ids_and_times_are_filled_fresh(path: str) -> None:
     before = datetime.now(UTC)
-    results = BULK.encode([{"source": "s", "type": "t"}] * 50)
+    results = BULKS[path].encode([{"source": "s", "type": "t"}] * 50)
     assert all(isinstance(r, Accepted) for r in results)
     ids_seen = {r.event_id for r in results}
     assert len(ids_seen) == 50
@@ -145,25 +156,29 @@ def test_new_event_ids_are_uuid4_text() -> None:
     assert new_event_ids(0) == []
 
 
-def test_not_an_object_is_refused_without_an_error() -> None:
-    results = BULK.encode([["a list"], "text", 3, None, {"source": "s", "type": "t"}], now=NOW)
+@paths
+def test_not_an_object_is_refused_without_an_error(path: str) -> None:
+    results = BULKS[path].encode([["a list"], "text", 3, None, {"source": "s", "type": "t"}], now=NOW)
     assert [type(r) for r in results] == [Refused, Refused, Refused, Refused, Accepted]
     assert all(r.error is None for r in results[:4])
 
 
-def test_redaction_changes_the_bytes_not_the_hash() -> None:
+@paths
+def test_redaction_changes_the_bytes_not_the_hash(path: str) -> None:
     def redact(payload: dict[str, Any]) -> dict[str, Any]:
         return {**payload, "comment": "[redacted]"}
 
     item = {"source": "s", "type": "t", "event_id": "e-1", "payload": {"comment": "call 555-0100"}}
-    [plain] = BulkEncoder(SERDE).encode([item], now=NOW)
-    [redacted] = BulkEncoder(SERDE, redact=redact).encode([item], now=NOW)
+    native = path == "c"
+    [plain] = BulkEncoder(SERDE, native=native).encode([item], now=NOW)
+    [redacted] = BulkEncoder(SERDE, redact=redact, native=native).encode([item], now=NOW)
     assert isinstance(plain, Accepted) and isinstance(redacted, Accepted)
     assert plain.hash == redacted.hash == reference(item, "e-1").hash
     assert SERDE.decode(redacted.value)["payload"]["comment"] == "[redacted]"
     assert SERDE.decode(plain.value)["payload"]["comment"] == "call 555-0100"
 
 
+@paths
 @pytest.mark.parametrize(
     ("payload", "field"),
     [
@@ -173,7 +188,7 @@ def test_redaction_changes_the_bytes_not_the_hash() -> None:
         ({"comment": 5}, "payload.comment"),
     ],
 )
-def test_payload_errors_name_the_key(payload: dict[str, Any], field: str) -> None:
-    [result] = BULK.encode([{"source": "s", "type": "t", "payload": payload}], now=NOW)
+def test_payload_errors_name_the_key(path: str, payload: dict[str, Any], field: str) -> None:
+    [result] = BULKS[path].encode([{"source": "s", "type": "t", "payload": payload}], now=NOW)
     assert isinstance(result, Refused) and result.error is not None
     assert field in str(result.error)

@@ -68,7 +68,7 @@ def test_emit_many_refuses_the_whole_call_naming_index_and_field(
 ) -> None:
     good = {"type": "implicit", "payload": {"signal": "copy"}}
     queued: list[bytes] = []
-    monkeypatch.setattr(client.producer, "send_encoded", lambda key, value: queued.append(value))
+    monkeypatch.setattr(client.producer, "send_encoded_many", lambda events: queued.extend(e.value for e in events))
     with pytest.raises(ValueError, match=r"^events\.2\.payload.*payload\.signal: .*nested"):
         client.emit_many([good, good, {"type": "implicit", "payload": {"signal": {"nested": 1}}}])
     with pytest.raises(ValueError, match=r"^events\.1\.type: "):
@@ -83,7 +83,7 @@ def test_emit_many_refuses_the_whole_call_naming_index_and_field(
 def test_emit_many_fills_the_clients_source_and_versions(monkeypatch: pytest.MonkeyPatch) -> None:
     fb = FeedbackClient("dream_ui", Settings(bootstrap_servers="127.0.0.1:1"), model_version="m-1")
     queued: list[bytes] = []
-    monkeypatch.setattr(fb.producer, "send_encoded", lambda key, value: queued.append(value))
+    monkeypatch.setattr(fb.producer, "send_encoded_many", lambda events: queued.extend(e.value for e in events))
     sent = fb.emit_many([{"type": "thumbs", "payload": {"direction": "up"}}, {"type": "t", "source": "own"}])
     assert queued == [s.value for s in sent]
     first, second = (fb.producer.serde.decode(s.value) for s in sent)

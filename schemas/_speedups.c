@@ -1,0 +1,893 @@
+/* The per-event hot path in C: Avro binary encoding and the canonical content hash.
+ *
+ * Both are optional accelerators with a pure-Python reference beside them:
+ *
+ *   encode(program, header, record) -> header + the record's Avro binary
+ *       Runs an encoding program that schemas/serde.py compiles from a parsed Avro schema
+ *       (nested tuples, opcodes from OPCODES). It handles exactly the values the Python
+ *       compiled encoder handles and raises Unsupported for anything else, so the caller
+ *       falls back to the Python writers and the bytes, or the error, stay fastavro's.
+ *
+ *   content_hash(fields, flat, ts_text, layout) -> str
+ *       Hex SHA-256 of the canonical JSON of schemas.hashing.content_of(fields, flat,
+ *       ts_text), written without building that dict. ``layout`` (from schemas/hashing.py)
+ *       lists the content keys in sorted order with how each is read. JSON is written as
+ *       orjson.dumps(..., OPT_SORT_KEYS) writes it; floats are formatted by orjson itself.
+ *       Any value outside plain None/bool/int/float/str/list/dict raises Unsupported.
+ *
+ * tests/unit/test_speedups.py compares both with the Python reference on generated input.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <datetime.h>
+#include <stdint.h>
+#include <string.h>
+
+static PyObject *Unsupported;  /* raised for any value left to the Python path */
+static PyObject *orjson_dumps; /* orjson.dumps, for floats in the canonical JSON */
+static PyObject *epoch;        /* datetime(1970, 1, 1, tzinfo=UTC) */
+static PyObject *str_value;    /* "value" */
+static PyObject *str_dict;     /* "__dict__" */
+
+enum {
+    OP_NULL, OP_BOOLEAN, OP_INT, OP_LONG, OP_FLOAT, OP_DOUBLE, OP_STRING, OP_BYTES,
+    OP_ENUM, OP_RECORD, OP_ARRAY, OP_MAP, OP_UNION, OP_TIMESTAMP_MICROS,
+};
+/* Union branch tests, in the order the Python writer tries them. */
+enum { IS_NONE, IS_BOOL, IS_INT, IS_FLOAT, IS_STR, IS_BYTES };
+/* Content hash layout kinds. */
+enum { KEY_REQUIRED, KEY_OPTIONAL, KEY_TS, KEY_ENUM_VALUE, KEY_FLAT };
+
+/* --- a growable byte buffer ------------------------------------------------- */
+typedef struct {
+    char *data;
+    Py_ssize_t len, cap;
+    char small[1024];
+} Buf;
+
+static void buf_init(Buf *b) { b->data = b->small; b->len = 0; b->cap = (Py_ssize_t)sizeof b->small; }
+static void buf_free(Buf *b) { if (b->data != b->small) PyMem_Free(b->data); }
+
+static int buf_reserve(Buf *b, Py_ssize_t extra) {
+    if (b->len + extra <= b->cap) return 0;
+    Py_ssize_t cap = b->cap * 2;
+    while (cap < b->len + extra) cap *= 2;
+    char *d;
+    if (b->data == b->small) {
+        d = PyMem_Malloc((size_t)cap);
+        if (d != NULL) memcpy(d, b->small, (size_t)b->len);
+    } else {
+        d = PyMem_Realloc(b->data, (size_t)cap);
+    }
+    if (d == NULL) { PyErr_NoMemory(); return -1; }
+    b->data = d;
+    b->cap = cap;
+    return 0;
+}
+
+static inline int buf_put(Buf *b, const char *s, Py_ssize_t n) {
+    if (buf_reserve(b, n) < 0) return -1;
+    memcpy(b->data + b->len, s, (size_t)n);
+    b->len += n;
+    return 0;
+}
+
+static inline int buf_byte(Buf *b, char c) {
+    if (buf_reserve(b, 1) < 0) return -1;
+    b->data[b->len++] = c;
+    return 0;
+}
+
+/* Avro long: zigzag, then little-endian base-128. */
+static inline int put_long(Buf *b, int64_t n) {
+    uint64_t z = ((uint64_t)n << 1) ^ (uint64_t)(n >> 63);
+    if (buf_reserve(b, 10) < 0) return -1;
+    while (z > 0x7F) {
+        b->data[b->len++] = (char)((z & 0x7F) | 0x80);
+        z >>= 7;
+    }
+    b->data[b->len++] = (char)z;
+    return 0;
+}
+
+static int unsupported(const char *what) {
+    PyErr_SetString(Unsupported, what);
+    return -1;
+}
+
+/* --- Avro ------------------------------------------------------------------- */
+static int write_value(Buf *b, PyObject *op, PyObject *v);
+
+static int write_str(Buf *b, PyObject *v) {
+    Py_ssize_t n;
+    const char *s = PyUnicode_AsUTF8AndSize(v, &n); /* lone surrogates: an error, as str.encode() */
+    if (s == NULL) return -1;
+    if (put_long(b, n) < 0) return -1;
+    return buf_put(b, s, n);
+}
+
+static int write_int(Buf *b, PyObject *v, int bits) {
+    if (!PyLong_CheckExact(v)) return unsupported("not an int");
+    int overflow;
+    long long n = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (overflow) return unsupported("int out of range");
+    if (n == -1 && PyErr_Occurred()) return -1;
+    if (bits == 32 && (n < INT32_MIN || n > INT32_MAX)) return unsupported("int out of range");
+    return put_long(b, (int64_t)n);
+}
+
+static int write_double(Buf *b, PyObject *v, int single) {
+    if (!PyFloat_CheckExact(v)) return unsupported("not a float");
+    double x = PyFloat_AS_DOUBLE(v);
+    if (buf_reserve(b, 8) < 0) return -1;
+    if (single) {
+        if (PyFloat_Pack4(x, b->data + b->len, 1) < 0) { /* overflow: struct.pack raises too */
+            PyErr_Clear();
+            return unsupported("float out of range");
+        }
+        b->len += 4;
+    } else {
+        if (PyFloat_Pack8(x, b->data + b->len, 1) < 0) return -1;
+        b->len += 8;
+    }
+    return 0;
+}
+
+/* A timestamp-micros long from an aware datetime (as fastavro computes it) or an int. The
+ * program holds a two-item list [last datetime, its bytes]: events written together share
+ * their time. */
+static int write_timestamp(Buf *b, PyObject *memo, PyObject *v) {
+    if (PyDateTime_CheckExact(v) && PyDateTime_DATE_GET_TZINFO(v) != Py_None) {
+        PyObject *last = PyList_GET_ITEM(memo, 0);
+        if (last != Py_None) {
+            int same = PyObject_RichCompareBool(v, last, Py_EQ);
+            if (same < 0) return -1;
+            if (same) {
+                PyObject *bytes = PyList_GET_ITEM(memo, 1);
+                return buf_put(b, PyBytes_AS_STRING(bytes), PyBytes_GET_SIZE(bytes));
+            }
+        }
+        PyObject *delta = PyNumber_Subtract(v, epoch);
+        if (delta == NULL) return -1;
+        int64_t micros = ((int64_t)PyDateTime_DELTA_GET_DAYS(delta) * 86400 + PyDateTime_DELTA_GET_SECONDS(delta))
+                             * 1000000 + PyDateTime_DELTA_GET_MICROSECONDS(delta);
+        Py_DECREF(delta);
+        Py_ssize_t start = b->len;
+        if (put_long(b, micros) < 0) return -1;
+        PyObject *bytes = PyBytes_FromStringAndSize(b->data + start, b->len - start);
+        if (bytes == NULL) return -1;
+        Py_INCREF(v);
+        PyList_SetItem(memo, 0, v);     /* steals */
+        PyList_SetItem(memo, 1, bytes); /* steals */
+        return 0;
+    }
+    if (PyLong_CheckExact(v)) return write_int(b, v, 64);
+    return unsupported("not an aware datetime");
+}
+
+static int write_record(Buf *b, PyObject *op, PyObject *v) {
+    PyObject *fields = PyTuple_GET_ITEM(op, 2);
+    PyObject *owned = NULL;
+    if (!PyDict_CheckExact(v)) {
+        if (PyTuple_GET_ITEM(op, 1) != Py_True) return unsupported("record is not a dict");
+        owned = PyObject_GetAttr(v, str_dict);  /* a model whose __dict__ holds the fields */
+        if (owned == NULL) return -1;
+        if (!PyDict_Check(owned)) { Py_DECREF(owned); return unsupported("record has no field dict"); }
+        v = owned;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(fields);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *field = PyTuple_GET_ITEM(fields, i);
+        PyObject *fv = PyDict_GetItemWithError(v, PyTuple_GET_ITEM(field, 0)); /* borrowed */
+        if (fv == NULL) {
+            Py_XDECREF(owned);
+            if (PyErr_Occurred()) return -1;
+            return unsupported("missing field");
+        }
+        if (write_value(b, PyTuple_GET_ITEM(field, 1), fv) < 0) { Py_XDECREF(owned); return -1; }
+    }
+    Py_XDECREF(owned);
+    return 0;
+}
+
+static int write_union(Buf *b, PyObject *op, PyObject *v) {
+    int test;
+    if (v == Py_None) test = IS_NONE;
+    else if (PyBool_Check(v)) test = IS_BOOL;
+    else if (PyLong_CheckExact(v)) test = IS_INT;
+    else if (PyFloat_CheckExact(v)) test = IS_FLOAT;
+    else if (PyUnicode_CheckExact(v)) test = IS_STR;
+    else if (PyBytes_CheckExact(v)) test = IS_BYTES;
+    else return unsupported("no union branch for this type");
+    PyObject *branches = PyTuple_GET_ITEM(op, 1);
+    Py_ssize_t n = PyTuple_GET_SIZE(branches);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *branch = PyTuple_GET_ITEM(branches, i); /* (test, index, program) */
+        if (PyLong_AsLong(PyTuple_GET_ITEM(branch, 0)) != test) continue;
+        if (put_long(b, PyLong_AsLongLong(PyTuple_GET_ITEM(branch, 1))) < 0) return -1;
+        return test == IS_NONE ? 0 : write_value(b, PyTuple_GET_ITEM(branch, 2), v);
+    }
+    return unsupported("no union branch for this type");
+}
+
+static int write_value(Buf *b, PyObject *op, PyObject *v) {
+    switch (PyLong_AsLong(PyTuple_GET_ITEM(op, 0))) {
+    case OP_NULL:
+        return v == Py_None ? 0 : unsupported("not null");
+    case OP_BOOLEAN:
+        if (v == Py_True) return buf_byte(b, 1);
+        if (v == Py_False) return buf_byte(b, 0);
+        return unsupported("not a bool");
+    case OP_INT:
+        return write_int(b, v, 32);
+    case OP_LONG:
+        return write_int(b, v, 64);
+    case OP_FLOAT:
+        return write_double(b, v, 1);
+    case OP_DOUBLE:
+        return write_double(b, v, 0);
+    case OP_STRING:
+        if (!PyUnicode_CheckExact(v)) return unsupported("not a str");
+        return write_str(b, v);
+    case OP_BYTES:
+        if (!PyBytes_CheckExact(v)) return unsupported("not bytes");
+        if (put_long(b, PyBytes_GET_SIZE(v)) < 0) return -1;
+        return buf_put(b, PyBytes_AS_STRING(v), PyBytes_GET_SIZE(v));
+    case OP_ENUM: {
+        if (!PyUnicode_Check(v)) return unsupported("enum symbol is not a str");
+        PyObject *index = PyDict_GetItemWithError(PyTuple_GET_ITEM(op, 1), v);
+        if (index == NULL) return PyErr_Occurred() ? -1 : unsupported("unknown enum symbol");
+        return put_long(b, PyLong_AsLongLong(index));
+    }
+    case OP_RECORD:
+        return write_record(b, op, v);
+    case OP_ARRAY: {
+        if (!PyList_CheckExact(v)) return unsupported("not a list");
+        Py_ssize_t n = PyList_GET_SIZE(v);
+        if (n) {
+            if (put_long(b, n) < 0) return -1;
+            PyObject *items = PyTuple_GET_ITEM(op, 1);
+            for (Py_ssize_t i = 0; i < PyList_GET_SIZE(v); i++) {
+                PyObject *item = PyList_GET_ITEM(v, i);
+                Py_INCREF(item);
+                int rc = write_value(b, items, item);
+                Py_DECREF(item);
+                if (rc < 0) return -1;
+            }
+        }
+        return buf_byte(b, 0);
+    }
+    case OP_MAP: {
+        if (!PyDict_CheckExact(v)) return unsupported("not a dict");
+        Py_ssize_t n = PyDict_GET_SIZE(v);
+        if (n) {
+            if (put_long(b, n) < 0) return -1;
+            PyObject *values = PyTuple_GET_ITEM(op, 1), *key, *item;
+            Py_ssize_t pos = 0;
+            while (PyDict_Next(v, &pos, &key, &item)) {
+                if (!PyUnicode_CheckExact(key)) return unsupported("map key is not a str");
+                if (write_str(b, key) < 0) return -1;
+                Py_INCREF(item);
+                int rc = write_value(b, values, item);
+                Py_DECREF(item);
+                if (rc < 0) return -1;
+            }
+        }
+        return buf_byte(b, 0);
+    }
+    case OP_UNION:
+        return write_union(b, op, v);
+    case OP_TIMESTAMP_MICROS:
+        return write_timestamp(b, PyTuple_GET_ITEM(op, 1), v);
+    default:
+        PyErr_SetString(PyExc_SystemError, "bad Avro program");
+        return -1;
+    }
+}
+
+static PyObject *py_encode(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyTuple_Check(args[0]) || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "encode(program, header: bytes, record)");
+        return NULL;
+    }
+    Buf b;
+    buf_init(&b);
+    PyObject *result = NULL;
+    if (buf_put(&b, PyBytes_AS_STRING(args[1]), PyBytes_GET_SIZE(args[1])) == 0 && write_value(&b, args[0], args[2]) == 0)
+        result = PyBytes_FromStringAndSize(b.data, b.len);
+    buf_free(&b);
+    return result;
+}
+
+/* --- SHA-256 (FIPS 180-4) ----------------------------------------------------- */
+static const uint32_t K256[64] = {
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+};
+
+#define ROR(x, n) (((x) >> (n)) | ((x) << (32 - (n))))
+
+static void sha256_block(uint32_t h[8], const unsigned char *p) {
+    uint32_t w[64];
+    for (int i = 0; i < 16; i++)
+        w[i] = (uint32_t)p[4 * i] << 24 | (uint32_t)p[4 * i + 1] << 16 | (uint32_t)p[4 * i + 2] << 8 | p[4 * i + 3];
+    for (int i = 16; i < 64; i++) {
+        uint32_t s0 = ROR(w[i - 15], 7) ^ ROR(w[i - 15], 18) ^ (w[i - 15] >> 3);
+        uint32_t s1 = ROR(w[i - 2], 17) ^ ROR(w[i - 2], 19) ^ (w[i - 2] >> 10);
+        w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+    }
+    uint32_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], k = h[7];
+    for (int i = 0; i < 64; i++) {
+        uint32_t t1 = k + (ROR(e, 6) ^ ROR(e, 11) ^ ROR(e, 25)) + ((e & f) ^ (~e & g)) + K256[i] + w[i];
+        uint32_t t2 = (ROR(a, 2) ^ ROR(a, 13) ^ ROR(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+        k = g; g = f; f = e; e = d + t1; d = c; c = b; b = a; a = t1 + t2;
+    }
+    h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e; h[5] += f; h[6] += g; h[7] += k;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#include <immintrin.h>
+#define HAVE_SHA_NI 1
+
+/* The same compression with the CPU's SHA extensions (Intel SHA-NI, AMD since Zen): the
+ * 64 rounds in 16 steps of four, the message schedule with sha256msg1/msg2. */
+__attribute__((target("sha,sse4.1,ssse3"))) static void sha256_block_ni(uint32_t h[8], const unsigned char *p) {
+    const __m128i mask = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL);
+    __m128i tmp = _mm_shuffle_epi32(_mm_loadu_si128((const __m128i *)&h[0]), 0xB1); /* CDAB */
+    __m128i state1 = _mm_shuffle_epi32(_mm_loadu_si128((const __m128i *)&h[4]), 0x1B); /* EFGH */
+    __m128i state0 = _mm_alignr_epi8(tmp, state1, 8);    /* ABEF */
+    state1 = _mm_blend_epi16(state1, tmp, 0xF0);          /* CDGH */
+    const __m128i abef = state0, cdgh = state1;
+    __m128i w[4];
+    for (int g = 0; g < 16; g++) {
+        if (g < 4) {
+            w[g] = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(p + 16 * g)), mask);
+        } else { /* w[t] = s1(w[t-2]) + w[t-7] + s0(w[t-15]) + w[t-16], four at a time */
+            __m128i x = _mm_sha256msg1_epu32(w[g % 4], w[(g + 1) % 4]);
+            x = _mm_add_epi32(x, _mm_alignr_epi8(w[(g + 3) % 4], w[(g + 2) % 4], 4));
+            w[g % 4] = _mm_sha256msg2_epu32(x, w[(g + 3) % 4]);
+        }
+        __m128i msg = _mm_add_epi32(w[g % 4], _mm_loadu_si128((const __m128i *)&K256[4 * g]));
+        state1 = _mm_sha256rnds2_epu32(state1, state0, msg);
+        state0 = _mm_sha256rnds2_epu32(state0, state1, _mm_shuffle_epi32(msg, 0x0E));
+    }
+    state0 = _mm_add_epi32(state0, abef);
+    state1 = _mm_add_epi32(state1, cdgh);
+    tmp = _mm_shuffle_epi32(state0, 0x1B);          /* FEBA */
+    state1 = _mm_shuffle_epi32(state1, 0xB1);       /* DCHG */
+    state0 = _mm_blend_epi16(tmp, state1, 0xF0);    /* DCBA */
+    state1 = _mm_alignr_epi8(state1, tmp, 8);       /* HGFE */
+    _mm_storeu_si128((__m128i *)&h[0], state0);
+    _mm_storeu_si128((__m128i *)&h[4], state1);
+}
+
+static int cpu_has_sha_ni(void) {
+    unsigned int a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_SSSE3) || !(c & bit_SSE4_1)) return 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    return (b >> 29) & 1;
+}
+#else
+#define HAVE_SHA_NI 0
+#endif
+
+typedef void (*sha256_block_fn)(uint32_t h[8], const unsigned char *p);
+static sha256_block_fn sha256_fast_block = sha256_block; /* the SHA-NI one when the CPU has it */
+
+static PyObject *sha256_hex_with(sha256_block_fn block, const char *data, Py_ssize_t len) {
+    uint32_t h[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+    const unsigned char *p = (const unsigned char *)data;
+    Py_ssize_t left = len;
+    while (left >= 64) { block(h, p); p += 64; left -= 64; }
+    unsigned char tail[128] = {0};
+    memcpy(tail, p, (size_t)left);
+    tail[left] = 0x80;
+    int blocks = left < 56 ? 1 : 2;
+    uint64_t bits = (uint64_t)len * 8;
+    for (int i = 0; i < 8; i++) tail[blocks * 64 - 1 - i] = (unsigned char)(bits >> (8 * i));
+    for (int i = 0; i < blocks; i++) block(h, tail + 64 * i);
+    static const char hex[] = "0123456789abcdef";
+    char out[64];
+    for (int i = 0; i < 8; i++)
+        for (int j = 0; j < 8; j++) out[8 * i + j] = hex[(h[i] >> (28 - 4 * j)) & 0xF];
+    return PyUnicode_FromStringAndSize(out, 64);
+}
+
+static PyObject *sha256_hex(const char *data, Py_ssize_t len) { return sha256_hex_with(sha256_fast_block, data, len); }
+
+/* --- canonical JSON (orjson's output for these types, keys sorted) ----------- */
+static int json_value(Buf *b, PyObject *v, int depth);
+
+static int json_str(Buf *b, PyObject *v) {
+    Py_ssize_t n;
+    const char *s = PyUnicode_AsUTF8AndSize(v, &n);
+    if (s == NULL) return -1;
+    static const char hex[] = "0123456789abcdef";
+    if (buf_reserve(b, n * 6 + 2) < 0) return -1;
+    char *o = b->data + b->len;
+    *o++ = '"';
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c >= 0x20 && c != '"' && c != '\\') { *o++ = (char)c; continue; }
+        *o++ = '\\';
+        switch (c) {
+        case '"': *o++ = '"'; break;
+        case '\\': *o++ = '\\'; break;
+        case '\b': *o++ = 'b'; break;
+        case '\f': *o++ = 'f'; break;
+        case '\n': *o++ = 'n'; break;
+        case '\r': *o++ = 'r'; break;
+        case '\t': *o++ = 't'; break;
+        default:
+            *o++ = 'u'; *o++ = '0'; *o++ = '0'; *o++ = hex[c >> 4]; *o++ = hex[c & 0xF];
+        }
+    }
+    *o++ = '"';
+    b->len = o - b->data;
+    return 0;
+}
+
+static int key_order(const void *x, const void *y) {
+    PyObject *a = *(PyObject *const *)x, *c = *(PyObject *const *)y;
+    Py_ssize_t na, nc;
+    const char *sa = PyUnicode_AsUTF8AndSize(a, &na), *sc = PyUnicode_AsUTF8AndSize(c, &nc);
+    int r = memcmp(sa, sc, (size_t)(na < nc ? na : nc));
+    if (r) return r;
+    return na < nc ? -1 : na > nc;
+}
+
+static int json_dict(Buf *b, PyObject *v, int depth) {
+    Py_ssize_t n = PyDict_GET_SIZE(v), pos = 0, i = 0;
+    PyObject *key, *item, *small[32];
+    PyObject **keys = n <= 32 ? small : PyMem_Malloc(sizeof(PyObject *) * (size_t)n);
+    if (keys == NULL) { PyErr_NoMemory(); return -1; }
+    int rc = -1;
+    while (PyDict_Next(v, &pos, &key, &item)) {
+        /* UTF-8 of every key up front, so the comparison below cannot fail */
+        if (!PyUnicode_CheckExact(key)) { unsupported("key is not a str"); goto done; }
+        if (PyUnicode_AsUTF8AndSize(key, NULL) == NULL) goto done;
+        keys[i++] = key;
+    }
+    qsort(keys, (size_t)n, sizeof(PyObject *), key_order);
+    if (buf_byte(b, '{') < 0) goto done;
+    for (i = 0; i < n; i++) {
+        if (i && buf_byte(b, ',') < 0) goto done;
+        if (json_str(b, keys[i]) < 0 || buf_byte(b, ':') < 0) goto done;
+        item = PyDict_GetItemWithError(v, keys[i]);
+        if (item == NULL) { if (!PyErr_Occurred()) unsupported("dict changed"); goto done; }
+        if (json_value(b, item, depth + 1) < 0) goto done;
+    }
+    rc = buf_byte(b, '}');
+done:
+    if (keys != small) PyMem_Free(keys);
+    return rc;
+}
+
+static int json_value(Buf *b, PyObject *v, int depth) {
+    if (depth > 64) return unsupported("too deep");
+    if (v == Py_None) return buf_put(b, "null", 4);
+    if (v == Py_True) return buf_put(b, "true", 4);
+    if (v == Py_False) return buf_put(b, "false", 5);
+    if (PyUnicode_CheckExact(v)) return json_str(b, v);
+    if (PyLong_CheckExact(v)) {
+        int overflow;
+        long long n = PyLong_AsLongLongAndOverflow(v, &overflow);
+        if (overflow) return unsupported("int out of range");
+        if (n == -1 && PyErr_Occurred()) return -1;
+        char text[24];
+        int len = snprintf(text, sizeof text, "%lld", n);
+        return buf_put(b, text, len);
+    }
+    if (PyFloat_CheckExact(v)) { /* orjson's own float text */
+        PyObject *text = PyObject_CallOneArg(orjson_dumps, v);
+        if (text == NULL) return -1;
+        int rc = buf_put(b, PyBytes_AS_STRING(text), PyBytes_GET_SIZE(text));
+        Py_DECREF(text);
+        return rc;
+    }
+    if (PyList_CheckExact(v)) {
+        if (buf_byte(b, '[') < 0) return -1;
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(v); i++) {
+            if (i && buf_byte(b, ',') < 0) return -1;
+            PyObject *item = PyList_GET_ITEM(v, i);
+            Py_INCREF(item);
+            int rc = json_value(b, item, depth + 1);
+            Py_DECREF(item);
+            if (rc < 0) return -1;
+        }
+        return buf_byte(b, ']');
+    }
+    if (PyDict_CheckExact(v)) return json_dict(b, v, depth);
+    return unsupported("not a plain JSON value");
+}
+
+static PyObject *py_content_hash(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4 || !PyDict_Check(args[0]) || !PyDict_CheckExact(args[1]) || !PyTuple_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "content_hash(fields: dict, flat: dict, ts_text: str | None, layout: tuple)");
+        return NULL;
+    }
+    PyObject *fields = args[0], *flat = args[1], *ts_text = args[2], *layout = args[3];
+    if (ts_text != Py_None && !PyUnicode_CheckExact(ts_text)) {
+        unsupported("ts_text is not a str");
+        return NULL;
+    }
+    Buf b;
+    buf_init(&b);
+    PyObject *result = NULL;
+    int first = 1;
+    if (buf_byte(&b, '{') < 0) goto done;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(layout); i++) {
+        PyObject *entry = PyTuple_GET_ITEM(layout, i); /* (key, kind) in sorted key order */
+        PyObject *key = PyTuple_GET_ITEM(entry, 0);
+        long kind = PyLong_AsLong(PyTuple_GET_ITEM(entry, 1));
+        PyObject *v, *owned = NULL;
+        if (kind == KEY_FLAT) {
+            v = flat;
+        } else if (kind == KEY_TS && ts_text != Py_None) {
+            v = ts_text;
+        } else {
+            v = PyDict_GetItemWithError(fields, key);
+            if (v == NULL && PyErr_Occurred()) goto done;
+            if (kind == KEY_OPTIONAL && (v == NULL || v == Py_None)) continue;
+            if (v == NULL) { unsupported("missing field"); goto done; }
+            if (kind == KEY_TS) { unsupported("ts_text is needed"); goto done; }
+            /* A StrEnum member is a str whose text is its value: read as it is. */
+            if (kind == KEY_ENUM_VALUE && !PyUnicode_Check(v)) {
+                owned = v = PyObject_GetAttr(v, str_value);
+                if (v == NULL) goto done;
+            }
+        }
+        int rc = (first ? 0 : buf_byte(&b, ',')) < 0 || json_str(&b, key) < 0 || buf_byte(&b, ':') < 0
+                 || (kind == KEY_ENUM_VALUE ? json_str(&b, v) : json_value(&b, v, 1)) < 0;
+        Py_XDECREF(owned);
+        if (rc) goto done;
+        first = 0;
+    }
+    if (buf_byte(&b, '}') < 0) goto done;
+    result = sha256_hex(b.data, b.len);
+done:
+    buf_free(&b);
+    return result;
+}
+
+static PyObject *py_canonical_json(PyObject *self, PyObject *v) {
+    Buf b;
+    buf_init(&b);
+    PyObject *result = NULL;
+    if (json_value(&b, v, 0) == 0) result = PyBytes_FromStringAndSize(b.data, b.len);
+    buf_free(&b);
+    return result;
+}
+
+static PyObject *py_sha256_hex(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 1 || nargs > 2 || !PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "sha256_hex(data: bytes, portable: bool = False)");
+        return NULL;
+    }
+    int portable = nargs == 2 ? PyObject_IsTrue(args[1]) : 0;
+    if (portable < 0) return NULL;
+    return sha256_hex_with(portable ? sha256_block : sha256_fast_block, PyBytes_AS_STRING(args[0]),
+                           PyBytes_GET_SIZE(args[0]));
+}
+
+/* --- the bulk path: schemas.bulk.BulkEncoder._fast for a whole list ------------ */
+static PyObject *s_payload, *s_text, *s_comment, *s_corrected, *s_extra, *s_ts, *s_severity, *s_tags, *s_hash,
+    *s_event_id, *s_user_id, *s_client_ip, *s_source;
+
+typedef struct {
+    PyObject *check, *validation_error, *now, *now_text, *random, *record_defaults, *severity, *to_utc, *format_ts,
+        *ts_min, *ts_max, *redact, *program, *header, *layout, *hash_fallback, *encode_fallback, *accepted;
+} Bulk;
+
+static PyObject *uuid4_text(const unsigned char *r) {
+    static const char hex[] = "0123456789abcdef";
+    char out[36];
+    int o = 0;
+    for (int i = 0; i < 16; i++) {
+        unsigned char c = r[i];
+        if (i == 6) c = (c & 0x0F) | 0x40; /* version 4 */
+        if (i == 8) c = (c & 0x3F) | 0x80; /* RFC 4122 variant */
+        if (i == 4 || i == 6 || i == 8 || i == 10) out[o++] = '-';
+        out[o++] = hex[c >> 4];
+        out[o++] = hex[c & 0xF];
+    }
+    return PyUnicode_FromStringAndSize(out, 36);
+}
+
+/* The payload as the record holds it, and the flat payload the hash reads; 0 on success, 1
+ * when the model must decide, -1 on error. New references in *record_payload and *flat. */
+static int split_payload(PyObject *fields, PyObject *item, PyObject **record_payload, PyObject **flat) {
+    PyObject *extra = PyDict_GetItemWithError(fields, s_payload); /* borrowed */
+    if (extra == NULL && PyErr_Occurred()) return -1;
+    PyObject *free_text[3] = {NULL, NULL, NULL}; /* owned; NULL for None */
+    PyObject *names[3] = {s_text, s_comment, s_corrected};
+    *record_payload = *flat = NULL;
+    if (extra != NULL && PyDict_Check(extra) && PyDict_GET_SIZE(extra)) {
+        PyObject *given = PyObject_GetItem(item, s_payload);
+        if (given == NULL) return -1;
+        PyObject *key, *value;
+        Py_ssize_t pos = 0;
+        while (PyDict_Next(extra, &pos, &key, &value)) {
+            /* A float the check made from an int (e.g. one past the 64-bit range): the model refuses it. */
+            if (!PyFloat_CheckExact(value)) continue;
+            PyObject *original = PyObject_GetItem(given, key);
+            if (original == NULL) { Py_DECREF(given); return -1; }
+            int differs = !PyFloat_CheckExact(original);
+            Py_DECREF(original);
+            if (differs) { Py_DECREF(given); return 1; }
+        }
+        Py_DECREF(given);
+        Py_INCREF(extra);
+        for (int i = 0; i < 3; i++) {
+            PyObject *v = PyDict_GetItemWithError(extra, names[i]);
+            if (v == NULL) { if (PyErr_Occurred()) goto fail; continue; }
+            if (v != Py_None && !PyUnicode_CheckExact(v)) goto decide; /* "payload.<name>: must be a string" */
+            if (v != Py_None) free_text[i] = Py_NewRef(v);
+            if (PyDict_DelItem(extra, names[i]) < 0) goto fail;
+        }
+        *flat = PyDict_Copy(extra);
+        if (*flat == NULL) goto fail;
+        for (int i = 0; i < 3; i++)
+            if (free_text[i] != NULL && PyDict_SetItem(*flat, names[i], free_text[i]) < 0) goto fail;
+    } else {
+        extra = PyDict_New();
+        *flat = PyDict_New();
+        if (extra == NULL || *flat == NULL) goto fail;
+    }
+    *record_payload = PyDict_New();
+    if (*record_payload == NULL) goto fail;
+    for (int i = 0; i < 3; i++)
+        if (PyDict_SetItem(*record_payload, names[i], free_text[i] != NULL ? free_text[i] : Py_None) < 0) goto fail;
+    if (PyDict_SetItem(*record_payload, s_extra, extra) < 0) goto fail;
+    for (int i = 0; i < 3; i++) Py_XDECREF(free_text[i]);
+    Py_DECREF(extra);
+    return 0;
+decide:
+    for (int i = 0; i < 3; i++) Py_XDECREF(free_text[i]);
+    Py_DECREF(extra);
+    return 1;
+fail:
+    for (int i = 0; i < 3; i++) Py_XDECREF(free_text[i]);
+    Py_XDECREF(extra);
+    Py_CLEAR(*flat);
+    Py_CLEAR(*record_payload);
+    return -1;
+}
+
+/* One item, already merged with the defaults: a new Accepted, Py_None when the model must
+ * decide (the caller then runs FeedbackEvent.model_validate), or NULL on error. */
+static PyObject *bulk_one(Bulk *k, PyObject *item, const unsigned char *random) {
+    PyObject *fields = PyObject_CallOneArg(k->check, item);
+    if (fields == NULL) {
+        if (!PyErr_ExceptionMatches(k->validation_error)) return NULL;
+        PyErr_Clear();
+        Py_RETURN_NONE; /* the model says why (or accepts what this check is too strict for) */
+    }
+    PyObject *payload = NULL, *flat = NULL, *ts_text = NULL, *digest = NULL, *event_id = NULL, *record = NULL,
+             *key = NULL, *value = NULL, *result = NULL;
+    if (!PyDict_CheckExact(fields)) { PyErr_SetString(PyExc_TypeError, "the check returned no dict"); goto done; }
+    int rc = split_payload(fields, item, &payload, &flat);
+    if (rc < 0) goto done;
+    if (rc > 0) { result = Py_NewRef(Py_None); goto done; }
+    if (PyDict_SetItem(fields, s_payload, payload) < 0) goto done;
+
+    PyObject *ts = PyDict_GetItemWithError(fields, s_ts);
+    if (ts == NULL && PyErr_Occurred()) goto done;
+    if (ts == NULL || ts == Py_None) {
+        if (PyDict_SetItem(fields, s_ts, k->now) < 0) goto done;
+        ts_text = Py_NewRef(k->now_text);
+    } else {
+        PyObject *utc = PyObject_CallOneArg(k->to_utc, ts);
+        if (utc == NULL) goto done;
+        int stored = PyDict_SetItem(fields, s_ts, utc);
+        int low = stored < 0 ? -1 : PyObject_RichCompareBool(k->ts_min, utc, Py_LE);
+        int high = low <= 0 ? low : PyObject_RichCompareBool(utc, k->ts_max, Py_LE);
+        if (high > 0) ts_text = PyObject_CallOneArg(k->format_ts, utc);
+        Py_DECREF(utc);
+        if (high < 0 || (high > 0 && ts_text == NULL)) goto done;
+        if (high == 0) { result = Py_NewRef(Py_None); goto done; }
+    }
+    if (PyDict_SetDefault(fields, s_severity, k->severity) == NULL) goto done;
+    if (!PyDict_Contains(fields, s_tags)) {
+        PyObject *tags = PyList_New(0);
+        if (tags == NULL || PyDict_SetItem(fields, s_tags, tags) < 0) { Py_XDECREF(tags); goto done; }
+        Py_DECREF(tags);
+    }
+    digest = PyDict_GetItemWithError(fields, s_hash);
+    if (digest == NULL && PyErr_Occurred()) goto done;
+    int given = digest == NULL ? 0 : PyObject_IsTrue(digest);
+    if (given < 0) goto done;
+    if (given) {
+        Py_INCREF(digest);
+    } else {
+        PyObject *args[4] = {fields, flat, ts_text, k->layout};
+        digest = py_content_hash(NULL, args, 4);
+        if (digest == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_ValueError)) goto done;
+            PyErr_Clear(); /* a value the C writer leaves to orjson: the Python hash */
+            digest = PyObject_CallFunctionObjArgs(k->hash_fallback, fields, flat, ts_text, NULL);
+            if (digest == NULL) goto done;
+        }
+        if (PyDict_SetItem(fields, s_hash, digest) < 0) goto done;
+    }
+    event_id = PyDict_GetItemWithError(fields, s_event_id);
+    if (event_id == NULL && PyErr_Occurred()) goto done;
+    if (event_id == NULL) {
+        event_id = uuid4_text(random);
+        if (event_id == NULL || PyDict_SetItem(fields, s_event_id, event_id) < 0) goto done;
+    } else {
+        Py_INCREF(event_id);
+    }
+    record = PyDict_Copy(k->record_defaults);
+    if (record == NULL || PyDict_Update(record, fields) < 0) goto done;
+    if (k->redact != Py_None) {
+        PyObject *redacted = PyObject_CallOneArg(k->redact, payload);
+        if (redacted == NULL) goto done;
+        rc = PyDict_SetItem(record, s_payload, redacted);
+        Py_DECREF(redacted);
+        if (rc < 0) goto done;
+    }
+    PyObject *subject = NULL, *names[3] = {s_user_id, s_client_ip, s_source};
+    for (int i = 0; i < 3; i++) {
+        subject = PyDict_GetItemWithError(record, names[i]);
+        if (subject == NULL) {
+            if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, names[i]);
+            goto done;
+        }
+        int truthy = PyObject_IsTrue(subject);
+        if (truthy < 0) goto done;
+        if (truthy || i == 2) break;
+    }
+    key = PyUnicode_Check(subject) ? PyUnicode_AsUTF8String(subject) : PyObject_CallMethod(subject, "encode", NULL);
+    if (key == NULL) goto done;
+    PyObject *args[3] = {k->program, k->header, record};
+    value = k->program == Py_None ? NULL : py_encode(NULL, args, 3);
+    if (value == NULL) {
+        PyErr_Clear(); /* a value the C encoder leaves to the serde (and so to fastavro) */
+        value = PyObject_CallOneArg(k->encode_fallback, record);
+        if (value == NULL) goto done;
+    }
+    PyObject *tuple = PyTuple_Pack(4, event_id, digest, key, value);
+    if (tuple == NULL) goto done;
+    /* tuple.__new__(Accepted, tuple): a NamedTuple is a tuple subclass; its Python __new__ costs more */
+    PyObject *targs = PyTuple_Pack(1, tuple);
+    Py_DECREF(tuple);
+    if (targs == NULL) goto done;
+    result = PyTuple_Type.tp_new((PyTypeObject *)k->accepted, targs, NULL);
+    Py_DECREF(targs);
+done:
+    Py_DECREF(fields);
+    Py_XDECREF(payload);
+    Py_XDECREF(flat);
+    Py_XDECREF(ts_text);
+    Py_XDECREF(digest);
+    Py_XDECREF(event_id);
+    Py_XDECREF(record);
+    Py_XDECREF(key);
+    Py_XDECREF(value);
+    return result;
+}
+
+/* bulk_encode(items, defaults, context) -> list: per item an Accepted, the (merged) item
+ * itself when the model must decide, or None when the item is not a dict. */
+static PyObject *py_bulk_encode(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Bulk k;
+    if (nargs != 3 || !PyList_Check(args[0]) || !PyTuple_Check(args[2])
+        || !PyArg_ParseTuple(args[2], "OOOOOOOOOOOOOOOOOO", &k.check, &k.validation_error, &k.now, &k.now_text,
+                             &k.random, &k.record_defaults, &k.severity, &k.to_utc, &k.format_ts, &k.ts_min,
+                             &k.ts_max, &k.redact, &k.program, &k.header, &k.layout, &k.hash_fallback,
+                             &k.encode_fallback, &k.accepted)) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "bulk_encode(items: list, defaults, context: tuple)");
+        return NULL;
+    }
+    PyObject *items = args[0], *defaults = args[1];
+    Py_ssize_t n = PyList_GET_SIZE(items);
+    if (!PyBytes_Check(k.random) || PyBytes_GET_SIZE(k.random) < 16 * n || !PyDict_Check(k.record_defaults)
+        || !PyUnicode_Check(k.now_text) || !PyTuple_Check(k.layout) || !PyBytes_Check(k.header)
+        || (defaults != Py_None && !PyDict_Check(defaults)) || !PyType_Check(k.accepted)
+        || !PyType_IsSubtype((PyTypeObject *)k.accepted, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "bulk_encode: bad context");
+        return NULL;
+    }
+    const unsigned char *random = (const unsigned char *)PyBytes_AS_STRING(k.random);
+    PyObject *out = PyList_New(n);
+    if (out == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(items, i), *merged, *result;
+        if (!PyDict_Check(item)) {
+            PyList_SET_ITEM(out, i, Py_NewRef(Py_None));
+            continue;
+        }
+        if (defaults != Py_None && PyDict_GET_SIZE(defaults)) {
+            /* {**defaults, **{k: v for k, v in item.items() if v is not None}} */
+            merged = PyDict_Copy(defaults);
+            if (merged == NULL) goto fail;
+            PyObject *key, *value;
+            Py_ssize_t pos = 0;
+            while (PyDict_Next(item, &pos, &key, &value))
+                if (value != Py_None && PyDict_SetItem(merged, key, value) < 0) { Py_DECREF(merged); goto fail; }
+        } else {
+            merged = Py_NewRef(item);
+        }
+        result = bulk_one(&k, merged, random + 16 * i);
+        if (result == NULL) { Py_DECREF(merged); goto fail; }
+        if (result == Py_None) {
+            Py_DECREF(result);
+            result = merged; /* the model decides this one */
+        } else {
+            Py_DECREF(merged);
+        }
+        PyList_SET_ITEM(out, i, result);
+    }
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"encode", (PyCFunction)(void (*)(void))py_encode, METH_FASTCALL,
+     "encode(program, header, record) -> header + the record's Avro binary"},
+    {"content_hash", (PyCFunction)(void (*)(void))py_content_hash, METH_FASTCALL,
+     "content_hash(fields, flat, ts_text, layout) -> hex SHA-256 of the canonical content JSON"},
+    {"canonical_json", py_canonical_json, METH_O, "orjson.dumps(value, option=OPT_SORT_KEYS) for plain values"},
+    {"sha256_hex", (PyCFunction)(void (*)(void))py_sha256_hex, METH_FASTCALL,
+     "hashlib.sha256(data).hexdigest(); portable=True skips the CPU's SHA extensions"},
+    {"bulk_encode", (PyCFunction)(void (*)(void))py_bulk_encode, METH_FASTCALL,
+     "bulk_encode(items, defaults, context) -> [Accepted | item for the model | None]"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "schemas._speedups", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__speedups(void) {
+#if HAVE_SHA_NI
+    if (cpu_has_sha_ni()) sha256_fast_block = sha256_block_ni;
+#endif
+    PyDateTime_IMPORT;
+    if (PyDateTimeAPI == NULL) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    Unsupported = PyErr_NewException("schemas._speedups.Unsupported", PyExc_ValueError, NULL);
+    PyObject *orjson = PyImport_ImportModule("orjson");
+    if (Unsupported == NULL || orjson == NULL) goto fail;
+    orjson_dumps = PyObject_GetAttrString(orjson, "dumps");
+    Py_DECREF(orjson);
+    epoch = PyDateTimeAPI->DateTime_FromDateAndTime(1970, 1, 1, 0, 0, 0, 0, PyDateTime_TimeZone_UTC,
+                                                    PyDateTimeAPI->DateTimeType);
+    str_value = PyUnicode_InternFromString("value");
+    PyObject **interned[] = {&s_payload, &s_text, &s_comment, &s_corrected, &s_extra, &s_ts, &s_severity, &s_tags,
+                             &s_hash, &s_event_id, &s_user_id, &s_client_ip, &s_source};
+    const char *texts[] = {"payload", "text", "comment", "corrected_response", "extra", "ts", "severity", "tags",
+                           "hash", "event_id", "user_id", "client_ip", "source"};
+    for (size_t i = 0; i < sizeof texts / sizeof *texts; i++)
+        if ((*interned[i] = PyUnicode_InternFromString(texts[i])) == NULL) goto fail;
+    str_dict = PyUnicode_InternFromString("__dict__");
+    if (orjson_dumps == NULL || epoch == NULL || str_value == NULL || str_dict == NULL) goto fail;
+    Py_INCREF(Unsupported);
+    if (PyModule_AddObject(m, "Unsupported", Unsupported) < 0) goto fail;
+    PyObject *ops = Py_BuildValue(
+        "{si,si,si,si,si,si,si,si,si,si,si,si,si,si}", "null", OP_NULL, "boolean", OP_BOOLEAN, "int", OP_INT, "long",
+        OP_LONG, "float", OP_FLOAT, "double", OP_DOUBLE, "string", OP_STRING, "bytes", OP_BYTES, "enum", OP_ENUM,
+        "record", OP_RECORD, "array", OP_ARRAY, "map", OP_MAP, "union", OP_UNION, "timestamp-micros",
+        OP_TIMESTAMP_MICROS);
+    PyObject *tests = Py_BuildValue("{si,si,si,si,si,si}", "none", IS_NONE, "bool", IS_BOOL, "int", IS_INT, "float",
+                                    IS_FLOAT, "str", IS_STR, "bytes", IS_BYTES);
+    PyObject *kinds = Py_BuildValue("{si,si,si,si,si}", "required", KEY_REQUIRED, "optional", KEY_OPTIONAL, "ts",
+                                    KEY_TS, "enum_value", KEY_ENUM_VALUE, "flat", KEY_FLAT);
+    if (PyModule_AddIntConstant(m, "SHA_NI", sha256_fast_block != sha256_block) < 0) goto fail;
+    if (PyModule_AddObject(m, "OPCODES", ops) < 0 || PyModule_AddObject(m, "UNION_TESTS", tests) < 0
+        || PyModule_AddObject(m, "KEY_KINDS", kinds) < 0)
+        goto fail;
+    return m;
+fail:
+    Py_DECREF(m);
+    return NULL;
+}

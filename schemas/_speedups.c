@@ -21,6 +21,7 @@
 #include <Python.h>
 #include <datetime.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 static PyObject *Unsupported;  /* raised for any value left to the Python path */
@@ -582,7 +583,7 @@ static PyObject *s_payload, *s_text, *s_comment, *s_corrected, *s_extra, *s_ts, 
     *s_event_id, *s_user_id, *s_client_ip, *s_source;
 
 typedef struct {
-    PyObject *check, *validation_error, *now, *now_text, *random, *record_defaults, *severity, *to_utc, *format_ts,
+    PyObject *rules, *check, *validation_error, *now, *now_text, *random, *record_defaults, *severity, *to_utc, *format_ts,
         *ts_min, *ts_max, *redact, *program, *header, *layout, *hash_fallback, *encode_fallback, *accepted;
 } Bulk;
 
@@ -661,10 +662,105 @@ fail:
     return -1;
 }
 
+/* --- the pre-check: pydantic's answer for the plainest items, without pydantic -------
+ * ``rules`` maps each field of the model to (kind, required, nullable, a, b, c, d), compiled
+ * by schemas/bulk.py from FeedbackEvent.model_fields. Only exact built-in types inside the
+ * bounds pass (as pydantic would keep them); anything else, including every value pydantic
+ * would convert or refuse, leaves the item to pydantic. */
+enum { RULE_STR, RULE_FLOAT, RULE_BOOL, RULE_DATETIME, RULE_ENUM, RULE_STR_LIST, RULE_SCALAR_MAP };
+
+static int in_length(PyObject *v, PyObject *lo, PyObject *hi) {
+    Py_ssize_t n = PyUnicode_GET_LENGTH(v);
+    return n >= PyLong_AsSsize_t(lo) && (hi == Py_None || n <= PyLong_AsSsize_t(hi));
+}
+
+/* A new reference to the value as pydantic would give it, Py_None's absence meaning
+ * "undecided": returns NULL without an error set. */
+static PyObject *precheck_value(PyObject *rule, PyObject *v) {
+    long kind = PyLong_AsLong(PyTuple_GET_ITEM(rule, 0));
+    PyObject *a = PyTuple_GET_ITEM(rule, 3), *b = PyTuple_GET_ITEM(rule, 4);
+    if (v == Py_None) return PyTuple_GET_ITEM(rule, 2) == Py_True ? Py_NewRef(v) : NULL;
+    switch (kind) {
+    case RULE_STR:
+        return PyUnicode_CheckExact(v) && in_length(v, a, b) ? Py_NewRef(v) : NULL;
+    case RULE_FLOAT: { /* (lo, lo_strict, hi, hi_strict) in a..d; None for no bound */
+        if (!PyFloat_CheckExact(v)) return NULL;
+        double x = PyFloat_AS_DOUBLE(v);
+        PyObject *c = PyTuple_GET_ITEM(rule, 5), *d = PyTuple_GET_ITEM(rule, 6);
+        if (!isfinite(x)) return NULL;
+        if (a != Py_None && (b == Py_True ? !(x > PyFloat_AsDouble(a)) : !(x >= PyFloat_AsDouble(a)))) return NULL;
+        if (c != Py_None && (d == Py_True ? !(x < PyFloat_AsDouble(c)) : !(x <= PyFloat_AsDouble(c)))) return NULL;
+        return Py_NewRef(v);
+    }
+    case RULE_BOOL:
+        return PyBool_Check(v) ? Py_NewRef(v) : NULL;
+    case RULE_DATETIME:
+        return PyDateTime_CheckExact(v) ? Py_NewRef(v) : NULL;
+    case RULE_ENUM: { /* a: {value: member}, b: the enum class */
+        if (Py_TYPE(v) == (PyTypeObject *)b) return Py_NewRef(v);
+        if (!PyUnicode_CheckExact(v)) return NULL;
+        PyObject *member = PyDict_GetItemWithError(a, v);
+        return member == NULL ? NULL : Py_NewRef(member);
+    }
+    case RULE_STR_LIST: { /* a: most items, b: longest item */
+        if (!PyList_CheckExact(v) || PyList_GET_SIZE(v) > PyLong_AsSsize_t(a)) return NULL;
+        Py_ssize_t n = PyList_GET_SIZE(v);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *s = PyList_GET_ITEM(v, i);
+            if (!PyUnicode_CheckExact(s) || PyUnicode_GET_LENGTH(s) > PyLong_AsSsize_t(b)) return NULL;
+        }
+        return PyList_GetSlice(v, 0, n); /* pydantic gives a new list */
+    }
+    case RULE_SCALAR_MAP: { /* str keys; None, bool, 64-bit int, finite float or str values */
+        if (!PyDict_CheckExact(v)) return NULL;
+        PyObject *key, *item;
+        Py_ssize_t pos = 0;
+        while (PyDict_Next(v, &pos, &key, &item)) {
+            if (!PyUnicode_CheckExact(key)) return NULL;
+            if (item == Py_None || PyBool_Check(item) || PyUnicode_CheckExact(item)) continue;
+            if (PyFloat_CheckExact(item) && isfinite(PyFloat_AS_DOUBLE(item))) continue;
+            if (PyLong_CheckExact(item)) {
+                int overflow;
+                PyLong_AsLongLongAndOverflow(item, &overflow);
+                if (!overflow) continue;
+            }
+            return NULL;
+        }
+        return PyDict_Copy(v); /* a fresh dict, as pydantic gives */
+    }
+    }
+    return NULL;
+}
+
+/* The validated fields of a plain item (a new dict), or NULL: with an error set on failure,
+ * without one when pydantic must decide. */
+static PyObject *precheck(PyObject *rules, PyObject *item) {
+    PyObject *fields = PyDict_New(), *key, *value;
+    if (fields == NULL) return NULL;
+    Py_ssize_t pos = 0, required = 0;
+    while (PyDict_Next(item, &pos, &key, &value)) {
+        PyObject *rule = PyDict_GetItemWithError(rules, key); /* an unknown field: pydantic refuses it */
+        if (rule == NULL) goto undecided;
+        PyObject *checked = precheck_value(rule, value);
+        if (checked == NULL) goto undecided;
+        int rc = PyDict_SetItem(fields, key, checked);
+        Py_DECREF(checked);
+        if (rc < 0) goto undecided;
+        required += PyTuple_GET_ITEM(rule, 1) == Py_True;
+    }
+    if (required != PyLong_AsSsize_t(PyDict_GetItemString(rules, ""))) goto undecided; /* a required field missing */
+    return fields;
+undecided:
+    Py_DECREF(fields);
+    PyErr_Clear();
+    return NULL;
+}
+
 /* One item, already merged with the defaults: a new Accepted, Py_None when the model must
  * decide (the caller then runs FeedbackEvent.model_validate), or NULL on error. */
 static PyObject *bulk_one(Bulk *k, PyObject *item, const unsigned char *random) {
-    PyObject *fields = PyObject_CallOneArg(k->check, item);
+    PyObject *fields = k->rules == Py_None ? NULL : precheck(k->rules, item);
+    if (fields == NULL) fields = PyObject_CallOneArg(k->check, item);
     if (fields == NULL) {
         if (!PyErr_ExceptionMatches(k->validation_error)) return NULL;
         PyErr_Clear();
@@ -780,7 +876,7 @@ done:
 static PyObject *py_bulk_encode(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Bulk k;
     if (nargs != 3 || !PyList_Check(args[0]) || !PyTuple_Check(args[2])
-        || !PyArg_ParseTuple(args[2], "OOOOOOOOOOOOOOOOOO", &k.check, &k.validation_error, &k.now, &k.now_text,
+        || !PyArg_ParseTuple(args[2], "OOOOOOOOOOOOOOOOOOO", &k.rules, &k.check, &k.validation_error, &k.now, &k.now_text,
                              &k.random, &k.record_defaults, &k.severity, &k.to_utc, &k.format_ts, &k.ts_min,
                              &k.ts_max, &k.redact, &k.program, &k.header, &k.layout, &k.hash_fallback,
                              &k.encode_fallback, &k.accepted)) {
@@ -792,7 +888,8 @@ static PyObject *py_bulk_encode(PyObject *self, PyObject *const *args, Py_ssize_
     if (!PyBytes_Check(k.random) || PyBytes_GET_SIZE(k.random) < 16 * n || !PyDict_Check(k.record_defaults)
         || !PyUnicode_Check(k.now_text) || !PyTuple_Check(k.layout) || !PyBytes_Check(k.header)
         || (defaults != Py_None && !PyDict_Check(defaults)) || !PyType_Check(k.accepted)
-        || !PyType_IsSubtype((PyTypeObject *)k.accepted, &PyTuple_Type)) {
+        || !PyType_IsSubtype((PyTypeObject *)k.accepted, &PyTuple_Type)
+        || (k.rules != Py_None && (!PyDict_CheckExact(k.rules) || PyDict_GetItemString(k.rules, "") == NULL))) {
         PyErr_SetString(PyExc_TypeError, "bulk_encode: bad context");
         return NULL;
     }
@@ -880,6 +977,10 @@ PyMODINIT_FUNC PyInit__speedups(void) {
         OP_TIMESTAMP_MICROS);
     PyObject *tests = Py_BuildValue("{si,si,si,si,si,si}", "none", IS_NONE, "bool", IS_BOOL, "int", IS_INT, "float",
                                     IS_FLOAT, "str", IS_STR, "bytes", IS_BYTES);
+    PyObject *rule_kinds = Py_BuildValue("{si,si,si,si,si,si,si}", "str", RULE_STR, "float", RULE_FLOAT, "bool",
+                                         RULE_BOOL, "datetime", RULE_DATETIME, "enum", RULE_ENUM, "str_list",
+                                         RULE_STR_LIST, "scalar_map", RULE_SCALAR_MAP);
+    if (PyModule_AddObject(m, "RULE_KINDS", rule_kinds) < 0) goto fail;
     PyObject *kinds = Py_BuildValue("{si,si,si,si,si}", "required", KEY_REQUIRED, "optional", KEY_OPTIONAL, "ts",
                                     KEY_TS, "enum_value", KEY_ENUM_VALUE, "flat", KEY_FLAT);
     if (PyModule_AddIntConstant(m, "SHA_NI", sha256_fast_block != sha256_block) < 0) goto fail;

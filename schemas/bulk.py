@@ -22,9 +22,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any, NamedTuple, NotRequired, Required
+from enum import StrEnum
+from types import UnionType
+from typing import Annotated, Any, NamedTuple, NotRequired, Required, Union, get_args, get_origin
 
+from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
 from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter, ValidationError
+from pydantic.types import AllowInfNan
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 from schemas.hashing import _LAYOUT, content_hash
@@ -58,6 +62,59 @@ def _fast_schema() -> TypeAdapter[Any]:
     schema = TypedDict("_FastEvent", fields)  # type: ignore[operator]
     schema.__pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[attr-defined]
     return TypeAdapter(schema)
+
+
+_LIMIT = {MinLen: "min_length", MaxLen: "max_length", Ge: "ge", Gt: "gt", Le: "le", Lt: "lt"}
+
+
+def _precheck_rules() -> dict[str, Any] | None:
+    """The model's field rules as the C pre-check reads them (``schemas/_speedups.c``):
+    ``{field: (kind, required, nullable, a, b, c, d)}`` and ``{"": number of required
+    fields}``. None (pydantic checks every item) if a field has a type or constraint this
+    does not know: the pre-check only ever stands in for pydantic where it is certain."""
+    if _speedups is None:
+        return None
+    kinds = _speedups.RULE_KINDS
+    rules: dict[str, Any] = {}
+    for name, info in FeedbackEvent.model_fields.items():
+        annotation, nullable = info.annotation, False
+        if get_origin(annotation) in (Union, UnionType) and type(None) in get_args(annotation):
+            rest = [a for a in get_args(annotation) if a is not type(None)]
+            if len(rest) != 1:
+                return None
+            annotation, nullable = rest[0], True
+        limits: dict[str, Any] = {}
+        for meta in info.metadata:
+            if isinstance(meta, MinLen | MaxLen | Ge | Gt | Le | Lt):
+                limits[type(meta).__name__] = getattr(meta, _LIMIT[type(meta)])
+            elif not (isinstance(meta, AllowInfNan) and meta.allow_inf_nan is False):
+                return None
+        rule: tuple[Any, ...]
+        if name == "payload":
+            rule = (kinds["scalar_map"], None, None, None, None)
+        elif annotation is str and limits.keys() <= {"MinLen", "MaxLen"}:
+            rule = (kinds["str"], limits.get("MinLen", 0), limits.get("MaxLen"), None, None)
+        elif annotation is float and limits.keys() <= {"Ge", "Gt", "Le", "Lt"}:
+            low, high = limits.get("Gt", limits.get("Ge")), limits.get("Lt", limits.get("Le"))
+            rule = (kinds["float"], None if low is None else float(low), "Gt" in limits,
+                    None if high is None else float(high), "Lt" in limits)  # fmt: skip
+        elif annotation is bool and not limits:
+            rule = (kinds["bool"], None, None, None, None)
+        elif annotation is datetime and not limits:
+            rule = (kinds["datetime"], None, None, None, None)
+        elif isinstance(annotation, type) and issubclass(annotation, StrEnum) and not limits:
+            rule = (kinds["enum"], {m.value: m for m in annotation}, annotation, None, None)
+        elif get_origin(annotation) is list and limits.keys() <= {"MaxLen"} and "MaxLen" in limits:
+            item_type, *item_meta = get_args(get_args(annotation)[0]) or (None,)
+            item_limits = [m for f in item_meta for m in getattr(f, "metadata", [f])]
+            if item_type is not str or len(item_limits) != 1 or not isinstance(item_limits[0], MaxLen):
+                return None
+            rule = (kinds["str_list"], limits["MaxLen"], item_limits[0].max_length, None, None)
+        else:
+            return None
+        rules[name] = (rule[0], info.is_required(), nullable, *rule[1:])
+    rules[""] = sum(1 for info in FeedbackEvent.model_fields.values() if info.is_required())
+    return rules
 
 
 class Accepted(NamedTuple):
@@ -111,6 +168,7 @@ class BulkEncoder:
         # what it hands back undecided goes through the model here, as in the Python loop.
         self._program = compile_program(serde.writer_schema)
         self._native = native and _speedups is not None
+        self._rules = _precheck_rules() if self._native else None
 
     def encode(
         self, items: Sequence[Any], *, defaults: Mapping[str, Any] | None = None, now: datetime | None = None
@@ -136,7 +194,7 @@ class BulkEncoder:
     def _encode_c(
         self, items: Sequence[Any], defaults: Mapping[str, Any] | None, now: datetime, now_text: str
     ) -> list[Accepted | Refused]:
-        context = (self._check, ValidationError, now, now_text, os.urandom(16 * len(items)), _DEFAULTS,
+        context = (self._rules, self._check, ValidationError, now, now_text, os.urandom(16 * len(items)), _DEFAULTS,
                    Severity.info, to_utc, format_ts, _TS_MIN, _TS_MAX, self.redact, self._program,
                    self.serde.header, _LAYOUT, content_hash, self.serde.encode, Accepted)  # fmt: skip
         out: list[Any] = _speedups.bulk_encode(list(items), dict(defaults) if defaults else None, context)

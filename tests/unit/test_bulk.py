@@ -27,6 +27,17 @@ paths = pytest.mark.parametrize("path", sorted(BULKS))
 def test_the_c_loop_is_built_and_used() -> None:
     assert bulk_module._speedups is not None, "schemas._speedups is not built: `make setup` builds it"
     assert BULKS["c"]._native and not BULKS["python"]._native
+
+
+def test_the_c_precheck_knows_every_field_of_the_model() -> None:
+    """The pre-check stands in for pydantic only with rules read from the model; a field type
+    or constraint it does not know switches it off (None) rather than guessing."""
+    rules = bulk_module._precheck_rules()
+    assert rules is not None
+    assert set(rules) - {""} == set(FeedbackEvent.model_fields)
+    assert rules[""] == 2  # source and type
+    assert rules["source"][1:5] == (True, False, 1, 128)  # required, not nullable, 1..128 characters
+    assert rules["sample_rate"][3:] == (0.0, True, 1.0, False)  # 0 < rate <= 1
 NOW = datetime(2026, 11, 23, 12, 0, 0, 123456, tzinfo=UTC)
 
 # Values valid for some fields, invalid for others: the two paths must agree on every one.

@@ -60,4 +60,4 @@ lint: setup
 
 clean:
 	-$(BIN)/feedback down
-	rm -rf $(VENV) $(STATE) *.egg-info
+	rm -rf $(VENV) $(STATE) *.egg-info build schemas/*.so

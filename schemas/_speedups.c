@@ -135,18 +135,20 @@ static int write_double(Buf *b, PyObject *v, int single) {
 }
 
 /* A timestamp-micros long from an aware datetime (as fastavro computes it) or an int. The
- * program holds a two-item list [last datetime, its bytes]: events written together share
- * their time. */
+ * program holds a one-item list with the last (datetime, bytes) pair, replaced whole, so
+ * threads sharing the program never see one's datetime with another's bytes: events
+ * written together share their time. */
 static int write_timestamp(Buf *b, PyObject *memo, PyObject *v) {
     if (PyDateTime_CheckExact(v) && PyDateTime_DATE_GET_TZINFO(v) != Py_None) {
         PyObject *last = PyList_GET_ITEM(memo, 0);
-        if (last != Py_None) {
-            int same = PyObject_RichCompareBool(v, last, Py_EQ);
-            if (same < 0) return -1;
-            if (same) {
-                PyObject *bytes = PyList_GET_ITEM(memo, 1);
-                return buf_put(b, PyBytes_AS_STRING(bytes), PyBytes_GET_SIZE(bytes));
-            }
+        if (PyTuple_Check(last)) {
+            Py_INCREF(last); /* the comparison may run a tzinfo's Python code */
+            int same = PyObject_RichCompareBool(v, PyTuple_GET_ITEM(last, 0), Py_EQ);
+            int rc = same <= 0 ? same : buf_put(b, PyBytes_AS_STRING(PyTuple_GET_ITEM(last, 1)),
+                                                PyBytes_GET_SIZE(PyTuple_GET_ITEM(last, 1)));
+            Py_DECREF(last);
+            if (rc < 0) return -1;
+            if (same) return 0;
         }
         PyObject *delta = PyNumber_Subtract(v, epoch);
         if (delta == NULL) return -1;
@@ -155,11 +157,9 @@ static int write_timestamp(Buf *b, PyObject *memo, PyObject *v) {
         Py_DECREF(delta);
         Py_ssize_t start = b->len;
         if (put_long(b, micros) < 0) return -1;
-        PyObject *bytes = PyBytes_FromStringAndSize(b->data + start, b->len - start);
-        if (bytes == NULL) return -1;
-        Py_INCREF(v);
-        PyList_SetItem(memo, 0, v);     /* steals */
-        PyList_SetItem(memo, 1, bytes); /* steals */
+        PyObject *pair = Py_BuildValue("(Oy#)", v, b->data + start, b->len - start);
+        if (pair == NULL) return -1;
+        PyList_SetItem(memo, 0, pair); /* steals */
         return 0;
     }
     if (PyLong_CheckExact(v)) return write_int(b, v, 64);
@@ -739,6 +739,7 @@ static PyObject *precheck(PyObject *rules, PyObject *item) {
     if (fields == NULL) return NULL;
     Py_ssize_t pos = 0, required = 0;
     while (PyDict_Next(item, &pos, &key, &value)) {
+        if (!PyUnicode_CheckExact(key)) goto undecided; /* (and no Python __hash__ runs mid-iteration) */
         PyObject *rule = PyDict_GetItemWithError(rules, key); /* an unknown field: pydantic refuses it */
         if (rule == NULL) goto undecided;
         PyObject *checked = precheck_value(rule, value);

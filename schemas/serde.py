@@ -324,7 +324,7 @@ def compile_program(schema: Any, *, models: bool = False) -> tuple[Any, ...] | N
             return (ops["union"], tuple((tests[name], i, build(kind)) for name, _, i, kind in branches))
         node, kind = _schema_kind(node)
         if kind == "timestamp-micros":
-            return (ops[kind], [None, b""])  # the last datetime and its bytes
+            return (ops[kind], [None])  # the last (datetime, bytes) pair, replaced whole
         if kind in _PRIMITIVES:
             return (ops[kind],)
         if kind == "enum":

@@ -77,12 +77,14 @@ class FeedbackProducer:
             "message.timeout.ms": 120_000,
             "client.id": "feedback-producer",
         }
+        # Events are reported to one callback, set as the producer's default: naming a callback
+        # per produce() call costs ~0.8 us per message here (send_raw still names its own).
+        conf["on_delivery"] = self._event_delivered
         conf.update(config or {})
         self._producer = Producer(conf)
         self._lock = threading.Lock()
         self._failures: list[tuple[str, str]] = []
         self.delivered = 0
-        self._on_event_delivery = self._event_delivered  # one bound method for every message
 
     # --- publishing ------------------------------------------------------
     def send(self, event: FeedbackEvent, *, timestamp_ms: int | None = None) -> None:
@@ -93,23 +95,23 @@ class FeedbackProducer:
         arrival times reproduces the original decisions.
         """
         value = self.serde.encode_model(event)  # the bytes of serde.encode(event.to_avro())
-        self._produce(value, subject_key(event), self._on_event_delivery, timestamp_ms)
+        self._produce(value, subject_key(event), None, timestamp_ms)
 
     def send_encoded(self, key: bytes, value: bytes) -> None:
         """Queue an event already validated and encoded (``schemas.bulk.Accepted``'s key and
         value); a delivery failure names it by the event id its bytes carry, as for :meth:`send`."""
-        self._produce(value, key, self._on_event_delivery, None)
+        self._produce(value, key, None, None)
 
     def send_encoded_many(self, events: Iterable[Accepted]) -> int:
         """:meth:`send_encoded` for many ``schemas.bulk.Accepted`` events; delivery reports
         are served once at the end, or whenever librdkafka's queue is full. Returns how many
         were queued."""
-        produce, topic, on_delivery = self._producer.produce, self.topic, self._on_event_delivery
+        produce, topic = self._producer.produce, self.topic
         n = 0
         for _, _, key, value in events:
             while True:
                 try:
-                    produce(topic, value, key, on_delivery=on_delivery)
+                    produce(topic, value, key)  # reported to the default callback, _event_delivered
                     break
                 except BufferError:  # local queue full: serve delivery reports to make room
                     self._producer.poll(0.05)
@@ -156,13 +158,16 @@ class FeedbackProducer:
         self,
         value: bytes,
         key: bytes | None,
-        on_delivery: Callable[[KafkaError | None, Message], None],
+        on_delivery: Callable[[KafkaError | None, Message], None] | None,
         timestamp_ms: int | None,
     ) -> None:
-        extra = {} if timestamp_ms is None else {"timestamp": timestamp_ms}
+        """Queue one message; ``on_delivery`` None reports it to the default callback."""
+        extra: dict[str, Any] = {} if timestamp_ms is None else {"timestamp": timestamp_ms}
+        if on_delivery is not None:
+            extra["on_delivery"] = on_delivery
         while True:
             try:
-                self._producer.produce(self.topic, value=value, key=key, on_delivery=on_delivery, **extra)
+                self._producer.produce(self.topic, value=value, key=key, **extra)
                 break
             except BufferError:
                 # Local queue full: serve delivery reports to make room, then retry.

@@ -94,7 +94,7 @@ class _Signals:
         no model object is built (``schemas.bulk``)."""
         if self._bulk is None:
             self._bulk = BulkEncoder(self._serde())
-        items = [dict(e) if isinstance(e, Mapping) else e for e in events]
+        items = [e if type(e) is dict else dict(e) if isinstance(e, Mapping) else e for e in events]
         defaults = {"source": self.source, **{k: v for k, v in self.defaults.items() if v is not None}}
         results = self._bulk.encode(items, defaults=defaults)
         for i, result in enumerate(results):

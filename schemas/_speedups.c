@@ -603,7 +603,8 @@ static PyObject *uuid4_text(const unsigned char *r) {
 }
 
 /* The payload as the record holds it, and the flat payload the hash reads; 0 on success, 1
- * when the model must decide, -1 on error. New references in *record_payload and *flat. */
+ * when the model must decide, -1 on error. New references in *record_payload and *flat.
+ * ``item`` is what pydantic checked (NULL after the pre-check, which converts nothing). */
 static int split_payload(PyObject *fields, PyObject *item, PyObject **record_payload, PyObject **flat) {
     PyObject *extra = PyDict_GetItemWithError(fields, s_payload); /* borrowed */
     if (extra == NULL && PyErr_Occurred()) return -1;
@@ -611,11 +612,10 @@ static int split_payload(PyObject *fields, PyObject *item, PyObject **record_pay
     PyObject *names[3] = {s_text, s_comment, s_corrected};
     *record_payload = *flat = NULL;
     if (extra != NULL && PyDict_Check(extra) && PyDict_GET_SIZE(extra)) {
-        PyObject *given = PyObject_GetItem(item, s_payload);
-        if (given == NULL) return -1;
-        PyObject *key, *value;
+        PyObject *given = item == NULL ? NULL : PyObject_GetItem(item, s_payload), *key, *value;
+        if (given == NULL && item != NULL) return -1;
         Py_ssize_t pos = 0;
-        while (PyDict_Next(extra, &pos, &key, &value)) {
+        while (given != NULL && PyDict_Next(extra, &pos, &key, &value)) {
             /* A float the check made from an int (e.g. one past the 64-bit range): the model refuses it. */
             if (!PyFloat_CheckExact(value)) continue;
             PyObject *original = PyObject_GetItem(given, key);
@@ -624,7 +624,7 @@ static int split_payload(PyObject *fields, PyObject *item, PyObject **record_pay
             Py_DECREF(original);
             if (differs) { Py_DECREF(given); return 1; }
         }
-        Py_DECREF(given);
+        Py_XDECREF(given);
         Py_INCREF(extra);
         for (int i = 0; i < 3; i++) {
             PyObject *v = PyDict_GetItemWithError(extra, names[i]);
@@ -660,6 +660,29 @@ fail:
     Py_CLEAR(*flat);
     Py_CLEAR(*record_payload);
     return -1;
+}
+
+/* primary[name], else secondary[name] (borrowed; NULL without an error when neither has it). */
+static PyObject *layered(PyObject *primary, PyObject *secondary, PyObject *name) {
+    PyObject *v = PyDict_GetItemWithError(primary, name);
+    if (v == NULL && !PyErr_Occurred()) v = PyDict_GetItemWithError(secondary, name);
+    return v;
+}
+
+/* A top-level record program written from the fields over the defaults, as if merged. */
+static int write_layered(Buf *b, PyObject *op, PyObject *primary, PyObject *secondary) {
+    if (PyLong_AsLong(PyTuple_GET_ITEM(op, 0)) != OP_RECORD) return unsupported("not a record");
+    PyObject *fields = PyTuple_GET_ITEM(op, 2);
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(fields); i++) {
+        PyObject *field = PyTuple_GET_ITEM(fields, i);
+        PyObject *v = layered(primary, secondary, PyTuple_GET_ITEM(field, 0));
+        if (v == NULL) return PyErr_Occurred() ? -1 : unsupported("missing field");
+        Py_INCREF(v);
+        int rc = write_value(b, PyTuple_GET_ITEM(field, 1), v);
+        Py_DECREF(v);
+        if (rc < 0) return -1;
+    }
+    return 0;
 }
 
 /* --- the pre-check: pydantic's answer for the plainest items, without pydantic -------
@@ -734,22 +757,36 @@ static PyObject *precheck_value(PyObject *rule, PyObject *v) {
 
 /* The validated fields of a plain item (a new dict), or NULL: with an error set on failure,
  * without one when pydantic must decide. */
-static PyObject *precheck(PyObject *rules, PyObject *item) {
+static int precheck_into(PyObject *fields, PyObject *rules, PyObject *key, PyObject *value) {
+    if (!PyUnicode_CheckExact(key)) return 1; /* (and no Python __hash__ runs mid-iteration) */
+    PyObject *rule = PyDict_GetItemWithError(rules, key); /* an unknown field: pydantic refuses it */
+    if (rule == NULL) return 1;
+    PyObject *checked = precheck_value(rule, value);
+    if (checked == NULL) return 1;
+    int rc = PyDict_SetItem(fields, key, checked);
+    Py_DECREF(checked);
+    return rc < 0 ? 1 : 0;
+}
+
+/* The validated fields of a plain item (a new dict), or NULL: with an error set on failure,
+ * without one when pydantic must decide. With ``defaults`` (a non-empty dict) the item is
+ * read as {**defaults, **{k: v for k, v in item.items() if v is not None}}, unbuilt. */
+static PyObject *precheck(PyObject *rules, PyObject *item, PyObject *defaults) {
     PyObject *fields = PyDict_New(), *key, *value;
     if (fields == NULL) return NULL;
-    Py_ssize_t pos = 0, required = 0;
-    while (PyDict_Next(item, &pos, &key, &value)) {
-        if (!PyUnicode_CheckExact(key)) goto undecided; /* (and no Python __hash__ runs mid-iteration) */
-        PyObject *rule = PyDict_GetItemWithError(rules, key); /* an unknown field: pydantic refuses it */
-        if (rule == NULL) goto undecided;
-        PyObject *checked = precheck_value(rule, value);
-        if (checked == NULL) goto undecided;
-        int rc = PyDict_SetItem(fields, key, checked);
-        Py_DECREF(checked);
-        if (rc < 0) goto undecided;
-        required += PyTuple_GET_ITEM(rule, 1) == Py_True;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(item, &pos, &key, &value))
+        if (!(defaults != NULL && value == Py_None) && precheck_into(fields, rules, key, value)) goto undecided;
+    if (defaults != NULL) {
+        pos = 0;
+        while (PyDict_Next(defaults, &pos, &key, &value)) {
+            int present = PyDict_Contains(fields, key);
+            if (present < 0 || (!present && precheck_into(fields, rules, key, value))) goto undecided;
+        }
     }
-    if (required != PyLong_AsSsize_t(PyDict_GetItemString(rules, ""))) goto undecided; /* a required field missing */
+    PyObject *required = PyDict_GetItemString(rules, ""); /* the names of the required fields */
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(required); i++)
+        if (PyDict_Contains(fields, PyTuple_GET_ITEM(required, i)) != 1) goto undecided;
     return fields;
 undecided:
     Py_DECREF(fields);
@@ -757,11 +794,29 @@ undecided:
     return NULL;
 }
 
-/* One item, already merged with the defaults: a new Accepted, Py_None when the model must
- * decide (the caller then runs FeedbackEvent.model_validate), or NULL on error. */
-static PyObject *bulk_one(Bulk *k, PyObject *item, const unsigned char *random) {
-    PyObject *fields = k->rules == Py_None ? NULL : precheck(k->rules, item);
-    if (fields == NULL) fields = PyObject_CallOneArg(k->check, item);
+/* {**defaults, **{k: v for k, v in item.items() if v is not None}} */
+static PyObject *merge_defaults(PyObject *item, PyObject *defaults) {
+    if (defaults == NULL) return Py_NewRef(item);
+    PyObject *merged = PyDict_Copy(defaults), *key, *value;
+    if (merged == NULL) return NULL;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(item, &pos, &key, &value))
+        if (value != Py_None && PyDict_SetItem(merged, key, value) < 0) { Py_DECREF(merged); return NULL; }
+    return merged;
+}
+
+/* One item and the defaults (NULL for none): a new Accepted, Py_None when the model must
+ * decide (the caller then runs FeedbackEvent.model_validate on *merged, the item with its
+ * defaults, set then), or NULL on error. */
+static PyObject *bulk_one(Bulk *k, PyObject *item, PyObject *defaults, const unsigned char *random,
+                          PyObject **merged) {
+    PyObject *fields = k->rules == Py_None ? NULL : precheck(k->rules, item, defaults);
+    if (fields == NULL) { /* pydantic's check, on the item as merged with its defaults */
+        *merged = merge_defaults(item, defaults);
+        if (*merged == NULL) return NULL;
+        item = *merged;
+        fields = PyObject_CallOneArg(k->check, item);
+    }
     if (fields == NULL) {
         if (!PyErr_ExceptionMatches(k->validation_error)) return NULL;
         PyErr_Clear();
@@ -770,7 +825,8 @@ static PyObject *bulk_one(Bulk *k, PyObject *item, const unsigned char *random) 
     PyObject *payload = NULL, *flat = NULL, *ts_text = NULL, *digest = NULL, *event_id = NULL, *record = NULL,
              *key = NULL, *value = NULL, *result = NULL;
     if (!PyDict_CheckExact(fields)) { PyErr_SetString(PyExc_TypeError, "the check returned no dict"); goto done; }
-    int rc = split_payload(fields, item, &payload, &flat);
+    /* Only pydantic turns a payload int into a float: the pre-check keeps values as they are. */
+    int rc = split_payload(fields, *merged != NULL ? item : NULL, &payload, &flat);
     if (rc < 0) goto done;
     if (rc > 0) { result = Py_NewRef(Py_None); goto done; }
     if (PyDict_SetItem(fields, s_payload, payload) < 0) goto done;
@@ -822,18 +878,17 @@ static PyObject *bulk_one(Bulk *k, PyObject *item, const unsigned char *random) 
     } else {
         Py_INCREF(event_id);
     }
-    record = PyDict_Copy(k->record_defaults);
-    if (record == NULL || PyDict_Update(record, fields) < 0) goto done;
-    if (k->redact != Py_None) {
+    if (k->redact != Py_None) { /* the record's payload as written: the hash above is the event's own */
         PyObject *redacted = PyObject_CallOneArg(k->redact, payload);
         if (redacted == NULL) goto done;
-        rc = PyDict_SetItem(record, s_payload, redacted);
+        rc = PyDict_SetItem(fields, s_payload, redacted);
         Py_DECREF(redacted);
         if (rc < 0) goto done;
     }
+    /* The record is the fields over the model's defaults: read through both, not built. */
     PyObject *subject = NULL, *names[3] = {s_user_id, s_client_ip, s_source};
     for (int i = 0; i < 3; i++) {
-        subject = PyDict_GetItemWithError(record, names[i]);
+        subject = layered(fields, k->record_defaults, names[i]);
         if (subject == NULL) {
             if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, names[i]);
             goto done;
@@ -844,10 +899,18 @@ static PyObject *bulk_one(Bulk *k, PyObject *item, const unsigned char *random) 
     }
     key = PyUnicode_Check(subject) ? PyUnicode_AsUTF8String(subject) : PyObject_CallMethod(subject, "encode", NULL);
     if (key == NULL) goto done;
-    PyObject *args[3] = {k->program, k->header, record};
-    value = k->program == Py_None ? NULL : py_encode(NULL, args, 3);
+    if (k->program != Py_None) {
+        Buf b;
+        buf_init(&b);
+        if (buf_put(&b, PyBytes_AS_STRING(k->header), PyBytes_GET_SIZE(k->header)) == 0
+            && write_layered(&b, k->program, fields, k->record_defaults) == 0)
+            value = PyBytes_FromStringAndSize(b.data, b.len);
+        buf_free(&b);
+    }
     if (value == NULL) {
         PyErr_Clear(); /* a value the C encoder leaves to the serde (and so to fastavro) */
+        record = PyDict_Copy(k->record_defaults);
+        if (record == NULL || PyDict_Update(record, fields) < 0) goto done;
         value = PyObject_CallOneArg(k->encode_fallback, record);
         if (value == NULL) goto done;
     }
@@ -872,6 +935,11 @@ done:
     return result;
 }
 
+static int valid_rules(PyObject *rules) {
+    PyObject *required = PyDict_CheckExact(rules) ? PyDict_GetItemString(rules, "") : NULL;
+    return required != NULL && PyTuple_Check(required);
+}
+
 /* bulk_encode(items, defaults, context) -> list: per item an Accepted, the (merged) item
  * itself when the model must decide, or None when the item is not a dict. */
 static PyObject *py_bulk_encode(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -890,11 +958,12 @@ static PyObject *py_bulk_encode(PyObject *self, PyObject *const *args, Py_ssize_
         || !PyUnicode_Check(k.now_text) || !PyTuple_Check(k.layout) || !PyBytes_Check(k.header)
         || (defaults != Py_None && !PyDict_Check(defaults)) || !PyType_Check(k.accepted)
         || !PyType_IsSubtype((PyTypeObject *)k.accepted, &PyTuple_Type)
-        || (k.rules != Py_None && (!PyDict_CheckExact(k.rules) || PyDict_GetItemString(k.rules, "") == NULL))) {
+        || (k.rules != Py_None && !valid_rules(k.rules))) {
         PyErr_SetString(PyExc_TypeError, "bulk_encode: bad context");
         return NULL;
     }
     const unsigned char *random = (const unsigned char *)PyBytes_AS_STRING(k.random);
+    PyObject *given = defaults != Py_None && PyDict_GET_SIZE(defaults) ? defaults : NULL; /* as `if defaults:` */
     PyObject *out = PyList_New(n);
     if (out == NULL) return NULL;
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -903,24 +972,18 @@ static PyObject *py_bulk_encode(PyObject *self, PyObject *const *args, Py_ssize_
             PyList_SET_ITEM(out, i, Py_NewRef(Py_None));
             continue;
         }
-        if (defaults != Py_None && PyDict_GET_SIZE(defaults)) {
-            /* {**defaults, **{k: v for k, v in item.items() if v is not None}} */
-            merged = PyDict_Copy(defaults);
-            if (merged == NULL) goto fail;
-            PyObject *key, *value;
-            Py_ssize_t pos = 0;
-            while (PyDict_Next(item, &pos, &key, &value))
-                if (value != Py_None && PyDict_SetItem(merged, key, value) < 0) { Py_DECREF(merged); goto fail; }
-        } else {
-            merged = Py_NewRef(item);
+        merged = NULL;
+        result = bulk_one(&k, item, given, random + 16 * i, &merged);
+        if (result == Py_None && merged == NULL) { /* undecided after the pre-check passed */
+            merged = merge_defaults(item, given);
+            if (merged == NULL) { Py_DECREF(result); goto fail; }
         }
-        result = bulk_one(&k, merged, random + 16 * i);
-        if (result == NULL) { Py_DECREF(merged); goto fail; }
+        if (result == NULL) { Py_XDECREF(merged); goto fail; }
         if (result == Py_None) {
             Py_DECREF(result);
             result = merged; /* the model decides this one */
         } else {
-            Py_DECREF(merged);
+            Py_XDECREF(merged);
         }
         PyList_SET_ITEM(out, i, result);
     }

@@ -69,9 +69,9 @@ _LIMIT = {MinLen: "min_length", MaxLen: "max_length", Ge: "ge", Gt: "gt", Le: "l
 
 def _precheck_rules() -> dict[str, Any] | None:
     """The model's field rules as the C pre-check reads them (``schemas/_speedups.c``):
-    ``{field: (kind, required, nullable, a, b, c, d)}`` and ``{"": number of required
-    fields}``. None (pydantic checks every item) if a field has a type or constraint this
-    does not know: the pre-check only ever stands in for pydantic where it is certain."""
+    ``{field: (kind, required, nullable, a, b, c, d)}`` and ``{"": the required fields}``.
+    None (pydantic checks every item) if a field has a type or constraint this does not
+    know: the pre-check only ever stands in for pydantic where it is certain."""
     if _speedups is None:
         return None
     kinds = _speedups.RULE_KINDS
@@ -113,7 +113,7 @@ def _precheck_rules() -> dict[str, Any] | None:
         else:
             return None
         rules[name] = (rule[0], info.is_required(), nullable, *rule[1:])
-    rules[""] = sum(1 for info in FeedbackEvent.model_fields.values() if info.is_required())
+    rules[""] = tuple(name for name, info in FeedbackEvent.model_fields.items() if info.is_required())
     return rules
 
 

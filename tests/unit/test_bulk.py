@@ -35,7 +35,7 @@ def test_the_c_precheck_knows_every_field_of_the_model() -> None:
     rules = bulk_module._precheck_rules()
     assert rules is not None
     assert set(rules) - {""} == set(FeedbackEvent.model_fields)
-    assert rules[""] == 2  # source and type
+    assert rules[""] == ("source", "type")
     assert rules["source"][1:5] == (True, False, 1, 128)  # required, not nullable, 1..128 characters
     assert rules["sample_rate"][3:] == (0.0, True, 1.0, False)  # 0 < rate <= 1
 NOW = datetime(2026, 11, 23, 12, 0, 0, 123456, tzinfo=UTC)
@@ -130,6 +130,37 @@ def test_the_bulk_result_is_the_models_for_any_item(path: str, item: dict[str, A
     assert result.key == subject_key(event)
     assert result.value == SERDE.encode_model(event)
     assert SERDE.decode(result.value) == SERDE.decode(SERDE.encode(event.to_avro()))
+
+
+defaults = st.fixed_dictionaries({}, optional={
+    "source": st.sampled_from(["dream_ui", ""]) | anything, "model_version": ids, "prompt_version": ids,
+    "type": st.sampled_from(["thumbs"]), "payload": payloads, "severity": fields["severity"]})  # fmt: skip
+partial_items = st.fixed_dictionaries({}, optional=fields)
+
+
+@paths
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(item=partial_items | items, given_defaults=defaults)
+def test_with_defaults_the_result_is_the_models_for_the_merged_item(
+    path: str, item: dict[str, Any], given_defaults: dict[str, Any]
+) -> None:
+    """``defaults`` fill what an item lacks or holds as null: the C loop reads the two without
+    merging them, the Python loop merges; both must give the model's answer for the merge."""
+    [result] = BULKS[path].encode([item], defaults=given_defaults, now=NOW)
+    merged = {**given_defaults, **{k: v for k, v in item.items() if v is not None}} if given_defaults else item
+    event_id = result.event_id if isinstance(result, Accepted) else "e-fixed"
+    try:
+        event = reference(merged, event_id)
+    except ValidationError as exc:
+        assert isinstance(result, Refused) and result.error is not None
+        # (a missing field's "input" is the whole item, which holds the reference's own id and time)
+        assert [(e["type"], e["loc"], e["msg"]) for e in result.error.errors()] == [
+            (e["type"], e["loc"], e["msg"]) for e in exc.errors()
+        ]
+        return
+    assert isinstance(result, Accepted), f"refused what the model accepts: {result.error}"
+    assert (result.event_id, result.hash, result.key) == (event.event_id, event.hash, subject_key(event))
+    assert result.value == SERDE.encode_model(event)
 
 
 @paths

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from clickhouse_connect.driver.client import Client
 
@@ -24,6 +24,9 @@ class Migration:
     version: int
     name: str
     statements: tuple[str, ...]
+    #: statement index → (table, column): that statement runs only while the table has the column,
+    #: so a re-run (after a crash before the ledger row) skips it once a later statement dropped it.
+    while_column: dict[int, tuple[str, str]] = field(default_factory=dict)
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -418,6 +421,15 @@ def sync_retention(client: Client, database: str, days: int) -> list[str]:
     return changed
 
 
+def _has_column(client: Client, database: str, table: str, column: str) -> bool:
+    return bool(
+        client.query(
+            "SELECT 1 FROM system.columns WHERE database = {db:String} AND table = {t:String} AND name = {c:String}",
+            parameters={"db": database, "t": table, "c": column},
+        ).result_rows
+    )
+
+
 def apply_migrations(
     client: Client, database: str, *, retention_days: int | None = None, cluster: str | None = None
 ) -> list[int]:
@@ -434,7 +446,9 @@ def apply_migrations(
     for migration in MIGRATIONS:
         if migration.version in done:
             continue
-        for statement in migration.statements:
+        for i, statement in enumerate(migration.statements):
+            if i in migration.while_column and not _has_column(client, database, *migration.while_column[i]):
+                continue
             client.command(_render(statement, database, cluster))
         client.insert(
             "schema_migrations",
@@ -474,5 +488,42 @@ MIGRATIONS += (
             "ALTER TABLE {db}.triage ADD COLUMN IF NOT EXISTS history String DEFAULT '[]' "
             "COMMENT 'JSON list of changes: op, tag, by, at_s'",
         ),
+    ),
+)
+
+# interaction_stats without aggregate states: the view wrote one argMaxState pair per interaction
+# after a GROUP BY over every inserted block, the largest cost of an insert (docs/performance.md).
+# Now each event becomes one row of plain values (SimpleAggregateFunction: sum, min, max) that
+# merges, and queries, aggregate; the last feedback is max((ts, type, value)). The view is switched
+# in place (MODIFY QUERY: no insert is missed or counted twice), rows written before are given their
+# `last` from the old states, then the state columns go.
+_INTERACTION_LAST = "Tuple(DateTime64(6, 'UTC'), String, Nullable(Float64))"
+MIGRATIONS += (
+    Migration(
+        11,
+        "interaction_stats without aggregate states",
+        (
+            f"ALTER TABLE {{db}}.interaction_stats ADD COLUMN IF NOT EXISTS last "
+            f"SimpleAggregateFunction(max, {_INTERACTION_LAST}) "
+            "COMMENT 'the last feedback: max((ts, type, value)); max(last).2 is its type' AFTER last_at",
+            """
+            ALTER TABLE {db}.interaction_stats_mv MODIFY QUERY
+            SELECT
+                assumeNotNull(interaction_id) AS interaction_id,
+                toUInt64(1) AS feedback_count,
+                ifNull(value, 0) AS value_sum,
+                toUInt64(value IS NOT NULL) AS value_count,
+                ts AS first_at,
+                ts AS last_at,
+                (ts, toString(type), value) AS last
+            FROM {db}.feedback_events
+            WHERE interaction_id IS NOT NULL
+            """,
+            "ALTER TABLE {db}.interaction_stats UPDATE last = "
+            "(last_at, finalizeAggregation(last_type), finalizeAggregation(last_value)) "
+            "WHERE last.1 = toDateTime64(0, 6, 'UTC') SETTINGS mutations_sync = 2",
+            "ALTER TABLE {db}.interaction_stats DROP COLUMN IF EXISTS last_type, DROP COLUMN IF EXISTS last_value",
+        ),
+        while_column={2: ("interaction_stats", "last_type")},
     ),
 )

@@ -91,12 +91,12 @@ def test_rollups_and_example_queries(isolated: Settings) -> None:
     )
     assert daily.result_rows == base.result_rows and daily.result_rows[0][0] == N
     per_interaction = client.query(
-        "SELECT interaction_id, sum(feedback_count), argMaxMerge(last_type) FROM interaction_stats"
+        "SELECT interaction_id, sum(feedback_count), max(last).2, max(last).3, max(last_at) FROM interaction_stats"
         " GROUP BY interaction_id"
     ).result_rows
-    assert len(per_interaction) == N and all(n == 1 for _, n, _ in per_interaction)
-    want_types = {r["interaction_id"]: r["type"] for r in records}
-    assert all(want_types[i] == t for i, _, t in per_interaction)
+    assert len(per_interaction) == N and all(row[1] == 1 for row in per_interaction)
+    want = {r["interaction_id"]: (r["type"], r["value"], r["ts"].replace(tzinfo=None)) for r in records}
+    assert all(want[i] == (t, v, at) for i, _, t, v, at in per_interaction)
 
     queries = _queries()
     assert len(queries) >= 9
@@ -137,3 +137,60 @@ def test_retention_is_applied_changed_and_removed(isolated: Settings) -> None:
     assert sorted(sync_retention(client, db, 7)) == ["dlq_events", "feedback_events", "rejected_events"]
     assert ttl("dlq_events") == "toDateTime(ts) + toIntervalDay(7)"
     assert len(sync_retention(client, db, 0)) == 3 and ttl("feedback_events") == ""
+
+
+def test_interaction_stats_keeps_what_the_aggregate_states_held(
+    isolated: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migration 11 on a database the argMaxState view has written to: old rows keep their counts
+    and get their last feedback; later events (one arriving late, with an older ts) add to them;
+    a re-run of the migration's statements changes nothing; a replayed batch counts once."""
+    import sinks.migrations as migrations
+
+    db = isolated.clickhouse_database
+    before = tuple(m for m in MIGRATIONS if m.version < 11)
+    monkeypatch.setattr(migrations, "MIGRATIONS", before)
+    migrate(connect(isolated), isolated)
+    client = connect(isolated, db)
+    events = ClickHouseWriter(client, db, "feedback_events", EVENT_COLUMNS)
+    serde = AvroSerde()
+    records = [normalize(serde.decode(serde.encode(e.to_avro()))) for e in generate_events(6, seed=3)]
+    base = datetime(2026, 11, 20, 12, tzinfo=UTC)
+    for i, r in enumerate(records):
+        r["interaction_id"], r["ts"] = ("chat-a" if i % 2 == 0 else "chat-b"), base + timedelta(minutes=i)
+        r["value"] = (-1.0, 0.5, -0.5, None, 1.0, 0.25)[i]
+    old, new = records[:4], records[4:]
+    events.insert([event_row(r, 0, i) for i, r in enumerate(old)], "t:0:0-3")  # through the old view
+
+    monkeypatch.setattr(migrations, "MIGRATIONS", MIGRATIONS)
+    assert migrate(client, isolated) == [11]
+    late = {**old[0], "event_id": "late", "ts": base - timedelta(hours=1), "type": "correction", "value": 0.0}
+    for _ in range(2):  # delivered twice: counted once
+        events.insert([event_row(r, 0, 4 + i) for i, r in enumerate([*new, late])], "t:0:4-6")
+    m11 = MIGRATIONS[-1]
+    for i, statement in enumerate(m11.statements):  # a re-run, as after a crash before the ledger row
+        if i not in m11.while_column or migrations._has_column(client, db, *m11.while_column[i]):
+            client.command(migrations._render(statement, db))
+
+    def stats() -> dict[str, tuple[Any, ...]]:
+        rows = client.query(
+            "SELECT interaction_id, sum(feedback_count), sum(value_sum), sum(value_count), min(first_at), max(last_at),"
+            " max(last).2, max(last).3 FROM interaction_stats GROUP BY interaction_id"
+        ).result_rows
+        return {r[0]: tuple(r[1:]) for r in rows}
+
+    def naive(t: datetime) -> datetime:
+        return t.replace(tzinfo=None)
+
+    everything = [*records, late]
+    want = {}
+    for chat in ("chat-a", "chat-b"):
+        mine = [r for r in everything if r["interaction_id"] == chat]
+        values = [r["value"] for r in mine if r["value"] is not None]
+        last = max(mine, key=lambda r: r["ts"])
+        want[chat] = (len(mine), pytest.approx(sum(values)), len(values), naive(min(r["ts"] for r in mine)),
+                      naive(last["ts"]), last["type"], last["value"])  # fmt: skip
+    assert stats() == want
+    client.command(f"OPTIMIZE TABLE `{db}`.interaction_stats FINAL")  # merged: the same answers
+    assert stats() == want
+    assert int(client.command(f"SELECT count() FROM `{db}`.interaction_stats")) == 2

@@ -38,3 +38,40 @@ def test_distributed_tables_shard_the_event_tables() -> None:
     ddl = distributed_tables("db", "prod")
     assert any("feedback_events_all" in d and "cityHash64(event_id)" in d for d in ddl)
     assert all("ON CLUSTER `prod`" in d and "ENGINE = Distributed(`prod`, `db`" in d for d in ddl)
+
+
+class _Ledger:
+    """A client whose ledger holds ``done`` and whose tables have ``columns`` ((table, column) pairs)."""
+
+    def __init__(self, done: set[int], columns: set[tuple[str, str]]) -> None:
+        self.done, self.columns, self.commands = done, columns, []  # type: ignore[var-annotated]
+
+    def command(self, sql: str) -> None:
+        self.commands.append(sql)
+
+    def query(self, sql: str, parameters: dict[str, str] | None = None) -> object:
+        if "system.columns" in sql:
+            assert parameters is not None
+            rows = [(1,)] if (parameters["t"], parameters["c"]) in self.columns else []
+        else:
+            rows = [(v,) for v in self.done]
+        return type("R", (), {"result_rows": rows})()
+
+    def insert(self, *args: object, **kw: object) -> None:
+        pass
+
+
+def test_a_statement_bound_to_a_column_is_skipped_once_the_column_is_gone() -> None:
+    from sinks.migrations import apply_migrations
+
+    m11 = next(m for m in MIGRATIONS if m.version == 11)
+    (index,) = m11.while_column
+    assert "finalizeAggregation(last_type)" in m11.statements[index]
+    earlier = {m.version for m in MIGRATIONS if m.version < 11}
+    fresh = _Ledger(earlier, {("interaction_stats", "last_type")})
+    assert apply_migrations(fresh, "db") == [11]  # type: ignore[arg-type]
+    assert any("UPDATE last = " in c for c in fresh.commands)
+    rerun = _Ledger(earlier, set())  # the columns were dropped before the ledger row was written
+    assert apply_migrations(rerun, "db") == [11]  # type: ignore[arg-type]
+    assert not any("UPDATE last = " in c for c in rerun.commands)
+    assert any("DROP COLUMN IF EXISTS last_type" in c for c in rerun.commands)

@@ -106,7 +106,7 @@ class _FakeClient:
     def command(self, sql: str) -> None:
         self.commands.append(sql)
 
-    def query(self, sql: str) -> Any:
+    def query(self, sql: str, **kw: Any) -> Any:
         return type("R", (), {"result_rows": [(v,) for v in self.done]})()
 
     def insert(self, table: str, rows: list[list[Any]], **kw: Any) -> None:

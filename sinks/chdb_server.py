@@ -9,7 +9,8 @@ body; ``param_<name>`` query parameters; ``database``; any other URL argument as
 a per-query setting; compressed request bodies (gzip, deflate, br, zstd, lz4);
 inserts with data in the body (``INSERT ... FORMAT X`` + data), which are
 written to a temporary file and ingested with ``FROM INFILE`` (fast, and the
-data never passes through SQL text). Errors come back as ClickHouse does:
+data never passes through SQL text). Requests run in parallel, each on its own chDB
+handle (``--connections``, default 4). Errors come back as ClickHouse does:
 HTTP 500, ``Code: N. DB::Exception: ...`` and ``X-ClickHouse-Exception-Code``.
 
 Run: ``python -m sinks.chdb_server --port 8123 --data-dir .local/clickhouse``.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import queue
 import re
 import signal
 import socket
@@ -71,6 +73,7 @@ _TRAILING_FORMAT = re.compile(r"\bFORMAT\s+(\w+)\s*;?\s*$", re.IGNORECASE)
 # An INSERT whose data follows its own FORMAT clause in the same body (curl style).
 # Matched on bytes: the data after the statement may be binary (clickhouse-connect sends Native this way).
 _INLINE_INSERT = re.compile(rb"^\s*(INSERT\b.*?\bFORMAT\s+\w+)[ \t]*(?:\r?\n|$)", re.IGNORECASE | re.DOTALL)
+_NOT_SPACE = re.compile(rb"\S")
 _IS_INSERT = re.compile(r"^\s*INSERT\b", re.IGNORECASE)
 _INPUT_FUNCTION = re.compile(r"\binput\(\s*('(?:[^'\\]|\\.)*')\s*\)", re.IGNORECASE)
 _ERROR_CODE = re.compile(r"Code:\s*(\d+)")
@@ -122,21 +125,34 @@ def _quote(value: str) -> str:
 
 
 class _Engine:
-    """One chDB connection; one query at a time (chDB is not safe for concurrent queries)."""
+    """chDB handles on one data directory, one query at a time per handle.
 
-    def __init__(self, data_dir: Path) -> None:
+    chDB (4.x) runs queries on separate handles of the same data directory in parallel, each
+    with its own session state (``USE``, ``SET``), so concurrent requests (a sink inserting the
+    chunks of a batch side by side, an analyst querying meanwhile) each take a free handle. Queries with
+    ``{name:Type}`` parameters are run one at a time across handles: libchdb does not promise
+    to keep one handle's parameters from another's while they run in parallel.
+    """
+
+    def __init__(self, data_dir: Path, connections: int = 4) -> None:
         import chdb
 
         self.data_dir = data_dir
         self.tmp_dir = data_dir / "http_tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        self._conn = chdb.connect(str(data_dir))
-        self._lock = threading.Lock()
-        self._conn.query("SET session_timezone = 'UTC'")
+        self._free: queue.LifoQueue[Any] = queue.LifoQueue()
+        self._handles = []
+        for _ in range(max(1, connections)):
+            conn = chdb.connect(str(data_dir))
+            conn.query("SET session_timezone = 'UTC'")
+            self._handles.append(conn)
+            self._free.put(conn)
+        self._params_lock = threading.Lock()
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        """Close every handle, once the queries running on them have finished."""
+        for _ in self._handles:
+            self._free.get().close()
 
     def run(
         self,
@@ -146,7 +162,7 @@ class _Engine:
         params: dict[str, str],
         settings: dict[str, str],
         database: str,
-        infile: bytes | None = None,
+        infile: bytes | memoryview | None = None,
     ) -> tuple[bytes, dict[str, int]]:
         """Run one statement with per-query settings; returns (result bytes, counters)."""
         path: str | None = None
@@ -154,15 +170,20 @@ class _Engine:
             fd, path = tempfile.mkstemp(dir=self.tmp_dir, suffix=".data")
             with os.fdopen(fd, "wb") as fh:
                 fh.write(infile)
+        conn = self._free.get()
         try:
-            with self._lock:
-                return self._run_locked(sql, fmt, params, settings, database, path)
+            if params:
+                with self._params_lock:
+                    return self._execute(conn, sql, fmt, params, settings, database, path)
+            return self._execute(conn, sql, fmt, params, settings, database, path)
         finally:
+            self._free.put(conn)
             if path:
                 os.unlink(path)
 
-    def _run_locked(
-        self,
+    @staticmethod
+    def _execute(
+        conn: Any,
         sql: str,
         fmt: str,
         params: dict[str, str],
@@ -172,9 +193,9 @@ class _Engine:
     ) -> tuple[bytes, dict[str, int]]:
         applied: list[str] = []
         try:
-            self._conn.query(f"USE `{database.replace('`', '')}`")
+            conn.query(f"USE `{database.replace('`', '')}`")
             for name, value in settings.items():
-                self._conn.query(f"SET {name} = {_quote(value)}")
+                conn.query(f"SET {name} = {_quote(value)}")
                 applied.append(name)
             if infile is not None:
                 head = _TRAILING_FORMAT.search(sql)
@@ -185,7 +206,7 @@ class _Engine:
                     sql = _INPUT_FUNCTION.sub(lambda m: f"file({_quote(infile)}, {_quote(in_fmt)}, {m.group(1)})", stem)
                 else:
                     sql = f"{stem.rstrip()} FROM INFILE {_quote(infile)} FORMAT {in_fmt}"
-            result = self._conn.query(sql, fmt, params=params)
+            result = conn.query(sql, fmt, params=params)
             counters = {
                 "read_rows": int(result.rows_read()),
                 "read_bytes": int(result.bytes_read()),
@@ -203,7 +224,7 @@ class _Engine:
         finally:
             for name in applied:
                 try:
-                    self._conn.query(f"SET {name} = DEFAULT")
+                    conn.query(f"SET {name} = DEFAULT")
                 except Exception:  # a setting that cannot be reset must not poison the handle
                     log.warning("setting_reset_failed name=%s", name)
 
@@ -302,7 +323,7 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
     @staticmethod
-    def _statement(url_query: str, body: bytes) -> tuple[str, bytes | None]:
+    def _statement(url_query: str, body: bytes) -> tuple[str, bytes | memoryview | None]:
         """(SQL, insert data or None) from the URL query and the body, as ClickHouse combines them."""
         if url_query and body:
             if _IS_INSERT.match(url_query):
@@ -311,8 +332,8 @@ class _Handler(BaseHTTPRequestHandler):
         if url_query:
             return url_query, None
         inline = _INLINE_INSERT.match(body)
-        if inline and body[inline.end() :].strip():
-            return inline.group(1).decode("utf-8"), body[inline.end() :]
+        if inline and _NOT_SPACE.search(body, inline.end()):
+            return inline.group(1).decode("utf-8"), memoryview(body)[inline.end() :]  # the data, not a copy of it
         return body.decode("utf-8"), None
 
     def _send(self, status: int, body: bytes, headers: dict[str, str]) -> None:
@@ -340,13 +361,14 @@ class EmbeddedClickHouseServer:
     """chDB on ``data_dir`` served over ClickHouse's HTTP interface at ``host:port``.
 
     ``port=0`` picks a free port; read it back from :attr:`port` after :meth:`start`.
+    ``connections``: chDB handles, i.e. how many queries run at once (one per request).
     """
 
-    def __init__(self, host: str, port: int, data_dir: Path) -> None:
+    def __init__(self, host: str, port: int, data_dir: Path, connections: int = 4) -> None:
         self.host = host
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._engine = _Engine(self.data_dir)
+        self._engine = _Engine(self.data_dir, connections)
         self._httpd = _HTTPServer((host, port), self._engine)
         self.port = int(self._httpd.server_address[1])
         self._thread: threading.Thread | None = None
@@ -384,12 +406,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--connections", type=int, default=4, help="queries run at once (chDB handles)")
     args = parser.parse_args(argv)
     os.environ["TZ"] = "UTC"
     time.tzset()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
     try:
-        server = EmbeddedClickHouseServer(args.host, args.port, args.data_dir)
+        server = EmbeddedClickHouseServer(args.host, args.port, args.data_dir, args.connections)
     except OSError as exc:
         log.error("cannot listen host=%s port=%d error=%s", args.host, args.port, exc.strerror)
         return 2

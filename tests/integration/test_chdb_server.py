@@ -198,3 +198,39 @@ def test_server_process_stops_on_sigterm_and_keeps_its_data(tmp_path: Path) -> N
 
     run_once("CREATE TABLE keep (x UInt8) ENGINE = MergeTree ORDER BY x AS SELECT 7")
     assert run_once("SELECT sum(x) FROM keep") == 7
+
+
+def test_requests_run_side_by_side_each_with_its_own_settings_and_parameters(
+    server: EmbeddedClickHouseServer,
+) -> None:
+    import threading
+    import time
+
+    def slow() -> None:
+        _client(server).query("SELECT sleep(1)")
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=slow) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert time.perf_counter() - started < 1.8  # two handles: not one after the other
+
+    wrong: list[object] = []
+
+    def check(n: int) -> None:
+        client = _client(server)
+        for _ in range(30):
+            got = client.query(
+                "SELECT {n:UInt32}, getSetting('max_threads')", parameters={"n": n}, settings={"max_threads": n}
+            ).result_rows[0]
+            if (got[0], int(got[1])) != (n, n):
+                wrong.append(got)
+
+    threads = [threading.Thread(target=check, args=(n,)) for n in (1, 2, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,6 +26,7 @@ from sinks.jsonl import JsonlWriter, apply_erasure_requests
 from sinks.migrations import migrate
 
 __all__ = [
+    "INSERT_CHUNK_ROWS",
     "REJECTED_COLUMNS",
     "DeadLetterSink",
     "EventSink",
@@ -31,6 +34,7 @@ __all__ = [
     "RejectedSink",
     "all_sinks",
     "batch_token",
+    "insert_chunks",
     "rejected_row",
 ]
 
@@ -150,6 +154,7 @@ class _DeadLetters:
         self.dlq_topic = topics.dlq
         self._dlq = Producer({"bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True, "acks": "all"})
         self.dead_lettered = 0
+        self._dead_letter_lock = threading.Lock()
 
     def _dead_letter(self, msg: Message, reason: str) -> None:
         # Coordinates and reason only: the bytes go to the DLQ topic, never to the log.
@@ -171,11 +176,31 @@ class _DeadLetters:
             now=datetime.now(UTC),
         )
         self._dlq.produce(self.dlq_topic, value=self.dlq_serde.encode(record), key=msg.key())
-        self.dead_lettered += 1
+        with self._dead_letter_lock:
+            self.dead_lettered += 1
 
     def _flush_dead_letters(self) -> None:
         if self._dlq.flush(30) > 0:
             raise TransientError("dead letters not acknowledged by Kafka")
+
+
+#: A partition's range in a batch is inserted in chunks of at most this many rows, side by side
+#: (:func:`insert_chunks`). A constant, not a setting: a replayed batch must be cut the same way to
+#: get the same deduplication tokens.
+INSERT_CHUNK_ROWS = 25_000
+INSERT_THREADS = 2
+
+
+def insert_chunks(msgs: Sequence[Message], token: str) -> list[tuple[Sequence[Message], str]]:
+    """A partition's range cut into ``ceil(n / INSERT_CHUNK_ROWS)`` near-equal runs, each with its
+    own token (``<token>#<i>``; a range of one chunk keeps ``token`` as it is). The cut depends
+    only on the range, so a replay rebuilds the same chunks and tokens."""
+    n = len(msgs)
+    k = -(-n // INSERT_CHUNK_ROWS)
+    if k <= 1:
+        return [(msgs, token)]
+    bounds = [n * i // k for i in range(k + 1)]
+    return [(msgs[bounds[i] : bounds[i + 1]], f"{token}#{i}") for i in range(k)]
 
 
 class EventSink(_DeadLetters, BatchingSink):
@@ -204,20 +229,34 @@ class EventSink(_DeadLetters, BatchingSink):
         self._fast_header = self.serde.header if self.serde.header[:1] == SINGLE_OBJECT_MAGIC[:1] else None
         self._schema_text = schema_text("feedback_event_v1")
         self._avro_query = avro_insert_query(settings.clickhouse_database)
+        self._inserts = ThreadPoolExecutor(INSERT_THREADS, thread_name_prefix="events-insert")
         self.fast_batches = 0
 
     def flush(self, messages: Sequence[Message]) -> None:
-        written = 0
-        for partition, msgs in by_partition(messages).items():
-            token = batch_token("feedback_events", self.topic, partition, msgs[0].offset(), msgs[-1].offset())
-            fast = self._fast(partition, msgs, token)
-            written += len(msgs) if fast else self._python_path(partition, msgs, token)
-            log.info(
-                "inserted sink=events partition=%d first=%d last=%d rows=%d path=%s",
-                partition, msgs[0].offset(), msgs[-1].offset(), len(msgs), "fast" if fast else "python",
-            )  # fmt: skip
+        chunks = [
+            (partition, chunk, token)
+            for partition, msgs in by_partition(messages).items()
+            for chunk, token in insert_chunks(
+                msgs, batch_token("feedback_events", self.topic, partition, msgs[0].offset(), msgs[-1].offset())
+            )
+        ]
+        if len(chunks) == 1:
+            written = self._insert_chunk(*chunks[0])
+        else:  # each insert is single-threaded in ClickHouse: run them side by side, wait for all
+            futures = [self._inserts.submit(self._insert_chunk, *chunk) for chunk in chunks]
+            wait(futures)
+            written = sum(f.result() for f in futures)  # the first failure, if any, is raised here
         self._flush_dead_letters()
         log.info("batch_written sink=events rows=%d dead_lettered=%d", written, self.dead_lettered)
+
+    def _insert_chunk(self, partition: int, msgs: Sequence[Message], token: str) -> int:
+        fast = self._fast(partition, msgs, token)
+        written = len(msgs) if fast else self._python_path(partition, msgs, token)
+        log.info(
+            "inserted sink=events partition=%d first=%d last=%d rows=%d path=%s",
+            partition, msgs[0].offset(), msgs[-1].offset(), len(msgs), "fast" if fast else "python",
+        )  # fmt: skip
+        return written
 
     def _fast(self, partition: int, msgs: Sequence[Message], token: str) -> bool:
         header = self._fast_header

@@ -20,6 +20,7 @@ from producers.producer import FeedbackProducer
 from producers.synthetic import generate_events
 from schemas.serde import AvroSerde
 from schemas.topics import Topics
+from sinks import feedback_sink
 from sinks.clickhouse import connect
 from sinks.feedback_sink import EventSink, JsonlSink
 from sinks.jsonl import Ledger
@@ -136,6 +137,7 @@ class _RecordingEventSink(EventSink):
 
 def test_the_same_batch_delivered_twice_is_stored_once(isolated: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = isolated.model_copy(update={"sink_batch_rows": 700, "sink_batch_ms": 200})
+    monkeypatch.setattr(feedback_sink, "INSERT_CHUNK_ROWS", 150)  # a partition's range goes in as 1-2 chunks
     ensure_topics(settings)
     n = 3000
     ids = _produce_clean(settings, n, seed=21)
@@ -186,6 +188,35 @@ def test_the_same_batch_delivered_twice_is_stored_once(isolated: Settings, monke
     time.sleep(1.0)
     lines = _jsonl_ids(settings)
     assert set(lines) == set(ids) and max(lines.values()) == 1
+
+
+def test_killed_between_the_chunks_of_a_batch(isolated: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch is inserted in chunks side by side; a kill after some of them landed leaves the
+    intent, and the restarted sink cuts the same chunks: the landed ones are dropped as repeats."""
+    settings = isolated.model_copy(update={"sink_batch_rows": 900, "sink_batch_ms": 300})
+    monkeypatch.setattr(feedback_sink, "INSERT_CHUNK_ROWS", 100)
+    ensure_topics(settings)
+    n = 2000
+    ids = _produce_clean(settings, n, seed=23)
+    landed: list[str] = []
+
+    class DiesAfterOneChunk(EventSink):
+        def _insert_chunk(self, partition: int, msgs: Any, token: str) -> int:
+            if landed and self.rows_written:  # the second batch: one chunk lands, then the kill
+                raise _Killed
+            written = super()._insert_chunk(partition, msgs, token)
+            if self.rows_written:
+                landed.append(token)
+            return written
+
+    _run_until_killed(DiesAfterOneChunk(settings))
+    assert landed and 0 < _counts(settings)[0] < n
+    again = EventSink(settings.model_copy(update={"sink_batch_rows": 400}))
+    _run(again, lambda: _counts(settings)[0] >= n and again.rows_written > 0)
+    time.sleep(0.5)
+    assert _counts(settings) == (n, n) and _inserted(settings) == n
+    rows = connect(settings).query(f"SELECT event_id FROM `{settings.clickhouse_database}`.feedback_events")
+    assert {r[0] for r in rows.result_rows} == set(ids)
 
 
 def test_fast_path_rows_equal_the_python_path(isolated: Settings) -> None:

@@ -56,6 +56,19 @@ def test_avro_insert_maps_every_column() -> None:
     assert set(AVRO_EVENT_SELECT) <= set(EVENT_COLUMNS)
 
 
+def test_insert_chunks_cut_a_range_the_same_way_every_time() -> None:
+    from sinks.feedback_sink import INSERT_CHUNK_ROWS, insert_chunks
+
+    small = list(range(INSERT_CHUNK_ROWS))
+    assert insert_chunks(small, "t:p:0:0-9") == [(small, "t:p:0:0-9")]  # one chunk: the range's own token
+    msgs = list(range(2 * INSERT_CHUNK_ROWS + 1))
+    chunks = insert_chunks(msgs, "tok")
+    assert [token for _, token in chunks] == ["tok#0", "tok#1", "tok#2"]
+    assert [m for chunk, _ in chunks for m in chunk] == msgs  # in order, nothing lost or repeated
+    assert max(len(c) for c, _ in chunks) - min(len(c) for c, _ in chunks) <= 1
+    assert insert_chunks(list(msgs), "tok") == chunks
+
+
 def _records(n: int, day: str = "2026-11-22") -> list[dict[str, object]]:
     serde = AvroSerde()
     ts = datetime.fromisoformat(f"{day}T12:00:00+00:00")

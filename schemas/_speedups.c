@@ -686,8 +686,9 @@ static int write_layered(Buf *b, PyObject *op, PyObject *primary, PyObject *seco
 }
 
 /* --- the pre-check: pydantic's answer for the plainest items, without pydantic -------
- * ``rules`` maps each field of the model to (kind, required, nullable, a, b, c, d), compiled
- * by schemas/bulk.py from FeedbackEvent.model_fields. Only exact built-in types inside the
+ * ``rules`` maps each field of the model to (kind, required, nullable, a, b, c, d), and None
+ * to the names of the required fields, compiled by schemas/bulk.py from
+ * FeedbackEvent.model_fields (None: no item's key can be it; keys must be exact str). Only exact built-in types inside the
  * bounds pass (as pydantic would keep them); anything else, including every value pydantic
  * would convert or refuse, leaves the item to pydantic. */
 enum { RULE_STR, RULE_FLOAT, RULE_BOOL, RULE_DATETIME, RULE_ENUM, RULE_STR_LIST, RULE_SCALAR_MAP };
@@ -784,7 +785,7 @@ static PyObject *precheck(PyObject *rules, PyObject *item, PyObject *defaults) {
             if (present < 0 || (!present && precheck_into(fields, rules, key, value))) goto undecided;
         }
     }
-    PyObject *required = PyDict_GetItemString(rules, ""); /* the names of the required fields */
+    PyObject *required = PyDict_GetItem(rules, Py_None); /* the names of the required fields */
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(required); i++)
         if (PyDict_Contains(fields, PyTuple_GET_ITEM(required, i)) != 1) goto undecided;
     return fields;
@@ -853,12 +854,12 @@ static PyObject *bulk_one(Bulk *k, PyObject *item, PyObject *defaults, const uns
         if (tags == NULL || PyDict_SetItem(fields, s_tags, tags) < 0) { Py_XDECREF(tags); goto done; }
         Py_DECREF(tags);
     }
-    digest = PyDict_GetItemWithError(fields, s_hash);
-    if (digest == NULL && PyErr_Occurred()) goto done;
-    int given = digest == NULL ? 0 : PyObject_IsTrue(digest);
+    PyObject *stated = PyDict_GetItemWithError(fields, s_hash); /* borrowed */
+    if (stated == NULL && PyErr_Occurred()) goto done;
+    int given = stated == NULL ? 0 : PyObject_IsTrue(stated);
     if (given < 0) goto done;
     if (given) {
-        Py_INCREF(digest);
+        digest = Py_NewRef(stated);
     } else {
         PyObject *args[4] = {fields, flat, ts_text, k->layout};
         digest = py_content_hash(NULL, args, 4);
@@ -935,9 +936,14 @@ done:
     return result;
 }
 
+/* {field name: 7-tuple rule, None: tuple of the required names} */
 static int valid_rules(PyObject *rules) {
-    PyObject *required = PyDict_CheckExact(rules) ? PyDict_GetItemString(rules, "") : NULL;
-    return required != NULL && PyTuple_Check(required);
+    if (!PyDict_CheckExact(rules)) return 0;
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(rules, &pos, &key, &value))
+        if (key == Py_None ? !PyTuple_Check(value) : !(PyTuple_Check(value) && PyTuple_GET_SIZE(value) == 7)) return 0;
+    return PyDict_GetItem(rules, Py_None) != NULL;
 }
 
 /* bulk_encode(items, defaults, context) -> list: per item an Accepted, the (merged) item

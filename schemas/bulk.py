@@ -67,15 +67,15 @@ def _fast_schema() -> TypeAdapter[Any]:
 _LIMIT = {MinLen: "min_length", MaxLen: "max_length", Ge: "ge", Gt: "gt", Le: "le", Lt: "lt"}
 
 
-def _precheck_rules() -> dict[str, Any] | None:
+def _precheck_rules() -> dict[str | None, Any] | None:
     """The model's field rules as the C pre-check reads them (``schemas/_speedups.c``):
-    ``{field: (kind, required, nullable, a, b, c, d)}`` and ``{"": the required fields}``.
+    ``{field: (kind, required, nullable, a, b, c, d)}`` and ``{None: the required fields}``.
     None (pydantic checks every item) if a field has a type or constraint this does not
     know: the pre-check only ever stands in for pydantic where it is certain."""
     if _speedups is None:
         return None
     kinds = _speedups.RULE_KINDS
-    rules: dict[str, Any] = {}
+    rules: dict[str | None, Any] = {}
     for name, info in FeedbackEvent.model_fields.items():
         annotation, nullable = info.annotation, False
         if get_origin(annotation) in (Union, UnionType) and type(None) in get_args(annotation):
@@ -113,7 +113,7 @@ def _precheck_rules() -> dict[str, Any] | None:
         else:
             return None
         rules[name] = (rule[0], info.is_required(), nullable, *rule[1:])
-    rules[""] = tuple(name for name, info in FeedbackEvent.model_fields.items() if info.is_required())
+    rules[None] = tuple(name for name, info in FeedbackEvent.model_fields.items() if info.is_required())
     return rules
 
 
@@ -257,10 +257,26 @@ class BulkEncoder:
         try:
             event = FeedbackEvent.model_validate(item)
         except ValidationError as exc:
-            return Refused(exc)
+            return Refused(_without_frames(exc))
         fields = dict(event.__dict__)
         fields["payload"] = event.payload.to_avro()
         return self._accepted(fields, event.event_id, event.hash)
+
+
+def _without_frames(exc: ValidationError) -> ValidationError:
+    """``exc`` with the tracebacks of the validators' own exceptions dropped.
+
+    pydantic keeps the exception a model validator raised (``ctx["error"]``) where the garbage
+    collector cannot see it, and that exception's traceback holds frames reaching back to the
+    caller, whose list of results holds ``exc``: a cycle the collector cannot free, so every
+    refused batch stayed in memory. A refusal keeps the message and the error, not the frames.
+    """
+    for error in exc.errors(include_url=False):
+        cause, seen = (error.get("ctx") or {}).get("error"), 0
+        while isinstance(cause, BaseException) and seen < 8:
+            cause.__traceback__ = None
+            cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return exc
 
 
 # Every optional field of the record, as the model leaves it when the item does not set it.

@@ -3,6 +3,7 @@ hash, key and Avro bytes."""
 
 from __future__ import annotations
 
+import gc
 import math
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
@@ -34,8 +35,8 @@ def test_the_c_precheck_knows_every_field_of_the_model() -> None:
     or constraint it does not know switches it off (None) rather than guessing."""
     rules = bulk_module._precheck_rules()
     assert rules is not None
-    assert set(rules) - {""} == set(FeedbackEvent.model_fields)
-    assert rules[""] == ("source", "type")
+    assert set(rules) - {None} == set(FeedbackEvent.model_fields)
+    assert rules[None] == ("source", "type")
     assert rules["source"][1:5] == (True, False, 1, 128)  # required, not nullable, 1..128 characters
     assert rules["sample_rate"][3:] == (0.0, True, 1.0, False)  # 0 < rate <= 1
 NOW = datetime(2026, 11, 23, 12, 0, 0, 123456, tzinfo=UTC)
@@ -88,6 +89,7 @@ fields = {
     "ts": times,
     "event_id": st.sampled_from(["e-1", ""]) | anything,
     "unknown_field": st.integers(),
+    "": st.integers(),  # an empty key: unknown to the model like any other
 }
 likely_valid = st.fixed_dictionaries(
     {"source": st.sampled_from(["dream_ui", "api"]), "type": st.sampled_from(["thumbs", "rating", "bad_output"])},
@@ -196,6 +198,25 @@ def test_new_event_ids_are_uuid4_text() -> None:
         parsed = uuid.UUID(text)
         assert parsed.version == 4 and parsed.variant == uuid.RFC_4122 and str(parsed) == text
     assert new_event_ids(0) == []
+
+
+@paths
+def test_refused_batches_are_freed(path: str) -> None:
+    """A refusal from a model validator (here the time range) must not keep its batch alive:
+    pydantic holds the validator's exception out of the garbage collector's sight, and its
+    traceback reached back to the frame holding the results."""
+    item = {"source": "s", "type": "t", "ts": datetime(3000, 1, 1, tzinfo=UTC), "payload": {"n": 1}}
+
+    def live() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, ValidationError))
+
+    before = live()
+    for _ in range(3):
+        results = BULKS[path].encode([item] * 20, now=NOW)
+        assert all(isinstance(r, Refused) and "ts" in str(r.error) for r in results)
+        del results
+    assert live() == before
 
 
 @paths

@@ -46,6 +46,8 @@ import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import groupby, islice
+from operator import lt, methodcaller
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
@@ -56,6 +58,8 @@ from pipeline.settings import Settings
 __all__ = ["INTENT_PREFIX", "Batch", "BatchingSink", "by_partition", "decode_intent", "encode_intent", "run_sinks"]
 
 log = logging.getLogger(__name__)
+
+_ERROR, _PARTITION, _OFFSET = methodcaller("error"), methodcaller("partition"), methodcaller("offset")
 
 INTENT_PREFIX = "batch-end:"
 INTENT_TIMEOUT_S = 120.0  # an intent whose messages never come (retention, a shrunk topic) is given up
@@ -79,6 +83,15 @@ class Batch(list[Message]):
             self.parts[key] = [msg]
         else:
             part.append(msg)
+
+    def add_run(self, key: tuple[str, int], run: list[Message]) -> None:
+        """``add`` for several messages of one partition, in offset order."""
+        self.extend(run)
+        part = self.parts.get(key)
+        if part is None:
+            self.parts[key] = run
+        else:
+            part.extend(run)
 
     def drop(self, keys: set[tuple[str, int]]) -> None:
         """Remove every message of the partitions ``keys`` (in place)."""
@@ -143,8 +156,11 @@ class BatchingSink(ABC):
             "max.partition.fetch.bytes": 16 * 1024 * 1024,
             # Keep librdkafka's prefetch queue deep (bounded by queued.max.messages.kbytes, 64 MiB) and
             # answer fetches within 50 ms: a batch is then consumed from memory, ~2x the defaults.
+            # When the queue is full, fetch again 20 ms later rather than after the default 1 s (a
+            # backlog over 64 MiB fills it; bare consume loop, 300k messages: 416k-453k -> 441k-492k/s).
             "queued.min.messages": 1_000_000,
             "fetch.wait.max.ms": 50,
+            "fetch.queue.backoff.ms": 20,
             "client.id": f"feedback-{self.name}",
             "session.timeout.ms": int(settings.kafka_session_timeout_s * 1000),
         }
@@ -297,15 +313,38 @@ class BatchingSink(ABC):
                 self._intents.clear()
             if not self._intents and (len(batch) >= self.batch_rows or remaining <= 0):
                 break
-            for msg in self._consumer.consume(
-                num_messages=max(1, min(10_000, self.batch_rows - len(batch))), timeout=max(remaining, 0.05)
-            ):
+            self._take_many(
+                self._consumer.consume(
+                    num_messages=max(1, min(10_000, self.batch_rows - len(batch))), timeout=max(remaining, 0.05)
+                ),
+                batch,
+            )
+        return batch
+
+    def _take_many(self, msgs: list[Message], batch: Batch) -> None:
+        """:meth:`_take` for what one ``consume`` returned. In the usual case (no intent pending,
+        no partition held back, no error) each run of one partition that carries on in increasing
+        offsets from where the batch left that partition is taken whole; anything else goes
+        message by message. One topic per sink, so a run is one partition's."""
+        if self._intents or self._closed or any(map(_ERROR, msgs)):
+            for msg in msgs:
                 err = msg.error()
                 if err is None:
                     self._take(msg, batch)
                 elif err.code() != KafkaError._PARTITION_EOF:
                     log.warning("consume_error sink=%s code=%s", self.name, err.name())
-        return batch
+            return
+        last_taken = self._last_taken
+        for partition, group in groupby(msgs, _PARTITION):
+            run = list(group)
+            key = (run[0].topic(), partition)
+            offsets = list(map(_OFFSET, run))
+            if offsets[0] > last_taken.get(key, -1) and all(map(lt, offsets, islice(offsets, 1, None))):
+                last_taken[key] = offsets[-1]
+                batch.add_run(key, run)
+            else:
+                for msg in run:
+                    self._take(msg, batch)
 
     def _take(self, msg: Message, batch: Batch) -> None:
         key = (msg.topic(), msg.partition())

@@ -282,6 +282,21 @@ def test_intent_batches_end_exactly_and_redeliveries_are_not_taken_twice() -> No
     assert batch[-1].offset() == 5
 
 
+def test_runs_of_one_partition_are_taken_whole_and_anything_odd_message_by_message() -> None:
+    sink = _sink()
+    batch = sink._batch = Batch()
+    sink._take_many([_Record(0, o) for o in (0, 1, 2)] + [_Record(1, 7), _Record(1, 9)] + [_Record(0, 3)], batch)
+    # Delivered again (a run starting at or below what was taken), or out of order: one by one.
+    sink._take_many([_Record(0, 2), _Record(0, 3), _Record(0, 4), _Record(1, 11), _Record(1, 10)], batch)
+    assert [(m.partition(), m.offset()) for m in batch] == [
+        (0, 0), (0, 1), (0, 2), (1, 7), (1, 9), (0, 3), (0, 4), (1, 11),
+    ]  # fmt: skip
+    assert {k: [m.offset() for m in v] for k, v in batch.parts.items()} == {
+        ("clean", 0): [0, 1, 2, 3, 4],
+        ("clean", 1): [7, 9, 11],
+    }
+
+
 # --- batches rebuilt after a crash, against an in-memory Kafka ------------------------------
 
 

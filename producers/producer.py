@@ -14,16 +14,18 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from pipeline.errors import PoisonEvent, TransientError
 from pipeline.settings import Settings, get_settings
-from schemas.bulk import Accepted
 from schemas.models import FeedbackEvent
 from schemas.serde import AvroSerde
 from schemas.topics import Topics
+
+if TYPE_CHECKING:
+    from schemas.bulk import Accepted
 
 __all__ = ["AsyncProducer", "DeliveryError", "FeedbackProducer", "subject_key"]
 

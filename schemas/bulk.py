@@ -33,12 +33,7 @@ from typing_extensions import TypedDict  # pydantic needs this one before Python
 
 from schemas.hashing import _LAYOUT, content_hash
 from schemas.models import _TS_MAX, _TS_MIN, FeedbackEvent, Severity, format_ts, to_utc
-from schemas.serde import AvroSerde, compile_program
-
-try:  # built from schemas/_speedups.c by `pip install -e .` when a C compiler is present
-    from schemas import _speedups
-except ImportError:  # pragma: no cover - depends on the install; the Python loop below stands in
-    _speedups = None  # type: ignore[assignment]
+from schemas.serde import AvroSerde, _speedups, compile_program  # _speedups: None when not built
 
 __all__ = ["Accepted", "BulkEncoder", "Refused", "new_event_ids"]
 

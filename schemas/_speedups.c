@@ -15,7 +15,13 @@
  *       orjson.dumps(..., OPT_SORT_KEYS) writes it; floats are formatted by orjson itself.
  *       Any value outside plain None/bool/int/float/str/list/dict raises Unsupported.
  *
- * tests/unit/test_speedups.py compares both with the Python reference on generated input.
+ *   native_block(plan, header, messages, first, partition, prefix) -> bytes | None
+ *       The event sink's fast path: a contiguous run of Kafka messages (Avro bodies under
+ *       ``header``) as one ClickHouse Native block, so ClickHouse parses no Avro. The plan
+ *       comes from sinks/native.py, which also holds the pure-Python reference encoder.
+ *
+ * tests/unit/test_speedups.py and tests/unit/test_native.py compare each with its Python
+ * reference on generated input.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -999,6 +1005,354 @@ fail:
     return NULL;
 }
 
+/* --- Avro -> ClickHouse Native ------------------------------------------------
+ *
+ * native_block(plan, header, messages, first, partition, prefix) -> prefix + one Native block
+ *
+ * The event sink's fast path: the Avro bodies of one partition's contiguous run of Kafka
+ * messages become the columns of one ClickHouse Native block, so ClickHouse parses no Avro
+ * (sinks/native.py builds the plan from the schema and has the pure-Python reference).
+ * ``plan`` is (columns, ops): columns are (name: bytes, type: bytes, COL_*); ops are the
+ * schema's fields in Avro order, nested records inlined, each (AV_*, column index, arg).
+ * Returns None when the run is not this fast path's: an offset out of sequence, a body
+ * without ``header``, or a body that does not decode exactly (the Python path then decides,
+ * message by message).
+ */
+enum { COL_STRING, COL_NSTRING, COL_INT64, COL_NFLOAT64, COL_UINT8, COL_ASTRING, COL_MAP, COL_PARTITION, COL_OFFSET };
+enum { AV_STRING, AV_NSTRING, AV_LONG, AV_ENUM, AV_NDOUBLE, AV_BOOLEAN, AV_ASTRING, AV_MAP_JSON, AV_SKIP_NSTRING };
+enum { J_NULL, J_BOOLEAN, J_LONG, J_DOUBLE, J_STRING };
+
+static PyObject *str_offset; /* "offset" */
+
+typedef struct {
+    int kind;
+    uint64_t items; /* arrays and maps: elements so far (the running offset) */
+    Buf a, b, c;    /* data | null map + data | offsets + items | offsets + keys + values */
+} Col;
+
+typedef struct {
+    int op, col, null_branch;
+    PyObject *arg; /* AV_ENUM: tuple of symbol bytes; AV_MAP_JSON: tuple of J_* per union branch */
+} NOp;
+
+typedef struct {
+    const unsigned char *p, *end;
+} Rd;
+
+static inline int rd_long(Rd *r, int64_t *out) {
+    uint64_t z = 0;
+    for (int shift = 0; shift < 64 && r->p < r->end; shift += 7) {
+        unsigned char c = *r->p++;
+        z |= (uint64_t)(c & 0x7F) << shift;
+        if (!(c & 0x80)) {
+            *out = (int64_t)(z >> 1) ^ -(int64_t)(z & 1);
+            return 0;
+        }
+    }
+    return -1;
+}
+
+static inline int rd_bytes(Rd *r, const unsigned char **s, Py_ssize_t *n) {
+    int64_t len;
+    if (rd_long(r, &len) < 0 || len < 0 || len > r->end - r->p) return -1;
+    *s = r->p;
+    *n = (Py_ssize_t)len;
+    r->p += len;
+    return 0;
+}
+
+/* ClickHouse VarUInt (unsigned LEB128). */
+static inline int put_varuint(Buf *b, uint64_t v) {
+    if (buf_reserve(b, 10) < 0) return -1;
+    while (v > 0x7F) {
+        b->data[b->len++] = (char)((v & 0x7F) | 0x80);
+        v >>= 7;
+    }
+    b->data[b->len++] = (char)v;
+    return 0;
+}
+
+static inline int put_chstring(Buf *b, const void *s, Py_ssize_t n) {
+    if (put_varuint(b, (uint64_t)n) < 0) return -1;
+    return buf_put(b, (const char *)s, n);
+}
+
+static inline int put_u64(Buf *b, uint64_t v) { /* little-endian, as every supported target is */
+    return buf_put(b, (const char *)&v, 8);
+}
+
+/* Returns 0, -1 on a Python error, 1 when the body does not decode. */
+static int native_string_into(Rd *r, Buf *out) {
+    const unsigned char *s;
+    Py_ssize_t n;
+    if (rd_bytes(r, &s, &n) < 0) return 1;
+    return put_chstring(out, s, n);
+}
+
+static int native_json(Rd *r, Buf *out, PyObject *branches) {
+    int64_t branch, v;
+    if (rd_long(r, &branch) < 0 || branch < 0 || branch >= PyTuple_GET_SIZE(branches)) return 1;
+    switch ((int)PyLong_AsLong(PyTuple_GET_ITEM(branches, branch))) {
+    case J_NULL:
+        return put_chstring(out, "null", 4);
+    case J_BOOLEAN:
+        if (r->p >= r->end || *r->p > 1) return 1;
+        return *r->p++ ? put_chstring(out, "true", 4) : put_chstring(out, "false", 5);
+    case J_LONG: {
+        char text[24];
+        if (rd_long(r, &v) < 0) return 1;
+        int n = snprintf(text, sizeof text, "%lld", (long long)v);
+        return put_chstring(out, text, n);
+    }
+    case J_DOUBLE: { /* formatted by orjson, as the Python path formats it */
+        double d;
+        if (r->end - r->p < 8) return 1;
+        memcpy(&d, r->p, 8);
+        r->p += 8;
+        PyObject *f = PyFloat_FromDouble(d), *text = f ? PyObject_CallOneArg(orjson_dumps, f) : NULL;
+        Py_XDECREF(f);
+        if (text == NULL) return -1;
+        int rc = put_chstring(out, PyBytes_AS_STRING(text), PyBytes_GET_SIZE(text));
+        Py_DECREF(text);
+        return rc;
+    }
+    case J_STRING:
+        return native_string_into(r, out);
+    }
+    return 1;
+}
+
+/* Array or map blocks (Avro): count, [byte size when count < 0], items; a zero count ends them. */
+static int native_blocks(Rd *r, Col *c, int is_map, PyObject *branches) {
+    int64_t count, size;
+    int rc;
+    for (;;) {
+        if (rd_long(r, &count) < 0) return 1;
+        if (count == 0) break;
+        if (count < 0) {
+            if (count == INT64_MIN || rd_long(r, &size) < 0) return 1;
+            count = -count;
+        }
+        if (count > r->end - r->p) return 1; /* every item takes at least one byte */
+        for (int64_t i = 0; i < count; i++) {
+            if ((rc = native_string_into(r, &c->b)) != 0) return rc;
+            if (is_map && (rc = native_json(r, &c->c, branches)) != 0) return rc;
+        }
+        c->items += (uint64_t)count;
+    }
+    return put_u64(&c->a, c->items);
+}
+
+static int native_row(Rd *r, const NOp *ops, Py_ssize_t nops, Col *cols) {
+    int64_t v;
+    int rc;
+    for (Py_ssize_t i = 0; i < nops; i++) {
+        const NOp *op = &ops[i];
+        Col *c = op->col >= 0 ? &cols[op->col] : NULL;
+        switch (op->op) {
+        case AV_STRING:
+            if ((rc = native_string_into(r, &c->a)) != 0) return rc;
+            break;
+        case AV_NSTRING:
+        case AV_SKIP_NSTRING:
+            if (rd_long(r, &v) < 0 || (v != 0 && v != 1)) return 1;
+            if (v == op->null_branch) {
+                if (c && (buf_byte(&c->a, 1) < 0 || buf_byte(&c->b, 0) < 0)) return -1;
+            } else if (c) {
+                if (buf_byte(&c->a, 0) < 0) return -1;
+                if ((rc = native_string_into(r, &c->b)) != 0) return rc;
+            } else {
+                const unsigned char *s;
+                Py_ssize_t n;
+                if (rd_bytes(r, &s, &n) < 0) return 1;
+            }
+            break;
+        case AV_LONG:
+            if (rd_long(r, &v) < 0) return 1;
+            if (buf_put(&c->a, (const char *)&v, 8) < 0) return -1;
+            break;
+        case AV_ENUM:
+            if (rd_long(r, &v) < 0 || v < 0 || v >= PyTuple_GET_SIZE(op->arg)) return 1;
+            {
+                PyObject *symbol = PyTuple_GET_ITEM(op->arg, v);
+                if (put_chstring(&c->a, PyBytes_AS_STRING(symbol), PyBytes_GET_SIZE(symbol)) < 0) return -1;
+            }
+            break;
+        case AV_NDOUBLE:
+            if (rd_long(r, &v) < 0 || (v != 0 && v != 1)) return 1;
+            if (v == op->null_branch) {
+                if (buf_byte(&c->a, 1) < 0 || put_u64(&c->b, 0) < 0) return -1;
+            } else {
+                if (r->end - r->p < 8) return 1;
+                if (buf_byte(&c->a, 0) < 0 || buf_put(&c->b, (const char *)r->p, 8) < 0) return -1;
+                r->p += 8;
+            }
+            break;
+        case AV_BOOLEAN:
+            if (r->p >= r->end || *r->p > 1) return 1;
+            if (buf_byte(&c->a, (char)*r->p++) < 0) return -1;
+            break;
+        case AV_ASTRING:
+        case AV_MAP_JSON:
+            if ((rc = native_blocks(r, c, op->op == AV_MAP_JSON, op->arg)) != 0) return rc;
+            break;
+        default:
+            return 1;
+        }
+    }
+    return r->p == r->end ? 0 : 1; /* exactly one record per body */
+}
+
+static PyObject *py_native_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6 || !PyTuple_Check(args[0]) || PyTuple_GET_SIZE(args[0]) != 2 || !PyBytes_Check(args[1])
+        || !PyList_Check(args[2]) || !PyBytes_Check(args[5])) {
+        PyErr_SetString(PyExc_TypeError, "native_block(plan, header: bytes, messages: list, first, partition, prefix)");
+        return NULL;
+    }
+    PyObject *columns = PyTuple_GET_ITEM(args[0], 0), *opspec = PyTuple_GET_ITEM(args[0], 1);
+    long long first = PyLong_AsLongLong(args[3]);
+    unsigned long partition = PyLong_AsUnsignedLong(args[4]);
+    if (PyErr_Occurred()) return NULL;
+    if (!PyTuple_Check(columns) || !PyTuple_Check(opspec)) {
+        PyErr_SetString(PyExc_TypeError, "native_block: bad plan");
+        return NULL;
+    }
+    Py_ssize_t ncols = PyTuple_GET_SIZE(columns), nops = PyTuple_GET_SIZE(opspec);
+    Py_ssize_t nrows = PyList_GET_SIZE(args[2]);
+    const char *header = PyBytes_AS_STRING(args[1]);
+    Py_ssize_t header_len = PyBytes_GET_SIZE(args[1]);
+    Col *cols = PyMem_Calloc((size_t)ncols, sizeof(Col));
+    NOp *ops = PyMem_Calloc((size_t)nops + 1, sizeof(NOp));
+    PyObject *result = NULL;
+    Py_ssize_t made = 0;
+    if (cols == NULL || ops == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; made < ncols; made++) {
+        PyObject *spec = PyTuple_GET_ITEM(columns, made);
+        buf_init(&cols[made].a);
+        buf_init(&cols[made].b);
+        buf_init(&cols[made].c);
+        if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 3 || !PyBytes_Check(PyTuple_GET_ITEM(spec, 0))
+            || !PyBytes_Check(PyTuple_GET_ITEM(spec, 1))) {
+            made++;
+            PyErr_SetString(PyExc_TypeError, "native_block: bad column");
+            goto done;
+        }
+        cols[made].kind = (int)PyLong_AsLong(PyTuple_GET_ITEM(spec, 2));
+    }
+    for (Py_ssize_t i = 0; i < nops; i++) {
+        PyObject *spec = PyTuple_GET_ITEM(opspec, i);
+        if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 3) {
+            PyErr_SetString(PyExc_TypeError, "native_block: bad op");
+            goto done;
+        }
+        ops[i].op = (int)PyLong_AsLong(PyTuple_GET_ITEM(spec, 0));
+        ops[i].col = (int)PyLong_AsLong(PyTuple_GET_ITEM(spec, 1));
+        ops[i].arg = PyTuple_GET_ITEM(spec, 2);
+        ops[i].null_branch = PyLong_Check(ops[i].arg) ? (int)PyLong_AsLong(ops[i].arg) : -1;
+        if (ops[i].col >= ncols || (ops[i].col < 0 && ops[i].op != AV_SKIP_NSTRING)
+            || ((ops[i].op == AV_ENUM || ops[i].op == AV_MAP_JSON) && !PyTuple_Check(ops[i].arg))) {
+            PyErr_SetString(PyExc_TypeError, "native_block: bad op");
+            goto done;
+        }
+    }
+    if (PyErr_Occurred()) goto done;
+    for (Py_ssize_t i = 0; i < nrows; i++) {
+        PyObject *msg = PyList_GET_ITEM(args[2], i);
+        PyObject *offset = PyObject_CallMethodNoArgs(msg, str_offset);
+        if (offset == NULL) goto done;
+        long long o = PyLong_AsLongLong(offset);
+        Py_DECREF(offset);
+        if (o == -1 && PyErr_Occurred()) goto done;
+        if (o != first + i) goto not_fast;
+        PyObject *value = PyObject_CallMethodNoArgs(msg, str_value);
+        if (value == NULL) goto done;
+        if (!PyBytes_Check(value) || PyBytes_GET_SIZE(value) < header_len
+            || memcmp(PyBytes_AS_STRING(value), header, (size_t)header_len) != 0) {
+            Py_DECREF(value);
+            goto not_fast;
+        }
+        Rd r = {(const unsigned char *)PyBytes_AS_STRING(value) + header_len,
+                (const unsigned char *)PyBytes_AS_STRING(value) + PyBytes_GET_SIZE(value)};
+        int rc = native_row(&r, ops, nops, cols);
+        Py_DECREF(value);
+        if (rc < 0) goto done;
+        if (rc > 0) goto not_fast;
+    }
+    /* The block: columns, rows, then each column's name, type and data. */
+    Buf head;
+    buf_init(&head);
+    if (buf_put(&head, PyBytes_AS_STRING(args[5]), PyBytes_GET_SIZE(args[5])) < 0 || put_varuint(&head, (uint64_t)ncols) < 0
+        || put_varuint(&head, (uint64_t)nrows) < 0) {
+        buf_free(&head);
+        goto done;
+    }
+    Py_ssize_t total = head.len;
+    for (Py_ssize_t k = 0; k < ncols; k++) {
+        PyObject *spec = PyTuple_GET_ITEM(columns, k);
+        Py_ssize_t name = PyBytes_GET_SIZE(PyTuple_GET_ITEM(spec, 0)), type = PyBytes_GET_SIZE(PyTuple_GET_ITEM(spec, 1));
+        total += 20 + name + type + cols[k].a.len + cols[k].b.len + cols[k].c.len;
+        if (cols[k].kind == COL_PARTITION) total += 4 * nrows;
+        if (cols[k].kind == COL_OFFSET) total += 8 * nrows;
+    }
+    result = PyBytes_FromStringAndSize(NULL, total);
+    if (result == NULL) {
+        buf_free(&head);
+        goto done;
+    }
+    char *out = PyBytes_AS_STRING(result), *p = out;
+    memcpy(p, head.data, (size_t)head.len);
+    p += head.len;
+    buf_free(&head);
+    for (Py_ssize_t k = 0; k < ncols; k++) {
+        PyObject *spec = PyTuple_GET_ITEM(columns, k);
+        for (int part = 0; part < 2; part++) {
+            PyObject *text = PyTuple_GET_ITEM(spec, part);
+            uint64_t n = (uint64_t)PyBytes_GET_SIZE(text);
+            while (n > 0x7F) {
+                *p++ = (char)((n & 0x7F) | 0x80);
+                n >>= 7;
+            }
+            *p++ = (char)n;
+            memcpy(p, PyBytes_AS_STRING(text), (size_t)PyBytes_GET_SIZE(text));
+            p += PyBytes_GET_SIZE(text);
+        }
+        Col *c = &cols[k];
+        if (c->kind == COL_PARTITION) {
+            uint32_t v = (uint32_t)partition;
+            for (Py_ssize_t i = 0; i < nrows; i++, p += 4) memcpy(p, &v, 4);
+        } else if (c->kind == COL_OFFSET) {
+            for (Py_ssize_t i = 0; i < nrows; i++, p += 8) {
+                uint64_t v = (uint64_t)(first + i);
+                memcpy(p, &v, 8);
+            }
+        } else {
+            Buf *parts[3] = {&c->a, &c->b, &c->c};
+            for (int j = 0; j < 3; j++) {
+                memcpy(p, parts[j]->data, (size_t)parts[j]->len);
+                p += parts[j]->len;
+            }
+        }
+    }
+    if (_PyBytes_Resize(&result, p - out) < 0) result = NULL;
+    goto done;
+not_fast:
+    result = Py_NewRef(Py_None);
+done:
+    if (cols != NULL) {
+        for (Py_ssize_t k = 0; k < made; k++) {
+            buf_free(&cols[k].a);
+            buf_free(&cols[k].b);
+            buf_free(&cols[k].c);
+        }
+        PyMem_Free(cols);
+    }
+    PyMem_Free(ops);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"encode", (PyCFunction)(void (*)(void))py_encode, METH_FASTCALL,
      "encode(program, header, record) -> header + the record's Avro binary"},
@@ -1009,6 +1363,8 @@ static PyMethodDef methods[] = {
      "hashlib.sha256(data).hexdigest(); portable=True skips the CPU's SHA extensions"},
     {"bulk_encode", (PyCFunction)(void (*)(void))py_bulk_encode, METH_FASTCALL,
      "bulk_encode(items, defaults, context) -> [Accepted | item for the model | None]"},
+    {"native_block", (PyCFunction)(void (*)(void))py_native_block, METH_FASTCALL,
+     "native_block(plan, header, messages, first, partition, prefix) -> prefix + a ClickHouse Native block | None"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1030,6 +1386,7 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     epoch = PyDateTimeAPI->DateTime_FromDateAndTime(1970, 1, 1, 0, 0, 0, 0, PyDateTime_TimeZone_UTC,
                                                     PyDateTimeAPI->DateTimeType);
     str_value = PyUnicode_InternFromString("value");
+    str_offset = PyUnicode_InternFromString("offset");
     PyObject **interned[] = {&s_payload, &s_text, &s_comment, &s_corrected, &s_extra, &s_ts, &s_severity, &s_tags,
                              &s_hash, &s_event_id, &s_user_id, &s_client_ip, &s_source};
     const char *texts[] = {"payload", "text", "comment", "corrected_response", "extra", "ts", "severity", "tags",
@@ -1037,7 +1394,7 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     for (size_t i = 0; i < sizeof texts / sizeof *texts; i++)
         if ((*interned[i] = PyUnicode_InternFromString(texts[i])) == NULL) goto fail;
     str_dict = PyUnicode_InternFromString("__dict__");
-    if (orjson_dumps == NULL || epoch == NULL || str_value == NULL || str_dict == NULL) goto fail;
+    if (orjson_dumps == NULL || epoch == NULL || str_value == NULL || str_offset == NULL || str_dict == NULL) goto fail;
     Py_INCREF(Unsupported);
     if (PyModule_AddObject(m, "Unsupported", Unsupported) < 0) goto fail;
     PyObject *ops = Py_BuildValue(
@@ -1053,6 +1410,15 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     if (PyModule_AddObject(m, "RULE_KINDS", rule_kinds) < 0) goto fail;
     PyObject *kinds = Py_BuildValue("{si,si,si,si,si}", "required", KEY_REQUIRED, "optional", KEY_OPTIONAL, "ts",
                                     KEY_TS, "enum_value", KEY_ENUM_VALUE, "flat", KEY_FLAT);
+    PyObject *native = Py_BuildValue(
+        "{s{si,si,si,si,si,si,si,si,si}s{si,si,si,si,si,si,si,si,si}s{si,si,si,si,si}}", "columns", "string",
+        COL_STRING, "nullable_string", COL_NSTRING, "int64", COL_INT64, "nullable_float64", COL_NFLOAT64, "uint8",
+        COL_UINT8, "array_string", COL_ASTRING, "map", COL_MAP, "partition", COL_PARTITION, "offset", COL_OFFSET,
+        "ops", "string", AV_STRING, "nullable_string", AV_NSTRING, "long", AV_LONG, "enum", AV_ENUM,
+        "nullable_double", AV_NDOUBLE, "boolean", AV_BOOLEAN, "array_string", AV_ASTRING, "map_json", AV_MAP_JSON,
+        "skip_nullable_string", AV_SKIP_NSTRING, "json", "null", J_NULL, "boolean", J_BOOLEAN, "long", J_LONG,
+        "double", J_DOUBLE, "string", J_STRING);
+    if (PyModule_AddObject(m, "NATIVE", native) < 0) goto fail;
     if (PyModule_AddIntConstant(m, "SHA_NI", sha256_fast_block != sha256_block) < 0) goto fail;
     if (PyModule_AddObject(m, "OPCODES", ops) < 0 || PyModule_AddObject(m, "UNION_TESTS", tests) < 0
         || PyModule_AddObject(m, "KEY_KINDS", kinds) < 0)

@@ -26,6 +26,7 @@ __all__ = [
     "batch_token",
     "connect",
     "event_row",
+    "native_statement",
 ]
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,11 @@ AVRO_EVENT_SELECT = {
     "kafka_partition": "{partition:UInt32}",
     "kafka_offset": "{first:UInt64} + rowNumberInAllBlocks()",
 }
+
+
+def native_statement(database: str, table: str = "feedback_events", columns: Sequence[str] = EVENT_COLUMNS) -> bytes:
+    """The head of a Native insert's body: ``INSERT INTO ... (columns) FORMAT Native`` and a newline."""
+    return f"INSERT INTO `{database}`.{table} ({', '.join(columns)}) FORMAT Native\n".encode()
 
 
 def avro_insert_query(database: str, table: str = "feedback_events") -> str:
@@ -197,14 +203,17 @@ class ClickHouseWriter:
         whether the request may be retried (~125 ms of the sink's CPU, under the GIL, per 12 MB batch).
         """
         statement = _PARAMETER.sub(lambda m: f"CAST({int(parameters[m.group(1)])} AS {m.group(2)})", query)
+        # max_threads 1: rows in input order, since the offsets are numbered by position.
+        self.insert_body(b"".join((statement.encode(), b"\n", data)), token, {"max_threads": 1})
+
+    def insert_body(self, body: bytes, token: str, settings: dict[str, Any] | None = None) -> None:
+        """Send ``body``, an ``INSERT ... FORMAT X`` statement, a newline and its data, as it is,
+        deduplicated by ``token`` like :meth:`insert` (:func:`native_statement` heads a Native block)."""
         try:
             self.client.raw_insert(
                 None,  # type: ignore[arg-type]  # no table: the body is sent as it is
-                insert_block=b"".join((statement.encode(), b"\n", data)),
-                settings={
-                    **_dedup_settings(token),
-                    "max_threads": 1,  # rows in input order: offsets are numbered by position
-                },
+                insert_block=body,
+                settings={**_dedup_settings(token), **(settings or {})},
             )
         except (OperationalError, HTTPError, ConnectionError) as exc:
             raise TransientError(f"ClickHouse unavailable: {type(exc).__name__}") from None

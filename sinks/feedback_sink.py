@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from clickhouse_connect.driver.exceptions import DatabaseError
 from confluent_kafka import Message, Producer, TopicPartition
 
@@ -21,9 +22,18 @@ from schemas.serde import SINGLE_OBJECT_MAGIC, AvroSerde, schema_text
 from schemas.topics import Topics
 from sinks.avro_ocf import container
 from sinks.batching import BatchingSink, by_partition
-from sinks.clickhouse import EVENT_COLUMNS, ClickHouseWriter, avro_insert_query, batch_token, connect, event_row
+from sinks.clickhouse import (
+    EVENT_COLUMNS,
+    ClickHouseWriter,
+    avro_insert_query,
+    batch_token,
+    connect,
+    event_row,
+    native_statement,
+)
 from sinks.jsonl import JsonlWriter, apply_erasure_requests
 from sinks.migrations import migrate
+from sinks.native import NativeEncoder, event_plan
 
 __all__ = [
     "INSERT_CHUNK_ROWS",
@@ -229,6 +239,13 @@ class EventSink(_DeadLetters, BatchingSink):
         self._fast_header = self.serde.header if self.serde.header[:1] == SINGLE_OBJECT_MAGIC[:1] else None
         self._schema_text = schema_text("feedback_event_v1")
         self._avro_query = avro_insert_query(settings.clickhouse_database)
+        # Native blocks built in C when the extension is there; else the bodies under an Avro header.
+        plan = event_plan(orjson.loads(self._schema_text), EVENT_COLUMNS) if self._fast_header else None
+        self._native = (
+            NativeEncoder(plan, self._fast_header, native_statement(settings.clickhouse_database))
+            if plan is not None and self._fast_header is not None
+            else None
+        )
         self._inserts = ThreadPoolExecutor(INSERT_THREADS, thread_name_prefix="events-insert")
         self.fast_batches = 0
 
@@ -259,16 +276,27 @@ class EventSink(_DeadLetters, BatchingSink):
         return written
 
     def _fast(self, partition: int, msgs: Sequence[Message], token: str) -> bool:
+        """Insert ``msgs`` without decoding them in Python; False leaves them to the Python path
+        (a gap in the offsets, another schema or framing, a body that does not decode, rows
+        ClickHouse refuses)."""
         header = self._fast_header
-        first = msgs[0].offset()
-        if header is None or any(
-            m.offset() != first + i or not (m.value() or b"").startswith(header) for i, m in enumerate(msgs)
-        ):
+        if header is None:
             return False
-        n = len(header)
-        data = container(self._schema_text, [m.value()[n:] for m in msgs])
+        first = msgs[0].offset()
         try:
-            self.clickhouse.insert_select(self._avro_query, data, token, {"partition": partition, "first": first})
+            if self._native is not None:
+                body = self._native.encode(msgs, first, partition)
+                if body is None:
+                    return False
+                self.clickhouse.insert_body(body, token)
+            else:
+                if any(
+                    m.offset() != first + i or not (m.value() or b"").startswith(header) for i, m in enumerate(msgs)
+                ):
+                    return False
+                n = len(header)
+                data = container(self._schema_text, [m.value()[n:] for m in msgs])
+                self.clickhouse.insert_select(self._avro_query, data, token, {"partition": partition, "first": first})
         except DatabaseError as exc:
             log.warning("fast_insert_refused partition=%d first=%d code=%s", partition, first, _code(exc))
             return False

@@ -71,6 +71,7 @@ scalars = (
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=30)
 )
+_TYPED_PAYLOAD = frozenset({"text", "comment", "corrected_response", "extra"})
 events = st.builds(
     lambda ts, payload, **kw: FeedbackEvent.model_validate({"ts": ts, "payload": payload, **kw}),
     ts=st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(2261, 12, 31), timezones=st.just(UTC)),
@@ -78,7 +79,8 @@ events = st.builds(
         {}, optional={"text": st.none() | text, "comment": st.none() | text, "corrected_response": text}
     ).flatmap(
         lambda free: st.dictionaries(st.text(min_size=1, max_size=12), scalars, max_size=6).map(
-            lambda extra: {**{k: v for k, v in extra.items() if k not in free and k != "extra"}, **free}
+            # The typed text fields and "extra" are never free-form keys (a generated {"comment": False} is refused).
+            lambda extra: {**{k: v for k, v in extra.items() if k not in _TYPED_PAYLOAD}, **free}
         )
     ),
     source=st.text(min_size=1, max_size=20),

@@ -249,6 +249,13 @@ class EventSink(_DeadLetters, BatchingSink):
         self._inserts = ThreadPoolExecutor(INSERT_THREADS, thread_name_prefix="events-insert")
         self.fast_batches = 0
 
+    def run(self, idle_exit_s: float | None = None) -> None:
+        """:meth:`BatchingSink.run`, then stop the insert threads however the run ends."""
+        try:
+            super().run(idle_exit_s=idle_exit_s)
+        finally:
+            self._inserts.shutdown(wait=True)
+
     def flush(self, messages: Sequence[Message]) -> None:
         chunks = [
             (partition, chunk, token)

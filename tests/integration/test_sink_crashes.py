@@ -231,6 +231,7 @@ def test_fast_path_rows_equal_the_python_path(isolated: Settings, fast_path: str
         fast._native = None
     _run(fast, lambda: _counts(isolated)[0] >= 300)
     assert fast.fast_batches > 0
+    assert not any(t.is_alive() for t in fast._inserts._threads)  # the run stopped its insert threads
     slow_settings = isolated.model_copy(
         update={"sink_group": "python-path", "clickhouse_database": isolated.clickhouse_database + "_py"}
     )

@@ -216,9 +216,11 @@ def insert_chunks(msgs: Sequence[Message], token: str) -> list[tuple[Sequence[Me
 class EventSink(_DeadLetters, BatchingSink):
     """``feedback.clean.v1`` → ClickHouse ``feedback_events``.
 
-    Fast path: the messages of a partition written with the current schema are handed to
-    ClickHouse as one Avro container built from their bytes (no decoding in Python) and
-    mapped onto the table by ``INSERT ... SELECT FROM input()``. Anything else (older
+    Fast path: the messages of a partition written with the current schema become one
+    ClickHouse Native block, built in C from their Avro bodies (:mod:`sinks.native`; no
+    Python object per event, and ClickHouse parses no Avro). Without the C extension the
+    bodies go under an Avro container header instead, mapped onto the table by
+    ``INSERT ... SELECT FROM input()``. Anything else (older
     schemas, Confluent framing, gaps in the offsets, data ClickHouse refuses) takes the
     Python path: decode, build rows, insert, and bisect a refused batch so only the bad rows
     go to the DLQ (stage ``sink``) with ClickHouse's reason. The sink never stops for one message.
@@ -240,7 +242,7 @@ class EventSink(_DeadLetters, BatchingSink):
         self._schema_text = schema_text("feedback_event_v1")
         self._avro_query = avro_insert_query(settings.clickhouse_database)
         # Native blocks built in C when the extension is there; else the bodies under an Avro header.
-        plan = event_plan(orjson.loads(self._schema_text), EVENT_COLUMNS) if self._fast_header else None
+        plan = event_plan(orjson.loads(self._schema_text), EVENT_COLUMNS)
         self._native = (
             NativeEncoder(plan, self._fast_header, native_statement(settings.clickhouse_database))
             if plan is not None and self._fast_header is not None

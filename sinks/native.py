@@ -8,7 +8,8 @@ from a plan built here from the writer schema; :func:`encode_native` is the pure
 reference it is tested against, from the rows :func:`sinks.clickhouse.event_row` builds.
 
 A block carries plain types (``String`` for a ``LowCardinality(String)`` column, ``Map(String,
-String)``...); ClickHouse converts them on insert. Non-text payload values are JSON-encoded
+String)``...); ClickHouse converts them on insert (the setting ``input_format_native_allow_types_conversion``,
+on by default). Non-text payload values are JSON-encoded
 as the Python path encodes them (orjson), so both paths store the same row.
 """
 

@@ -1252,8 +1252,13 @@ static PyObject *py_native_block(PyObject *self, PyObject *const *args, Py_ssize
         ops[i].col = (int)PyLong_AsLong(PyTuple_GET_ITEM(spec, 1));
         ops[i].arg = PyTuple_GET_ITEM(spec, 2);
         ops[i].null_branch = PyLong_Check(ops[i].arg) ? (int)PyLong_AsLong(ops[i].arg) : -1;
-        if (ops[i].col >= ncols || (ops[i].col < 0 && ops[i].op != AV_SKIP_NSTRING)
-            || ((ops[i].op == AV_ENUM || ops[i].op == AV_MAP_JSON) && !PyTuple_Check(ops[i].arg))) {
+        int bad = ops[i].col >= ncols || (ops[i].col < 0 && ops[i].op != AV_SKIP_NSTRING)
+                  || ((ops[i].op == AV_ENUM || ops[i].op == AV_MAP_JSON) && !PyTuple_Check(ops[i].arg));
+        for (Py_ssize_t j = 0; !bad && (ops[i].op == AV_ENUM || ops[i].op == AV_MAP_JSON) && j < PyTuple_GET_SIZE(ops[i].arg); j++) {
+            PyObject *item = PyTuple_GET_ITEM(ops[i].arg, j);
+            bad = ops[i].op == AV_ENUM ? !PyBytes_Check(item) : !PyLong_Check(item);
+        }
+        if (bad) {
             PyErr_SetString(PyExc_TypeError, "native_block: bad op");
             goto done;
         }

@@ -183,3 +183,24 @@ def test_a_schema_with_a_field_it_does_not_convert_has_no_plan() -> None:
     dropped = copy.deepcopy(SCHEMA)
     dropped["fields"] = [f for f in dropped["fields"] if f["name"] != "hash"]
     assert event_plan(dropped, EVENT_COLUMNS) is None  # a column nothing fills
+
+
+@pytest.mark.parametrize("part", ["enum_symbol", "json_kind", "column", "op_column"])
+def test_a_malformed_plan_is_a_type_error_not_a_crash(part: str) -> None:
+    plan = event_plan(SCHEMA, EVENT_COLUMNS)
+    assert plan is not None and serde_module._speedups is not None
+    columns, ops = list(plan[0]), list(plan[1])
+    if part in ("enum_symbol", "json_kind"):
+        i = next(
+            k
+            for k, op in enumerate(ops)
+            if isinstance(op[2], tuple) and isinstance(op[2][0], bytes) == (part == "enum_symbol")
+        )
+        ops[i] = (ops[i][0], ops[i][1], tuple(str(x) for x in ops[i][2]))
+    elif part == "column":
+        columns[0] = ("event_id", b"String", columns[0][2])
+    else:
+        ops[0] = (ops[0][0], len(columns), None)
+    body = SERDE.encode(_records(1)[0])
+    with pytest.raises(TypeError):
+        serde_module._speedups.native_block((tuple(columns), tuple(ops)), SERDE.header, [Msg(body, 0)], 0, 0, b"")

@@ -194,9 +194,9 @@ class _Engine:
         applied: list[str] = []
         try:
             conn.query(f"USE `{database.replace('`', '')}`")
-            for name, value in settings.items():
-                conn.query(f"SET {name} = {_quote(value)}")
-                applied.append(name)
+            if settings:  # one statement: all of them apply, or (an unknown one) none
+                conn.query("SET " + ", ".join(f"{name} = {_quote(value)}" for name, value in settings.items()))
+                applied = list(settings)
             if infile is not None:
                 head = _TRAILING_FORMAT.search(sql)
                 in_fmt = head.group(1) if head else fmt
@@ -222,11 +222,23 @@ class _Engine:
             match = _ERROR_CODE.search(message)
             raise QueryError(message, int(match.group(1)) if match else 1002) from None
         finally:
-            for name in applied:
-                try:
-                    conn.query(f"SET {name} = DEFAULT")
-                except Exception:  # a setting that cannot be reset must not poison the handle
-                    log.warning("setting_reset_failed name=%s", name)
+            if applied:
+                _reset(conn, applied)
+
+
+def _reset(conn: Any, names: list[str]) -> None:
+    """Put a handle's settings back to their defaults after a query: one statement, or one per
+    setting if that fails, so a setting that cannot be reset does not keep the others."""
+    try:
+        conn.query("SET " + ", ".join(f"{name} = DEFAULT" for name in names))
+        return
+    except Exception:
+        pass
+    for name in names:
+        try:
+            conn.query(f"SET {name} = DEFAULT")
+        except Exception:  # a setting that cannot be reset must not poison the handle
+            log.warning("setting_reset_failed name=%s", name)
 
 
 class _Handler(BaseHTTPRequestHandler):

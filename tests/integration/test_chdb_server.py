@@ -106,6 +106,14 @@ def test_settings_apply_to_one_query_only(server: EmbeddedClickHouseServer) -> N
     assert str(after.result_rows[0][0]) != "1"
 
 
+def test_an_unknown_setting_fails_its_query_and_leaves_no_setting_behind(server: EmbeddedClickHouseServer) -> None:
+    client = _client(server)
+    with pytest.raises(DatabaseError, match="UNKNOWN_SETTING"):
+        client.query("SELECT 1", settings={"max_threads": 1, "no_such_setting": 1})
+    for _ in range(8):  # whichever handle the next queries take (the last one used comes first)
+        assert str(client.query("SELECT getSetting('max_threads')").result_rows[0][0]) != "1"
+
+
 def test_errors_come_back_as_clickhouse_errors_and_the_server_survives(server: EmbeddedClickHouseServer) -> None:
     client = _client(server)
     with pytest.raises(DatabaseError, match="UNKNOWN_TABLE"):

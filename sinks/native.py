@@ -8,9 +8,9 @@ from a plan built here from the writer schema; :func:`encode_native` is the pure
 reference it is tested against, from the rows :func:`sinks.clickhouse.event_row` builds.
 
 A block carries plain types (``String`` for a ``LowCardinality(String)`` column, ``Map(String,
-String)``...); ClickHouse converts them on insert (the setting ``input_format_native_allow_types_conversion``,
-on by default). Non-text payload values are JSON-encoded
-as the Python path encodes them (orjson), so both paths store the same row.
+String)``...); ClickHouse converts them on insert (``input_format_native_allow_types_conversion``,
+on by default). Non-text payload values are JSON-encoded as the Python path encodes them
+(orjson), so both paths store the same row.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ EVENT_NATIVE_TYPES: dict[str, str] = {
     "kafka_offset": "UInt64",
 }
 
-# Which column each Avro field lands in; a field not named here is not stored (client_ip).
+# The columns of nested fields. A top-level field lands in the column of its name; a field with
+# no column is skipped (client_ip is never stored).
 _FIELD_COLUMN = {
     ("payload", "text"): "payload_text",
     ("payload", "comment"): "payload_comment",

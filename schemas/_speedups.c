@@ -85,16 +85,26 @@ static inline int buf_byte(Buf *b, char c) {
     return 0;
 }
 
+/* Unsigned little-endian base-128 (ClickHouse's VarUInt) at ``p``, which has room for 10 bytes;
+ * returns the end. */
+static inline char *varuint_at(char *p, uint64_t v) {
+    while (v > 0x7F) {
+        *p++ = (char)((v & 0x7F) | 0x80);
+        v >>= 7;
+    }
+    *p++ = (char)v;
+    return p;
+}
+
+static inline int put_varuint(Buf *b, uint64_t v) {
+    if (buf_reserve(b, 10) < 0) return -1;
+    b->len = varuint_at(b->data + b->len, v) - b->data;
+    return 0;
+}
+
 /* Avro long: zigzag, then little-endian base-128. */
 static inline int put_long(Buf *b, int64_t n) {
-    uint64_t z = ((uint64_t)n << 1) ^ (uint64_t)(n >> 63);
-    if (buf_reserve(b, 10) < 0) return -1;
-    while (z > 0x7F) {
-        b->data[b->len++] = (char)((z & 0x7F) | 0x80);
-        z >>= 7;
-    }
-    b->data[b->len++] = (char)z;
-    return 0;
+    return put_varuint(b, ((uint64_t)n << 1) ^ (uint64_t)(n >> 63));
 }
 
 static int unsupported(const char *what) {
@@ -1061,17 +1071,6 @@ static inline int rd_bytes(Rd *r, const unsigned char **s, Py_ssize_t *n) {
     return 0;
 }
 
-/* ClickHouse VarUInt (unsigned LEB128). */
-static inline int put_varuint(Buf *b, uint64_t v) {
-    if (buf_reserve(b, 10) < 0) return -1;
-    while (v > 0x7F) {
-        b->data[b->len++] = (char)((v & 0x7F) | 0x80);
-        v >>= 7;
-    }
-    b->data[b->len++] = (char)v;
-    return 0;
-}
-
 static inline int put_chstring(Buf *b, const void *s, Py_ssize_t n) {
     if (put_varuint(b, (uint64_t)n) < 0) return -1;
     return buf_put(b, (const char *)s, n);
@@ -1315,12 +1314,7 @@ static PyObject *py_native_block(PyObject *self, PyObject *const *args, Py_ssize
         PyObject *spec = PyTuple_GET_ITEM(columns, k);
         for (int part = 0; part < 2; part++) {
             PyObject *text = PyTuple_GET_ITEM(spec, part);
-            uint64_t n = (uint64_t)PyBytes_GET_SIZE(text);
-            while (n > 0x7F) {
-                *p++ = (char)((n & 0x7F) | 0x80);
-                n >>= 7;
-            }
-            *p++ = (char)n;
+            p = varuint_at(p, (uint64_t)PyBytes_GET_SIZE(text));
             memcpy(p, PyBytes_AS_STRING(text), (size_t)PyBytes_GET_SIZE(text));
             p += PyBytes_GET_SIZE(text);
         }

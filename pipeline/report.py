@@ -154,7 +154,11 @@ def build_report(
     done("trend")
     worst_sql = (
         "SELECT interaction_id, count() AS n, avg(value) AS mean, argMax(toString(type), ts), "
-        "argMax(ifNull(model_version, ''), ts), argMin(ifNull(payload_comment, ''), value) "
+        "argMax(ifNull(model_version, ''), ts), "
+        # The worst comment: a non-empty one first, then the lowest value, then the latest (event_id breaks
+        # a tie on ts), so the choice never depends on the order ClickHouse reads the rows in.
+        "argMin(ifNull(payload_comment, ''), (ifNull(payload_comment, '') = '', value, "
+        "-toUnixTimestamp64Micro(ts), event_id)) "
         f"FROM {table} FINAL "
         "WHERE ts >= fromUnixTimestamp64Micro({start:Int64}) AND ts < fromUnixTimestamp64Micro({end:Int64}) "
         "AND interaction_id IS NOT NULL AND value IS NOT NULL "

@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     schema_registry_url: str | None = Field(
         default=None, description="Confluent Schema Registry URL; unset: single-object encoding."
     )
+    envelopes: bool = Field(
+        default=True,
+        description="Bulk producers (emit_many, the gateway's batch endpoint) publish one envelope of many events "
+        "per partition. Off: one message per event, for a worker that does not read envelopes yet.",
+    )
 
     # --- ClickHouse --------------------------------------------------------
     clickhouse_url: str | None = Field(

@@ -8,6 +8,11 @@
  *       compiled encoder handles and raises Unsupported for anything else, so the caller
  *       falls back to the Python writers and the bytes, or the error, stay fastavro's.
  *
+ *   decode(program, data, start) -> (value, end)
+ *       The same program read back: the value fastavro.schemaless_reader returns for that
+ *       writer schema (no reader schema), and the offset after it. Anything it does not read
+ *       exactly as fastavro (a malformed body included) raises, so the caller asks fastavro.
+ *
  *   content_hash(fields, flat, ts_text, layout) -> str
  *       Hex SHA-256 of the canonical JSON of schemas.hashing.content_of(fields, flat,
  *       ts_text), written without building that dict. ``layout`` (from schemas/hashing.py)
@@ -39,6 +44,7 @@ static PyObject *str_dict;     /* "__dict__" */
 enum {
     OP_NULL, OP_BOOLEAN, OP_INT, OP_LONG, OP_FLOAT, OP_DOUBLE, OP_STRING, OP_BYTES,
     OP_ENUM, OP_RECORD, OP_ARRAY, OP_MAP, OP_UNION, OP_TIMESTAMP_MICROS,
+    OP_TIMESTAMP_MILLIS, /* written as a long (an int; a datetime is left to fastavro), read as a datetime */
 };
 /* Union branch tests, in the order the Python writer tries them. */
 enum { IS_NONE, IS_BOOL, IS_INT, IS_FLOAT, IS_STR, IS_BYTES };
@@ -238,6 +244,7 @@ static int write_value(Buf *b, PyObject *op, PyObject *v) {
     case OP_INT:
         return write_int(b, v, 32);
     case OP_LONG:
+    case OP_TIMESTAMP_MILLIS:
         return write_int(b, v, 64);
     case OP_FLOAT:
         return write_double(b, v, 1);
@@ -1352,9 +1359,220 @@ done:
     return result;
 }
 
+/* --- Avro -> Python values ------------------------------------------------------
+ *
+ * decode(program, data, start) -> (value, end)
+ *
+ * The stream worker's decoder: one value of the encoding program's schema (serde's
+ * compile_program) read from ``data`` (any bytes-like object) at ``start``, returned with the
+ * offset after it. The value is exactly what fastavro.schemaless_reader returns for the same
+ * writer schema and no reader schema: a record is a dict with its fields in schema order, an
+ * enum its symbol, a union the chosen branch's value, a map a dict, an array a list, bytes
+ * bytes, a string str (strict UTF-8: invalid bytes raise UnicodeDecodeError, as fastavro's
+ * decode does), timestamp-micros and timestamp-millis an aware datetime in
+ * datetime.timezone.utc (fastavro's epoch + timedelta). It raises Unsupported for what it does
+ * not read as fastavro would: a union branch the program has no entry for, and every
+ * malformed body (truncated, a negative length or block count past the data, an enum or
+ * union index out of range, a varint past 10 bytes, a boolean byte other than 0 and 1, a
+ * timestamp outside datetime's years 1-9999). The caller then asks fastavro, whose answer
+ * stands: its error, or its value for the oddities it accepts (a negative enum or union
+ * index counts from the end of its list, any nonzero boolean byte is True).
+ */
+#define MICROS_PER_DAY 86400000000LL
+#define MIN_MICROS (-62135596800000000LL) /* 0001-01-01T00:00:00 UTC */
+#define MAX_MICROS 253402300799999999LL   /* 9999-12-31T23:59:59.999999 UTC */
+
+static PyObject *undecodable(const char *what) {
+    PyErr_SetString(Unsupported, what);
+    return NULL;
+}
+
+static PyObject *malformed(void) { return undecodable("malformed Avro: truncated, a negative length or an overlong varint"); }
+
+static PyObject *read_value(Rd *r, PyObject *op);
+
+/* epoch + timedelta(microseconds=micros), the datetime's fields from the day number
+ * (H. Hinnant's days_from_civil inverse, exact over the proleptic Gregorian calendar). */
+static PyObject *read_datetime(int64_t micros) {
+    if (micros < MIN_MICROS || micros > MAX_MICROS) return undecodable("timestamp outside datetime's range");
+    int64_t days = micros / MICROS_PER_DAY, rem = micros % MICROS_PER_DAY;
+    if (rem < 0) {
+        rem += MICROS_PER_DAY;
+        days--;
+    }
+    int64_t z = days + 719468, era = (z >= 0 ? z : z - 146096) / 146097;
+    unsigned doe = (unsigned)(z - era * 146097);
+    unsigned yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    unsigned doy = doe - (365 * yoe + yoe / 4 - yoe / 100), mp = (5 * doy + 2) / 153;
+    unsigned day = doy - (153 * mp + 2) / 5 + 1, month = mp < 10 ? mp + 3 : mp - 9;
+    int year = (int)((int64_t)yoe + era * 400 + (month <= 2));
+    int64_t secs = rem / 1000000;
+    return PyDateTimeAPI->DateTime_FromDateAndTime(year, (int)month, (int)day, (int)(secs / 3600), (int)(secs / 60 % 60),
+                                                   (int)(secs % 60), (int)(rem % 1000000), PyDateTime_TimeZone_UTC,
+                                                   PyDateTimeAPI->DateTimeType);
+}
+
+static PyObject *read_str(Rd *r) {
+    const unsigned char *s;
+    Py_ssize_t n;
+    if (rd_bytes(r, &s, &n) < 0) return malformed();
+    return PyUnicode_DecodeUTF8((const char *)s, n, NULL);
+}
+
+static PyObject *read_record(Rd *r, PyObject *op) {
+    PyObject *fields = PyTuple_GET_ITEM(op, 2), *record = PyDict_New();
+    if (record == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(fields); i++) {
+        PyObject *field = PyTuple_GET_ITEM(fields, i), *v = read_value(r, PyTuple_GET_ITEM(field, 1));
+        if (v == NULL || PyDict_SetItem(record, PyTuple_GET_ITEM(field, 0), v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(record);
+            return NULL;
+        }
+        Py_DECREF(v);
+    }
+    return record;
+}
+
+/* Array or map blocks: count, [byte size (ignored, as fastavro does) when count < 0], items;
+ * a zero count ends them. */
+static PyObject *read_blocks(Rd *r, PyObject *items, int is_map) {
+    PyObject *out = is_map ? PyDict_New() : PyList_New(0);
+    int64_t count, size;
+    if (out == NULL) return NULL;
+    for (;;) {
+        if (rd_long(r, &count) < 0) goto bad;
+        if (count == 0) return out;
+        if (count < 0) {
+            if (count == INT64_MIN || rd_long(r, &size) < 0) goto bad;
+            count = -count;
+        }
+        if (count > r->end - r->p) { /* bounds the loop; only items of no bytes (null) are refused wrongly */
+            Py_DECREF(out);
+            return undecodable("block count past the end of the data");
+        }
+        for (int64_t i = 0; i < count; i++) {
+            PyObject *key = NULL, *v;
+            if (is_map && (key = read_str(r)) == NULL) goto fail;
+            if ((v = read_value(r, items)) == NULL) {
+                Py_XDECREF(key);
+                goto fail;
+            }
+            int rc = is_map ? PyDict_SetItem(out, key, v) : PyList_Append(out, v);
+            Py_XDECREF(key);
+            Py_DECREF(v);
+            if (rc < 0) goto fail;
+        }
+    }
+bad:
+    malformed();
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
+static PyObject *read_value(Rd *r, PyObject *op) {
+    long code = PyLong_AsLong(PyTuple_GET_ITEM(op, 0));
+    int64_t n;
+    switch (code) {
+    case OP_NULL:
+        Py_RETURN_NONE;
+    case OP_BOOLEAN:
+        if (r->p >= r->end) return malformed();
+        if (*r->p > 1) return undecodable("boolean byte other than 0 and 1");
+        return PyBool_FromLong(*r->p++);
+    case OP_INT: /* fastavro reads an int as a long: no range check */
+    case OP_LONG:
+        if (rd_long(r, &n) < 0) return malformed();
+        return PyLong_FromLongLong(n);
+    case OP_FLOAT:
+    case OP_DOUBLE: {
+        int size = code == OP_FLOAT ? 4 : 8;
+        if (r->end - r->p < size) return malformed();
+        double x = size == 4 ? PyFloat_Unpack4((const char *)r->p, 1) : PyFloat_Unpack8((const char *)r->p, 1);
+        if (x == -1.0 && PyErr_Occurred()) return NULL;
+        r->p += size;
+        return PyFloat_FromDouble(x);
+    }
+    case OP_STRING:
+        return read_str(r);
+    case OP_BYTES: {
+        const unsigned char *s;
+        Py_ssize_t len;
+        if (rd_bytes(r, &s, &len) < 0) return malformed();
+        return PyBytes_FromStringAndSize((const char *)s, len);
+    }
+    case OP_ENUM: { /* the symbol whose index is n in the program's {symbol: index} */
+        PyObject *symbol, *index;
+        Py_ssize_t pos = 0;
+        if (rd_long(r, &n) < 0) return malformed();
+        while (PyDict_Next(PyTuple_GET_ITEM(op, 1), &pos, &symbol, &index))
+            if (PyLong_AsLongLong(index) == n) return Py_NewRef(symbol);
+        return undecodable("enum index out of range");
+    }
+    case OP_RECORD:
+        return read_record(r, op);
+    case OP_ARRAY:
+    case OP_MAP:
+        return read_blocks(r, PyTuple_GET_ITEM(op, 1), code == OP_MAP);
+    case OP_UNION: { /* the branches the program writes, each (test, index, program) */
+        PyObject *branches = PyTuple_GET_ITEM(op, 1);
+        if (rd_long(r, &n) < 0) return malformed();
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(branches); i++) {
+            PyObject *branch = PyTuple_GET_ITEM(branches, i);
+            if (PyLong_AsLongLong(PyTuple_GET_ITEM(branch, 1)) == n) return read_value(r, PyTuple_GET_ITEM(branch, 2));
+        }
+        return undecodable("union branch not in the program");
+    }
+    case OP_TIMESTAMP_MICROS:
+        if (rd_long(r, &n) < 0) return malformed();
+        return read_datetime(n);
+    case OP_TIMESTAMP_MILLIS:
+        if (rd_long(r, &n) < 0) return malformed();
+        if (n < MIN_MICROS / 1000 || n > MAX_MICROS / 1000) return undecodable("timestamp outside datetime's range");
+        return read_datetime(n * 1000);
+    default:
+        PyErr_SetString(PyExc_SystemError, "bad Avro program");
+        return NULL;
+    }
+}
+
+static PyObject *py_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyTuple_Check(args[0]) || !PyLong_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "decode(program, data: bytes-like, start: int)");
+        return NULL;
+    }
+    Py_ssize_t start = PyLong_AsSsize_t(args[2]);
+    if (start == -1 && PyErr_Occurred()) return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0) return NULL;
+    PyObject *value = NULL, *result = NULL;
+    if (start < 0 || start > view.len) {
+        PyErr_SetString(PyExc_ValueError, "decode: start outside the data");
+        goto done;
+    }
+    const unsigned char *base = view.buf;
+    Rd r = {base + start, base + view.len};
+    if ((value = read_value(&r, args[0])) == NULL || (result = PyTuple_New(2)) == NULL) goto done;
+    PyObject *end = PyLong_FromSsize_t(r.p - base);
+    if (end == NULL) {
+        Py_CLEAR(result);
+        goto done;
+    }
+    PyTuple_SET_ITEM(result, 0, value); /* steals */
+    PyTuple_SET_ITEM(result, 1, end);
+    value = NULL;
+done:
+    Py_XDECREF(value);
+    PyBuffer_Release(&view);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"encode", (PyCFunction)(void (*)(void))py_encode, METH_FASTCALL,
      "encode(program, header, record) -> header + the record's Avro binary"},
+    {"decode", (PyCFunction)(void (*)(void))py_decode, METH_FASTCALL,
+     "decode(program, data, start) -> (value, end): fastavro.schemaless_reader's value, read in C"},
     {"content_hash", (PyCFunction)(void (*)(void))py_content_hash, METH_FASTCALL,
      "content_hash(fields, flat, ts_text, layout) -> hex SHA-256 of the canonical content JSON"},
     {"canonical_json", py_canonical_json, METH_O, "orjson.dumps(value, option=OPT_SORT_KEYS) for plain values"},
@@ -1397,10 +1615,10 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     Py_INCREF(Unsupported);
     if (PyModule_AddObject(m, "Unsupported", Unsupported) < 0) goto fail;
     PyObject *ops = Py_BuildValue(
-        "{si,si,si,si,si,si,si,si,si,si,si,si,si,si}", "null", OP_NULL, "boolean", OP_BOOLEAN, "int", OP_INT, "long",
-        OP_LONG, "float", OP_FLOAT, "double", OP_DOUBLE, "string", OP_STRING, "bytes", OP_BYTES, "enum", OP_ENUM,
-        "record", OP_RECORD, "array", OP_ARRAY, "map", OP_MAP, "union", OP_UNION, "timestamp-micros",
-        OP_TIMESTAMP_MICROS);
+        "{si,si,si,si,si,si,si,si,si,si,si,si,si,si,si}", "null", OP_NULL, "boolean", OP_BOOLEAN, "int", OP_INT,
+        "long", OP_LONG, "float", OP_FLOAT, "double", OP_DOUBLE, "string", OP_STRING, "bytes", OP_BYTES, "enum",
+        OP_ENUM, "record", OP_RECORD, "array", OP_ARRAY, "map", OP_MAP, "union", OP_UNION, "timestamp-micros",
+        OP_TIMESTAMP_MICROS, "timestamp-millis", OP_TIMESTAMP_MILLIS);
     PyObject *tests = Py_BuildValue("{si,si,si,si,si,si}", "none", IS_NONE, "bool", IS_BOOL, "int", IS_INT, "float",
                                     IS_FLOAT, "str", IS_STR, "bytes", IS_BYTES);
     PyObject *rule_kinds = Py_BuildValue("{si,si,si,si,si,si,si}", "str", RULE_STR, "float", RULE_FLOAT, "bool",

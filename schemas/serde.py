@@ -325,6 +325,8 @@ def compile_program(schema: Any, *, models: bool = False) -> tuple[Any, ...] | N
         node, kind = _schema_kind(node)
         if kind == "timestamp-micros":
             return (ops[kind], [None])  # the last (datetime, bytes) pair, replaced whole
+        if node.get("logicalType") == "timestamp-millis":  # written as a long; decode reads a datetime
+            return (ops["timestamp-millis"],)
         if kind in _PRIMITIVES:
             return (ops[kind],)
         if kind == "enum":

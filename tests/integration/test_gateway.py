@@ -21,11 +21,13 @@ from pipeline.errors import ConfigError
 from pipeline.kafka_admin import ensure_topics
 from pipeline.settings import Settings
 from producers.gateway import MAX_DEPTH, _Redactor, _too_deep, create_gateway
+from producers.producer import AsyncProducer, partition_for
+from schemas.envelope import is_envelope, unpack
 from schemas.serde import AvroSerde
 from schemas.topics import Topics
 from stream_processors.redact import redact_payload
 from tests.conftest import _free_port
-from tests.integration.kafka_read import read_topic
+from tests.integration.kafka_read import read_partitions, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -42,9 +44,33 @@ def gateway(isolated: Settings) -> Iterator[tuple[TestClient, Settings]]:
         yield client, settings
 
 
+def _values(value: bytes | None) -> list[bytes]:
+    """The event values of one raw message: an envelope's (batches), or the message's own."""
+    assert value is not None
+    return unpack(value) if is_envelope(value) else [value]
+
+
 def _raw(settings: Settings) -> list[dict[str, object]]:
     serde = AvroSerde()
-    return [serde.decode(v) for _, v in read_topic(settings, Topics(settings.topic_prefix).raw)]
+    return [serde.decode(e) for _, v in read_topic(settings, Topics(settings.topic_prefix).raw) for e in _values(v)]
+
+
+@pytest.fixture
+def warm_gateway(isolated: Settings) -> Iterator[tuple[TestClient, Settings]]:
+    """A gateway whose publisher already knows the raw topic's partition count (so its very
+    first batch goes in envelopes; a fresh one sends single-event messages until it knows)."""
+    settings = isolated.model_copy(update={"internal_tokens": TOKENS, "rate_limit_per_minute": 1e6})
+    ensure_topics(settings)
+    publisher = AsyncProducer(settings, settings.gateway_publish_timeout_s, "feedback-gateway")
+    try:
+        deadline = time.monotonic() + 20
+        while publisher._partitions.get() is None:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "the publisher never learnt the partition count"
+            time.sleep(0.05)
+        with TestClient(create_gateway(settings, publisher=publisher)) as client:
+            yield client, settings
+    finally:
+        publisher.close()
 
 
 def test_accepts_after_kafka_acknowledges_and_redacts_first(gateway: tuple[TestClient, Settings]) -> None:
@@ -168,6 +194,26 @@ def test_a_large_batch_lands_whole_and_redacted(gateway: tuple[TestClient, Setti
     records = _raw(settings)
     assert sorted(r["event_id"] for r in records) == sorted(r["event_id"] for r in results)
     assert {r["payload"]["comment"] for r in records} == {"call [PHONE]"}
+
+
+def test_a_batch_goes_in_envelopes_answered_per_item_in_order(warm_gateway: tuple[TestClient, Settings]) -> None:
+    client, settings = warm_gateway
+    items = [{**EVENT, "user_id": f"e-{i % 60}", "payload": {"direction": "up", "n": i}} for i in range(1000)]
+    items[500] = {"source": "x"}  # refused, in the middle
+    resp = client.post("/internal/feedback/batch", content=orjson.dumps({"events": items}), headers=AUTH)
+    results = resp.json()["results"]
+    assert resp.status_code == 207 and [r["index"] for r in results] == list(range(1000))
+    assert [r["status"] for r in results] == [202] * 500 + [422] + [202] * 499
+    serde = AvroSerde()
+    messages = read_partitions(settings, Topics(settings.topic_prefix).raw)
+    assert 1 < len(messages) <= 3 and all(is_envelope(v) for _, _, v in messages)
+    landed = {}
+    for partition, _, value in messages:
+        for record in map(serde.decode, _values(value)):
+            assert partition_for(str(record["user_id"]).encode(), 3) == partition
+            landed[record["event_id"]] = record["payload"]["extra"]["n"]
+    # Each answer names the event that was sent for that item.
+    assert {r["event_id"]: r["index"] for r in results if r["status"] == 202} == landed
 
 
 _text = st.sampled_from(["up", "fine", "jane@example.com", "+41 44 668 18 00", "10.0.0.1", "v1.2.3", ""]) | st.text(

@@ -418,6 +418,8 @@ class AvroSerde:
         self._fast_model = fast_encoder(self.writer_schema, self._header, models=True)
         # Resolved readers per writer schema: resolution is the expensive part of decoding.
         self._readers: dict[int, Callable[[io.BytesIO], Any]] = {}
+        # The C decoder's program for bodies written with the reader schema (None: fastavro reads them).
+        self._decode_program = compile_program(self.writer_schema)
 
     @classmethod
     def from_url(cls, registry_url: str | None, schema_name: str = "feedback_event_v1") -> AvroSerde:
@@ -503,19 +505,34 @@ class AvroSerde:
             raise PoisonEvent(
                 f"unknown framing (first byte 0x{data[0]:02x}); expected Avro single-object or schema-registry framing"
             )
-        buf = io.BytesIO(data)
-        buf.seek(body)
-        try:
-            # Resolving a schema against itself only costs time: skip it for the current writer.
-            reader = None if writer is self.reader_schema else self.reader_schema
-            record = fastavro.schemaless_reader(buf, writer, reader)
-        except Exception as exc:  # fastavro raises many types (EOFError, ValueError, IndexError...)
-            raise PoisonEvent(f"avro decode failed: {type(exc).__name__}") from None
-        if buf.tell() != len(data):
-            raise PoisonEvent(f"{len(data) - buf.tell()} trailing bytes after the record")
+        record, end = self._decode_fast(data, body) if writer is self.reader_schema else (None, None)
+        if end is None:
+            buf = io.BytesIO(data)
+            buf.seek(body)
+            try:
+                # Resolving a schema against itself only costs time: skip it for the current writer.
+                reader = None if writer is self.reader_schema else self.reader_schema
+                record = fastavro.schemaless_reader(buf, writer, reader)
+            except Exception as exc:  # fastavro raises many types (EOFError, ValueError, IndexError...)
+                raise PoisonEvent(f"avro decode failed: {type(exc).__name__}") from None
+            end = buf.tell()
+        if end != len(data):
+            raise PoisonEvent(f"{len(data) - end} trailing bytes after the record")
         if not isinstance(record, dict):
             raise PoisonEvent("decoded value is not a record")
         return record
+
+    def _decode_fast(self, data: bytes, body: int) -> tuple[Any, int | None]:
+        """The body at ``body`` read by the C decoder (fastavro's value for the reader schema as
+        writer, and the offset after it); ``(None, None)`` when it does not read it: no program
+        for the schema, or a body it leaves to fastavro (malformed ones included), whose value
+        or error then stands."""
+        if self._decode_program is None:
+            return None, None
+        try:
+            return _speedups.decode(self._decode_program, data, body)  # type: ignore[no-any-return]
+        except Exception:  # Unsupported, UnicodeDecodeError...: fastavro decides
+            return None, None
 
     def _writer_for_id(self, schema_id: int) -> dict[str, Any]:
         writer = self.catalog.by_id(schema_id)

@@ -1,6 +1,7 @@
 """The triage queue's records: commands (the audit log) and items (the current state).
 
-``feedback.triage-commands.v1`` — key: triage id; value: JSON :class:`TriageCommand`.
+``feedback.triage-commands.v1`` — key: triage id; value: JSON :class:`TriageCommand`, or a
+JSON list of commands whose ids share the message's partition (the worker's enqueues).
 Every change to the queue is one command: ``enqueue`` (the worker, for an event that
 needs a human), ``label`` and ``resolve`` (people, with ``feedback label`` / ``feedback
 resolve``) and ``erase`` (``feedback forget``: the item is deleted and tombstoned).
@@ -21,7 +22,7 @@ from typing import Any, Literal
 
 import orjson
 
-__all__ = ["TAG_PATTERN", "TriageCommand", "TriageItem", "decode_command", "decode_item"]
+__all__ = ["TAG_PATTERN", "TriageCommand", "TriageItem", "decode_command", "decode_commands", "decode_item"]
 
 Op = Literal["enqueue", "label", "resolve", "erase"]
 Status = Literal["open", "labeled", "resolved"]
@@ -71,6 +72,30 @@ def decode_command(value: bytes) -> TriageCommand:
         return TriageCommand(**data)
     except TypeError as exc:
         raise ValueError(f"unexpected or missing field ({exc})") from None
+
+
+def decode_commands(value: bytes) -> list[TriageCommand]:
+    """One command, or a JSON list of them (the worker groups the commands it enqueues per
+    partition). Raises ``ValueError`` as :func:`decode_command` does, naming the item."""
+    try:
+        data = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        raise ValueError("not JSON") from None
+    if not isinstance(data, list):
+        return [decode_command(value)]
+    if not data:
+        raise ValueError("an empty list of commands")
+    commands = []
+    for index, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise ValueError(f"item {index}: not a JSON object")
+        try:
+            commands.append(TriageCommand(**item))
+        except TypeError as exc:
+            raise ValueError(f"item {index}: unexpected or missing field ({exc})") from None
+        except ValueError as exc:
+            raise ValueError(f"item {index}: {exc}") from None
+    return commands
 
 
 @dataclass(frozen=True)

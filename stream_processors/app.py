@@ -1,60 +1,71 @@
-"""The Faust app: thin agents around the pure stages in this package.
+"""The Faust app: agents that glue the pure steps of this package to Kafka.
 
-Three agents, each a loop over batches (``stream.take_events``) of raw bytes:
+Six agents, each a loop over batches of raw messages (``stream.take_events``). A batch
+is handled synchronously from its first message to the flush of everything it
+produced, so Faust acknowledges its offsets only once its outputs and table changes
+are in Kafka (:mod:`stream_processors.outputs`, :mod:`stream_processors.faust_glue`).
 
-* ``gate``: feedback.raw.v1 → decode → :func:`gate_step` → feedback.clean.v1,
-  feedback.rejected.v1 or feedback.dlq.v1, plus one :class:`Outcome` per event
-  (keyed by source) on feedback.outcomes.v1. Tables: the subjects' token buckets
-  and the dedup keys (expired keys are swept by a timer).
-* ``reputation``: outcomes → the source's EWMA (table) → feedback.reputation.v1,
-  and a :class:`BiasIncrement` per kept bad_output/latency/safety/veto event
-  (keyed by directive) on feedback.bias-input.v1.
+* ``gate``: feedback.raw.v1 (single events and envelopes of many) → decode →
+  :func:`~stream_processors.gate_step.gate_step` → :func:`~stream_processors.routing.route_gate`
+  → feedback.clean.v1, feedback.enrich.v1 (events naming an interaction, one envelope per
+  partition and batch), feedback.rejected.v1, feedback.dlq.v1, triage commands, and one
+  outcomes message per source and batch. Tables: the subjects' token buckets and the
+  dedup keys (expired keys are swept by a timer).
+* ``reputation``: outcomes → the source's EWMA (table) → feedback.reputation.v1, and bias
+  increments (one message per directive and batch) on feedback.bias-input.v1.
 * ``directive-bias``: increments → the directive's decayed bias (table) →
   feedback.directive-bias.v1, at most one update per key per publish interval.
 * ``interactions``: feedback.interactions.v1 (``track()``) → the interaction's context
   (table, keyed by interaction_id; swept after twice the TTL).
-* ``triage``: feedback.triage-commands.v1 (the gate enqueues events that need a human;
-  people label and resolve them) → the item (table ``triage``) → feedback.triage.v1;
+* ``enrich``: feedback.enrich.v1 (co-partitioned with the interactions) → the context
+  joined (:mod:`stream_processors.enrich`) → feedback.clean.v1.
+* ``triage``: feedback.triage-commands.v1 → the item (table ``triage``) → feedback.triage.v1;
   a ``noise`` label is reported to reputation as a ``noise`` outcome.
-* ``enrich``: clean events that name an interaction go through feedback.enrich.v1,
-  keyed by interaction_id (co-partitioned with the interactions), get the context
-  joined (:mod:`stream_processors.enrich`) and go on to feedback.clean.v1.
 
-Tables keep their changelogs in Kafka; every value remembers the last raw offset
-it applied per origin, so a worker killed at any moment replays harmlessly.
+Every table value remembers the last position it applied per origin (the raw offset and
+the index inside an envelope, :func:`schemas.envelope.position`), so a batch replayed
+after a crash changes nothing twice.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import faust
-import faust.streams
 from faust.types import EventT
 
 from pipeline.errors import InvalidEvent, PoisonEvent
 from pipeline.kafka_admin import ensure_topics
 from pipeline.settings import Settings
 from schemas.dead_letter import dead_letter
+from schemas.envelope import is_envelope, position, unpack
 from schemas.serde import AvroSerde
 from schemas.state_records import encode_record
 from schemas.topics import Topics
-from schemas.triage_records import TriageItem, decode_command
+from schemas.triage_records import TriageCommand, TriageItem, decode_commands
 from stream_processors.config import bias_config, gate_config, reputation_policy, triage_rules
 from stream_processors.dedup import dedup_key
 from stream_processors.enrich import context_of, enrich, newer
-from stream_processors.gate_step import GateResult, gate_step, rejection_record, subject_key
-from stream_processors.metrics import GateMetrics
+from stream_processors.faust_glue import StateTable, json_table
+from stream_processors.gate_step import gate_step, subject_key
+from stream_processors.metrics import GateMetrics, Tally
+from stream_processors.outputs import KafkaOutputs, Outputs, partition_for
 from stream_processors.redact import pseudonymize
+from stream_processors.routing import (
+    clean_key,
+    decode_list,
+    group_by_partition,
+    group_increments,
+    group_outcomes,
+    route_gate,
+)
 from stream_processors.state_steps import (
-    REPUTATION_OUTCOMES,
     BiasIncrement,
     Outcome,
     Throttle,
@@ -67,33 +78,40 @@ from stream_processors.state_steps import (
     subject_from_json,
     subject_to_json,
 )
-from stream_processors.triage import enqueue_command, needs_triage, triage_apply
+from stream_processors.triage import triage_apply
 
 __all__ = ["FeedbackApp", "create_app", "run_worker"]
 
 log = logging.getLogger(__name__)
 
-BATCH = 1000
-WITHIN_S = 0.2
+BATCH = 1000  # Kafka messages per batch (an envelope is one message of up to 1000 events)
+WITHIN_S = 0.05  # a partial batch is handled after this long
+FLUSH_EVENTS = 20_000  # a batch of envelopes is flushed every this many events, to bound its memory
 SEEN_SWEEP_S = 60.0
 SEEN_SWEEP_MAX = 50_000  # tombstones per sweep, so one sweep never stalls the gate
 REPUBLISH_S = 60.0
+MAX_LETTER_RAW = 512 * 1024  # a dead letter keeps the raw bytes up to this size
 
 
 def _broker_urls(bootstrap: str) -> list[str]:
     return [f"kafka://{server.strip()}" for server in bootstrap.split(",") if server.strip()]
 
 
-def _enter(event: EventT) -> None:
-    """Make ``event`` current in this task: tables pick the changelog partition (and the
-    RocksDB partition) from the current event, and ``take_events`` fills its buffer in
-    another task, so the agent must say which event it is working on."""
-    faust.streams._current_event.set(weakref.ref(event))
-
-
 def _message_time(timestamp: float | None) -> datetime:
     # The message timestamp (producer create time): a replay sees the same "now".
     return datetime.fromtimestamp(timestamp, UTC) if timestamp else datetime.now(UTC)
+
+
+def _json_list(values: Iterable[bytes]) -> Iterable[tuple[bytes, int]]:
+    """JSON objects (bytes) as JSON lists of at most 1000, for group_by_partition."""
+    chunk: list[bytes] = []
+    for value in values:
+        chunk.append(value)
+        if len(chunk) == 1000:
+            yield b"[" + b",".join(chunk) + b"]", len(chunk)
+            chunk = []
+    if chunk:
+        yield b"[" + b",".join(chunk) + b"]", len(chunk)
 
 
 @dataclass
@@ -104,18 +122,17 @@ class FeedbackApp:
     settings: Settings
     topics: Topics
     metrics: GateMetrics
-    tables: dict[str, Any] = field(default_factory=dict)
+    outputs: Outputs
+    tables: dict[str, StateTable] = field(default_factory=dict)
     agents: dict[str, Any] = field(default_factory=dict)
-    outputs: dict[str, faust.TopicT] = field(default_factory=dict)
-    publish_state: Callable[..., Awaitable[None]] | None = None
-
-    async def send(self, topic: str, *, key: bytes | None, value: bytes | None) -> None:
-        """Publish to one of the app's output topics (tests replace this to capture)."""
-        await self.outputs[topic].send(key=key, value=value)
+    publish_state: Callable[..., None] | None = None
 
 
-def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **overrides: Any) -> FeedbackApp:
-    """The worker's Faust app with the gate and state agents registered."""
+def create_app(
+    settings: Settings, *, metrics: GateMetrics | None = None, outputs: Outputs | None = None, **overrides: Any
+) -> FeedbackApp:
+    """The worker's Faust app with the gate and state agents registered. ``outputs``: where the
+    agents write (default: a confluent-kafka producer on the settings' cluster)."""
     topics = Topics(settings.topic_prefix)
     conf: dict[str, Any] = {
         "broker": _broker_urls(settings.kafka_bootstrap),
@@ -131,12 +148,14 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
         "table_standby_replicas": 0,
         "broker_session_timeout": settings.kafka_session_timeout_s,
         "broker_heartbeat_interval": max(1.0, settings.kafka_session_timeout_s / 10),
+        "stream_buffer_maxsize": 16_384,
     }
     conf.update(overrides)
     Path(conf["datadir"]).parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(f"{settings.topic_prefix}{settings.worker_id}", **conf)
     metrics = metrics or GateMetrics()
-    fa = FeedbackApp(app, settings, topics, metrics)
+    out: Outputs = outputs if outputs is not None else KafkaOutputs(settings.kafka_bootstrap)
+    fa = FeedbackApp(app, settings, topics, metrics, out)
 
     events_serde = AvroSerde.from_url(settings.schema_registry_url)
     letters = AvroSerde("dead_letter_v1")
@@ -150,18 +169,12 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
     def topic(name: str) -> faust.TopicT:
         return app.topic(name, value_serializer="raw", key_serializer="raw")
 
-    raw_topic, clean_topic, rejected_topic, dlq_topic = map(
-        topic, (topics.raw, topics.clean, topics.rejected, topics.dlq)
-    )
-    outcomes_topic, bias_input_topic = topic(topics.outcomes), topic(topics.bias_input)
-    reputation_topic, bias_topic = topic(topics.reputation), topic(topics.directive_bias)
+    raw_topic, outcomes_topic, bias_input_topic = topic(topics.raw), topic(topics.outcomes), topic(topics.bias_input)
     interactions_topic, enrich_topic = topic(topics.interactions), topic(topics.enrich)
-    commands_topic, triage_topic = topic(topics.triage_commands), topic(topics.triage)
+    commands_topic = topic(topics.triage_commands)
 
-    json_schema = faust.Schema(key_serializer="json", value_serializer="json")
-
-    def table(name: str) -> Any:
-        return app.Table(name, default=None, schema=json_schema, partitions=settings.topic_partitions)
+    def table(name: str) -> StateTable:
+        return StateTable(json_table(app, name, settings.topic_partitions))
 
     subjects, seen = table("gate-subjects"), table("gate-seen")
     reputation, bias = table("reputation"), table("directive-bias")
@@ -177,31 +190,57 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
         }
     )
 
-    async def to_dlq(stage: str, event: EventT, reason: str) -> None:
+    def flush(*changed: StateTable) -> None:
+        """Everything queued reaches Kafka, then the tables' local stores (see faust_glue)."""
+        for state in changed:
+            state.produce(out)
+        out.flush()
+        for state in changed:
+            state.commit()
+
+    def to_dlq(stage: str, event: EventT, reason: str, raw: bytes | None = None, index: int | None = None) -> None:
         msg = event.message
         metrics.dlq.labels(stage).inc()
+        where = "" if index is None else f" (envelope item {index})"
         log.warning(
-            "dead_lettered stage=%s topic=%s partition=%d offset=%d reason=%s",
-            stage, msg.topic, msg.partition, msg.offset, reason,
+            "dead_lettered stage=%s topic=%s partition=%d offset=%d%s reason=%s",
+            stage, msg.topic, msg.partition, msg.offset, where, reason,
         )  # fmt: skip
+        body = msg.value if raw is None else raw
+        error = reason + where
+        if body is not None and len(body) > MAX_LETTER_RAW:
+            body, error = b"", f"{error}; raw bytes ({len(body)}) left out: over {MAX_LETTER_RAW}"
         letter = dead_letter(
-            stage=stage, error=reason, topic=msg.topic, partition=msg.partition, offset=msg.offset,
-            key=msg.key, raw=msg.value, now=datetime.now(UTC),
+            stage=stage, error=error, topic=msg.topic, partition=msg.partition, offset=msg.offset,
+            key=msg.key, raw=body, now=datetime.now(UTC),
         )  # fmt: skip
-        await fa.send(topics.dlq, key=msg.key, value=letters.encode(letter))
+        out.produce(topics.dlq, msg.key, letters.encode(letter))
 
-    async def each(stage: str, stream: faust.StreamT, handle: Callable[[EventT], Awaitable[None]]) -> None:
-        """Batches from ``stream``; each event handled with its context set; a failure is dead-lettered."""
+    def guarded(stage: str, event: EventT, work: Callable[[], None], raw: bytes | None = None,
+                index: int | None = None) -> None:  # fmt: skip
+        """Run one message's (or envelope item's) work; a failure is dead-lettered, never raised."""
+        try:
+            work()
+        except PoisonEvent as exc:
+            to_dlq(stage, event, exc.reason, raw, index)
+        except Exception as exc:  # a bug must not stop the stream nor lose the message
+            log.exception("stage_failed stage=%s offset=%d", stage, event.message.offset)
+            to_dlq(stage, event, f"{type(exc).__name__} in {stage}", raw, index)
+
+    def items_of(event: EventT) -> list[bytes] | None:
+        """The event values a message carries; None (dead-lettered) for a malformed envelope."""
+        value = event.message.value
+        if not is_envelope(value):
+            return [value]
+        try:
+            return unpack(value)
+        except PoisonEvent as exc:
+            to_dlq("decode", event, exc.reason)
+            return None
+
+    async def run(stream: faust.StreamT, handle: Callable[[list[EventT]], None]) -> None:
         async for batch in stream.take_events(BATCH, within=WITHIN_S):
-            for event in batch:
-                _enter(event)
-                try:
-                    await handle(event)
-                except PoisonEvent as exc:
-                    await to_dlq(stage, event, exc.reason)
-                except Exception as exc:  # a bug must not stop the stream nor lose the message
-                    log.exception("stage_failed stage=%s offset=%d", stage, event.message.offset)
-                    await to_dlq(stage, event, f"{type(exc).__name__} in {stage}")
+            handle(batch)  # synchronous, flush included: no await between the first message and the ack
             _report_lag(batch)
 
     def _report_lag(batch: list[EventT]) -> None:
@@ -217,83 +256,132 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
                 metrics.lag.labels(name, str(partition)).set(max(0, high - offset - 1))
 
     # --- the gate ---------------------------------------------------------------
-    async def gate_one(event: EventT) -> None:
+    clean_name, enrich_name, rejected_name = topics.clean, topics.enrich, topics.rejected
+
+    class GateBatch:
+        """What a gate batch has produced but not flushed yet."""
+
+        def __init__(self) -> None:
+            self.outcomes: list[Outcome] = []
+            self.enrich: list[tuple[bytes, bytes]] = []
+            self.triage: list[tuple[bytes, bytes]] = []
+            self.tally = Tally()
+            self.events = 0
+
+    def gate_item(batch: GateBatch, event: EventT, body: bytes, index: int, envelope: bool, now: datetime) -> None:
         msg = event.message
-        if msg.value is None:
-            forget_subject(msg.key, msg.partition)
-            return
+        partition = msg.partition
         try:
-            record = events_serde.decode(msg.value)
+            record = events_serde.decode(body)
         except PoisonEvent as exc:
-            await to_dlq("decode", event, exc.reason)
+            to_dlq("decode", event, exc.reason, body if envelope else None, index if envelope else None)
             return
-        now = _message_time(msg.timestamp)
+        pos = position(msg.offset, index)
         subject = subject_key(record, config.pseudonym_key)
         key = dedup_key(record)
         result = gate_step(
-            record, offset=msg.offset, now=now, config=config,
-            subject_state=subject_from_json(subjects.get(subject)), seen=seen_from_json(seen.get(key)),
+            record, offset=pos, now=now, config=config,
+            subject_state=subject_from_json(subjects.get(subject, partition)),
+            seen=seen_from_json(seen.get(key, partition)),
         )  # fmt: skip
         if result.subject_state is not None:
             # The partition too: an erasure marker may arrive on another partition (see forget_subject).
-            subjects[subject] = {**subject_to_json(result.subject_state), "partition": msg.partition}
+            subjects.set(subject, {**subject_to_json(result.subject_state), "partition": partition}, partition)
         if result.seen is not None and result.outcome in ("clean", "sampled_out"):
-            seen[key] = seen_to_json(result.seen, msg.partition)
-        await emit(event, record, result, now)
-
-    async def emit(event: EventT, record: dict[str, Any], result: GateResult, now: datetime) -> None:
-        msg = event.message
-        source, etype = str(record["source"]), str(record["type"])
+            seen.set(key, seen_to_json(result.seen, partition), partition)
+        route = route_gate(
+            record, result, topic=msg.topic, partition=partition, offset=msg.offset, position=pos,
+            envelope=envelope, now=now, rules=rules,
+        )  # fmt: skip
+        tally = batch.tally
         for kind, count in result.redactions.items():
-            metrics.redactions.labels(kind).inc(count)
-        if result.outcome == "clean":
-            assert result.event is not None
-            out = result.event
-            if out.get("interaction_id"):
-                # Delayed feedback: meet the interaction's context in its partition first.
-                await fa.send(topics.enrich, key=str(out["interaction_id"]).encode(), value=events_serde.encode(out))
+            tally.add(metrics.redactions, kind, n=count)
+        etype = str(record["type"])
+        if route.target in ("clean", "enrich"):
+            assert route.event is not None
+            value = events_serde.encode(route.event)
+            if route.target == "enrich":
+                batch.enrich.append((route.key, value))
             else:
-                await fa.send(topics.clean, key=clean_key(out), value=events_serde.encode(out))
-            metrics.feedback.labels(metrics.cap_source(source), metrics.cap_type(etype)).inc()
-            metrics.text_dropped.inc(result.text_dropped)
-            why = needs_triage(out, rules)
-            if why is not None:
-                command = enqueue_command(out, why, arrived_s=now.timestamp())
-                await fa.send(topics.triage_commands, key=command.triage_id.encode(), value=command.to_bytes())
+                out.produce(clean_name, route.key, value)
+            tally.add(metrics.feedback, metrics.cap_source(str(record["source"])), metrics.cap_type(etype))
+            if result.text_dropped:
+                tally.add(metrics.text_dropped)
+            if route.triage is not None:
+                batch.triage.append((route.triage.triage_id.encode(), route.triage.to_bytes()))
             if etype == "veto":
-                metrics.veto.inc()
+                tally.add(metrics.veto)
             elif etype in ("regret", "regret_signal"):
-                metrics.regret.inc()
-        elif result.outcome == "sampled_out":
-            metrics.sampled_out.labels(metrics.cap_type(etype)).inc()
+                tally.add(metrics.regret)
+        elif route.target == "sampled_out":
+            tally.add(metrics.sampled_out, metrics.cap_type(etype))
         else:
-            reason = "duplicate" if result.outcome == "duplicate" else result.reason
-            rejected = GateResult(result.outcome, reason=reason, field=result.field, rule=result.rule)
-            row = rejection_record(
-                record, rejected, topic=msg.topic, partition=msg.partition, offset=msg.offset, now=now
-            )
-            await fa.send(topics.rejected, key=source.encode(), value=rejections.encode(row))
-            metrics.rejected.labels(reason).inc()
-            if reason == "rate_limited":
-                metrics.rate_limited.inc()
-            elif reason == "duplicate":
-                metrics.duplicates.inc()
-        outcome = Outcome(
-            source=source,
-            type=etype,
-            severity=str(record.get("severity") or "info"),
-            outcome=REPUTATION_OUTCOMES.get(result.outcome, result.reason),
-            kept=result.outcome == "clean",
-            ts_s=record["ts"].timestamp() if isinstance(record.get("ts"), datetime) else now.timestamp(),
-            model_version=record.get("model_version"),
-            partition=msg.partition,
-            offset=msg.offset,
-        )
-        await fa.send(topics.outcomes, key=source.encode(), value=outcome.to_bytes())
+            assert route.rejection is not None
+            out.produce(rejected_name, route.key, rejections.encode(route.rejection))
+            tally.add(metrics.rejected, route.reason)
+            if route.reason == "rate_limited":
+                tally.add(metrics.rate_limited)
+            elif route.reason == "duplicate":
+                tally.add(metrics.duplicates)
+        assert route.outcome is not None
+        batch.outcomes.append(route.outcome)
+
+    def gate_flush(batch: GateBatch) -> None:
+        if batch.enrich:
+            for p, key, value in group_by_partition(batch.enrich, out.partitions(enrich_name), partition_for):
+                out.produce(enrich_name, key, value, p)
+        if batch.triage:
+            commands = topics.triage_commands
+            for p, key, value in group_by_partition(
+                batch.triage, out.partitions(commands), partition_for, pack=_json_list
+            ):
+                out.produce(commands, key, value, p)
+        for key, value in group_outcomes(batch.outcomes):
+            out.produce(topics.outcomes, key, value)
+        flush(subjects, seen)
+        batch.tally.apply()
+
+    def gate_batch(events: list[EventT]) -> None:
+        batch = GateBatch()
+        for event in events:
+            msg = event.message
+            if msg.value is None:
+                forget_subject(msg.key, msg.partition)
+                continue
+            items = items_of(event)
+            if items is None:
+                continue
+            now = _message_time(msg.timestamp)
+            envelope = len(items) > 1 or items[0] is not msg.value
+            for index, body in enumerate(items):
+                guarded(
+                    "gate", event, lambda: gate_item(batch, event, body, index, envelope, now),  # noqa: B023
+                    raw=body if envelope else None, index=index if envelope else None,
+                )  # fmt: skip
+            batch.events += len(items)
+            if batch.events >= FLUSH_EVENTS:
+                gate_flush(batch)
+                batch = GateBatch()
+        gate_flush(batch)
 
     @app.agent(raw_topic, name="gate")
     async def gate(stream: faust.StreamT) -> None:
-        await each("gate", stream, gate_one)
+        await run(stream, gate_batch)
+
+    def forget_subject(key: bytes | None, partition: int) -> None:
+        """An erasure marker (``feedback forget``): a null value on the raw topic, keyed by the user id
+        or its pseudonym, sent to every partition. Drop that subject's rate-limit entry in this
+        partition (the marker reaches every partition, so every copy goes)."""
+        if not key:
+            return
+        given = key.decode(errors="replace")
+        candidates = {given}
+        if config.pseudonym_key is not None:
+            candidates.add(pseudonymize(given, config.pseudonym_key))
+        for candidate in candidates:
+            if subjects.get(candidate, partition) is not None:
+                subjects.delete(candidate, partition)
+                metrics.erased.labels("subjects").inc()
 
     @app.timer(interval=SEEN_SWEEP_S)
     async def sweep_seen() -> None:
@@ -302,56 +390,31 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
         now_s = time.time()
         sweep(seen, lambda value: value["expires_s"] <= now_s, "dedup_keys_expired")
 
-    def sweep(table: Any, expired: Callable[[dict[str, Any]], bool], event: str) -> None:
-        """Tombstone up to SEEN_SWEEP_MAX ``expired`` entries of ``table`` (values remember their
-        changelog partition), so one sweep never stalls the agents; not during recovery."""
+    def sweep(state: StateTable, expired: Callable[[dict[str, Any]], bool], event: str) -> None:
+        """Tombstone up to SEEN_SWEEP_MAX ``expired`` entries of ``state`` (values remember their
+        partition), so one sweep never stalls the agents; not during recovery."""
         if app.in_recovery or app.rebalancing:
             return
         swept = 0
-        for key, value in list(table.data.items()):
+        for key, value in state.scan():
             if value is not None and expired(value):
-                drop(table, key)
+                state.delete(key, value.get("partition", 0))
                 swept += 1
                 if swept >= SEEN_SWEEP_MAX:
                     break
         if swept:
+            flush(state)
             log.info("%s count=%d", event, swept)
-
-    def drop(table: Any, key: str, partition: int | None = None) -> bool:
-        """Remove ``key`` from ``table`` outside its partition's event (a timer, an erasure marker on
-        another partition): the tombstone goes to the changelog partition the value remembers."""
-        value = table.data.pop(key, None)
-        if value is None:
-            return False
-        table.send_changelog(value.get("partition", partition), key, None, value_serializer="raw")
-        return True
-
-    def forget_subject(key: bytes | None, partition: int) -> None:
-        """An erasure marker (``feedback forget``): a null value on the raw topic, keyed by the user id
-        or its pseudonym, sent to every partition. Drop that subject's rate-limit entry and tombstone
-        it in the changelog partition it was written to."""
-        if not key:
-            return
-        given = key.decode(errors="replace")
-        candidates = {given}
-        if config.pseudonym_key is not None:
-            candidates.add(pseudonymize(given, config.pseudonym_key))
-        for candidate in candidates:
-            if drop(subjects, candidate, partition):
-                metrics.erased.labels("subjects").inc()
-
-    def clean_key(record: dict[str, Any]) -> bytes:
-        return str(record.get("user_id") or record["source"]).encode()
 
     # --- delayed feedback: interactions and the join --------------------------------
     ttl_s = settings.interaction_ttl_s
 
-    async def interaction_one(event: EventT) -> None:
+    def interaction_one(event: EventT) -> None:
         msg = event.message
+        key = (msg.key or b"").decode(errors="replace")
         if msg.value is None:  # a tombstone (``feedback forget``): the interaction is erased
-            key = (msg.key or b"").decode(errors="replace")
-            if interactions.get(key) is not None:
-                del interactions[key]  # same partition as the record: the changelog gets the tombstone
+            if interactions.get(key, msg.partition) is not None:
+                interactions.delete(key, msg.partition)
                 metrics.erased.labels("interactions").inc()
             return
         record = interaction_serde.decode(msg.value)  # PoisonEvent → DLQ (stage "interactions")
@@ -360,23 +423,42 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
         except InvalidEvent as exc:
             raise PoisonEvent(f"invalid interaction: {exc.field}: {exc.rule}") from None
         key = str(record["interaction_id"])
-        if newer(interactions.get(key), context):
-            interactions[key] = {**context, "partition": msg.partition}
+        if newer(interactions.get(key, msg.partition), context):
+            interactions.set(key, {**context, "partition": msg.partition}, msg.partition)
             metrics.interactions.inc()
+
+    def interactions_batch(events: list[EventT]) -> None:
+        for event in events:
+            guarded("interactions", event, lambda: interaction_one(event))  # noqa: B023
+        flush(interactions)
 
     @app.agent(interactions_topic, name="interactions")
     async def interactions_agent(stream: faust.StreamT) -> None:
-        await each("interactions", stream, interaction_one)
+        await run(stream, interactions_batch)
 
-    async def enrich_one(event: EventT) -> None:
-        record = events_serde.decode(event.message.value)
-        enriched, status = enrich(record, interactions.get(str(record["interaction_id"])), ttl_s)
-        metrics.enriched.labels(status).inc()
-        await fa.send(topics.clean, key=clean_key(enriched), value=events_serde.encode(enriched))
+    def enrich_item(event: EventT, body: bytes, tally: Tally) -> None:
+        record = events_serde.decode(body)
+        context = interactions.get(str(record["interaction_id"]), event.message.partition)
+        enriched, status = enrich(record, context, ttl_s)
+        tally.add(metrics.enriched, status)
+        out.produce(clean_name, clean_key(enriched), events_serde.encode(enriched))
+
+    def enrich_batch(events: list[EventT]) -> None:
+        tally = Tally()
+        for event in events:
+            items = items_of(event)
+            for index, body in enumerate(items or ()):
+                enveloped = items is not None and (len(items) > 1 or body is not event.message.value)
+                guarded(
+                    "enrich", event, lambda: enrich_item(event, body, tally),  # noqa: B023
+                    raw=body if enveloped else None, index=index if enveloped else None,
+                )  # fmt: skip
+        flush()
+        tally.apply()
 
     @app.agent(enrich_topic, name="enrich")
     async def enrich_agent(stream: faust.StreamT) -> None:
-        await each("enrich", stream, enrich_one)
+        await run(stream, enrich_batch)
 
     @app.timer(interval=SEEN_SWEEP_S)
     async def sweep_interactions() -> None:
@@ -386,109 +468,145 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
         sweep(interactions, lambda value: value["ts_s"] < horizon, "interactions_forgotten")
 
     # --- the triage queue -------------------------------------------------------------
-    async def triage_one(event: EventT) -> None:
+    def triage_command(event: EventT, command: TriageCommand, index: int) -> None:
         msg = event.message
-        try:
-            command = decode_command(msg.value)
-        except ValueError as exc:
-            raise PoisonEvent(f"not a triage command: {exc}") from None
-        stored = triage.get(command.triage_id)
+        partition = msg.partition
+        stored = triage.get(command.triage_id, partition)
         if command.op == "erase":  # ``feedback forget``: the item goes, from the table and the compacted topic
             if stored is not None:
-                del triage[command.triage_id]
+                triage.delete(command.triage_id, partition)
                 metrics.erased.labels("triage").inc()
-            await fa.send(topics.triage, key=command.triage_id.encode(), value=None)
+            out.produce(topics.triage, command.triage_id.encode(), None)
             return
-        new, noisy_source = triage_apply(stored, command, msg.offset, rules)
+        pos = position(msg.offset, index)
+        new, noisy_source = triage_apply(stored, command, pos, rules)
         if new is not None:
-            triage[command.triage_id] = new
+            triage.set(command.triage_id, new, partition)
             metrics.triage.labels(command.op).inc()
         current = new if new is not None else stored
-        replayed = stored is not None and msg.offset <= stored["offset"]
+        replayed = stored is not None and pos <= stored["offset"]
         if current is not None and (new is not None or replayed):  # a replay republishes: compacted, idempotent
             item = TriageItem(**{k: v for k, v in current.items() if k != "offset"})
-            await fa.send(topics.triage, key=command.triage_id.encode(), value=item.to_bytes())
+            out.produce(topics.triage, command.triage_id.encode(), item.to_bytes())
         if noisy_source is not None:
             assert current is not None
             outcome = Outcome(
                 source=noisy_source, type=str(current["type"]), severity=str(current["severity"]), outcome="noise",
-                kept=False, ts_s=command.at_s, model_version=None, partition=msg.partition, offset=msg.offset,
+                kept=False, ts_s=command.at_s, model_version=None, partition=partition, offset=pos,
                 origin="triage",
             )  # fmt: skip
-            await fa.send(topics.outcomes, key=noisy_source.encode(), value=outcome.to_bytes())
+            out.produce(topics.outcomes, noisy_source.encode(), outcome.to_bytes())
+
+    def triage_one(event: EventT) -> None:
+        try:
+            commands = decode_commands(event.message.value)
+        except ValueError as exc:
+            raise PoisonEvent(f"not a triage command: {exc}") from None
+        for index, command in enumerate(commands):
+            triage_command(event, command, index)
+
+    def triage_batch(events: list[EventT]) -> None:
+        for event in events:
+            guarded("triage", event, lambda: triage_one(event))  # noqa: B023
+        flush(triage)
 
     @app.agent(commands_topic, name="triage")
     async def triage_agent(stream: faust.StreamT) -> None:
-        await each("triage", stream, triage_one)
+        await run(stream, triage_batch)
 
     # --- reputation ---------------------------------------------------------------
     reputation_out = Throttle(settings.bias_publish_interval_s)
     bias_out = Throttle(settings.bias_publish_interval_s)
+    where: dict[str, dict[str, int]] = {"reputation": {}, "bias": {}}  # key → partition, for publishing
 
-    async def reputation_one(event: EventT) -> None:
+    def reputation_one(event: EventT, increments: list[BiasIncrement], tally: Tally) -> None:
         try:
-            outcome = Outcome.from_bytes(event.message.value)
+            outcomes = decode_list(event.message.value, lambda data: Outcome(**data))
         except (TypeError, ValueError) as exc:
             raise PoisonEvent(f"not an outcome: {type(exc).__name__}") from None
-        new, increment = reputation_apply(reputation.get(outcome.source), outcome, policy, bias_cfg)
-        if new is None:
-            metrics.state_replays.labels("reputation").inc()
-        else:
-            reputation[outcome.source] = new
-            reputation_out.mark(outcome.source)
-            metrics.state_updates.labels("reputation").inc()
-        if increment is not None:
-            await fa.send(topics.bias_input, key=increment.key.encode(), value=increment.to_bytes())
+        partition = event.message.partition
+        for outcome in outcomes:
+            new, increment = reputation_apply(reputation.get(outcome.source, partition), outcome, policy, bias_cfg)
+            if new is None:
+                tally.add(metrics.state_replays, "reputation")
+            else:
+                reputation.set(outcome.source, {**new, "partition": partition}, partition)
+                reputation_out.mark(outcome.source)
+                where["reputation"][outcome.source] = partition
+                tally.add(metrics.state_updates, "reputation")
+            if increment is not None:
+                increments.append(increment)
+
+    def reputation_batch(events: list[EventT]) -> None:
+        increments: list[BiasIncrement] = []
+        tally = Tally()
+        for event in events:
+            guarded("reputation", event, lambda: reputation_one(event, increments, tally))  # noqa: B023
+        for key, value in group_increments(increments):
+            out.produce(topics.bias_input, key, value)
+        flush(reputation)
+        tally.apply()
 
     @app.agent(outcomes_topic, name="reputation")
     async def reputation_agent(stream: faust.StreamT) -> None:
-        await each("reputation", stream, reputation_one)
+        await run(stream, reputation_batch)
         # (publishing happens in the timer below, throttled per key)
 
     # --- directive bias --------------------------------------------------------------
-    async def bias_one(event: EventT) -> None:
+    def bias_one(event: EventT, tally: Tally) -> None:
         try:
-            increment = BiasIncrement.from_bytes(event.message.value)
+            increments = decode_list(event.message.value, lambda data: BiasIncrement(**data))
         except (TypeError, ValueError) as exc:
             raise PoisonEvent(f"not a bias increment: {type(exc).__name__}") from None
-        new = bias_apply(bias.get(increment.key), increment, bias_cfg)
-        if new is None:
-            metrics.state_replays.labels("directive-bias").inc()
-            return
-        bias[increment.key] = new
-        bias_out.mark(increment.key)
-        metrics.state_updates.labels("directive-bias").inc()
+        partition = event.message.partition
+        for increment in increments:
+            new = bias_apply(bias.get(increment.key, partition), increment, bias_cfg)
+            if new is None:
+                tally.add(metrics.state_replays, "directive-bias")
+                continue
+            bias.set(increment.key, {**new, "partition": partition}, partition)
+            bias_out.mark(increment.key)
+            where["bias"][increment.key] = partition
+            tally.add(metrics.state_updates, "directive-bias")
+
+    def bias_batch(events: list[EventT]) -> None:
+        tally = Tally()
+        for event in events:
+            guarded("directive-bias", event, lambda: bias_one(event, tally))  # noqa: B023
+        flush(bias)
+        tally.apply()
 
     @app.agent(bias_input_topic, name="directive-bias")
     async def bias_agent(stream: faust.StreamT) -> None:
-        await each("directive-bias", stream, bias_one)
+        await run(stream, bias_batch)
 
-    async def publish_state(force: bool = False) -> None:
+    def publish_state(force: bool = False) -> None:
         if app.in_recovery or app.rebalancing:
             return
         now = time.monotonic()
-        for source in reputation_out.due(now, force=force, known=list(reputation.keys()) if force else ()):
-            value = reputation.get(source)
-            if value is not None:
-                record = reputation_record(source, value, policy)
-                await fa.send(topics.reputation, key=source.encode(), value=encode_record(record))
-                metrics.published.labels("reputation").inc()
-        for key in bias_out.due(now, force=force, known=list(bias.keys()) if force else ()):
-            value = bias.get(key)
-            if value is not None:
-                await fa.send(
-                    topics.directive_bias, key=key.encode(), value=encode_record(bias_record(key, value, bias_cfg))
-                )
-                metrics.published.labels("directive-bias").inc()
+        for name, state, throttle, topic_name, record in (
+            ("reputation", reputation, reputation_out, topics.reputation,
+             lambda k, v: reputation_record(k, v, policy)),
+            ("bias", bias, bias_out, topics.directive_bias, lambda k, v: bias_record(k, v, bias_cfg)),
+        ):  # fmt: skip
+            values = dict(state.scan()) if force else {}
+            for key in throttle.due(now, force=force, known=list(values)):
+                value = values.get(key)
+                if value is None and key in where[name]:
+                    value = state.get(key, where[name][key])
+                if value is not None:
+                    out.produce(topic_name, key.encode(), encode_record(record(key, value)))
+                    metrics.published.labels("reputation" if name == "reputation" else "directive-bias").inc()
+        out.poll()
 
     @app.timer(interval=max(0.1, settings.bias_publish_interval_s))
     async def publish_changed() -> None:
-        await publish_state()
+        publish_state()
 
     @app.timer(interval=REPUBLISH_S)
     async def republish_all() -> None:
         # Compacted topics: republishing is idempotent, and it heals an update lost in a crash.
-        await publish_state(force=True)
+        publish_state(force=True)
 
     fa.agents.update(
         {
@@ -500,23 +618,6 @@ def create_app(settings: Settings, *, metrics: GateMetrics | None = None, **over
             "triage": triage_agent,
         }
     )
-    fa.outputs.update(
-        {
-            t.get_topic_name(): t
-            for t in (
-                clean_topic,
-                rejected_topic,
-                dlq_topic,
-                outcomes_topic,
-                bias_input_topic,
-                reputation_topic,
-                bias_topic,
-                enrich_topic,
-                commands_topic,
-                triage_topic,
-            )
-        }
-    )
     fa.publish_state = publish_state
     return fa
 
@@ -526,7 +627,7 @@ def run_worker(settings: Settings) -> None:
     fa = create_app(settings)
     # The tables' changelogs too: a changelog Faust creates itself is missing from the metadata of
     # its first rebalance, and an event that touches the table then fails (PartitionsMismatch).
-    ensure_topics(settings, compacted=[t.changelog_topic.get_topic_name() for t in fa.tables.values()])
+    ensure_topics(settings, compacted=[t.changelog for t in fa.tables.values()])
     fa.metrics.serve(settings.worker_metrics_port)
     worker = faust.Worker(fa.app, loglevel=settings.log_level, quiet=True)
     worker.execute_from_commandline()

@@ -10,14 +10,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from pipeline.settings import Settings
 from schemas import FeedbackEvent
+from schemas.envelope import is_envelope, position, unpack
 from schemas.serde import AvroSerde
 from schemas.state_records import decode_bias, decode_reputation
 from schemas.topics import Topics
 from stream_processors.app import FeedbackApp, create_app
+from stream_processors.outputs import CapturedOutputs
 from stream_processors.redact import pseudonymize
 
 T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
@@ -37,18 +40,43 @@ class Harness:
             "rate_limit_per_minute": 5, "bias_publish_interval_s": 0.0,
         }  # fmt: skip
         self.settings = Settings(**{**base, **settings})
-        self.fa: FeedbackApp = create_app(self.settings)
+        self.outputs = CapturedOutputs()
+        self.fa: FeedbackApp = create_app(self.settings, outputs=self.outputs)
         self.fa.app.finalize()
         self.fa.app.flow_control.resume()
-        self.sent: dict[str, list[tuple[bytes | None, bytes]]] = defaultdict(list)
-        self.accepted: list[bytes] = []  # what the gate passed, to clean or (with an interaction_id) to enrich
 
-        async def capture(topic: str, *, key: bytes | None, value: bytes) -> None:
-            self.sent[topic].append((key, value))
-            if topic in (TOPICS.clean, TOPICS.enrich):
-                self.accepted.append(value)
+    @property
+    def messages(self) -> dict[str, list[tuple[bytes | None, bytes | None]]]:
+        """What the agents produced, per topic, message by message (grouped messages as sent)."""
+        return defaultdict(list, {t: [(k, v) for k, v, _ in sent] for t, sent in self.outputs.sent.items()})
 
-        self.fa.send = capture  # type: ignore[method-assign]
+    @property
+    def sent(self) -> dict[str, list[tuple[bytes | None, bytes | None]]]:
+        """What the agents produced, one entry per record: grouped outcomes, bias increments and
+        triage commands expanded to their items, enrich envelopes to their events (keyed by
+        interaction id)."""
+        out: dict[str, list[tuple[bytes | None, bytes | None]]] = defaultdict(list)
+        for topic, messages in self.messages.items():
+            for key, value in messages:
+                if topic in (TOPICS.outcomes, TOPICS.bias_input, TOPICS.triage_commands) and value is not None:
+                    items = orjson.loads(value)
+                    for item in items if isinstance(items, list) else [items]:
+                        item_key = item.get("source") if topic == TOPICS.outcomes else None
+                        item_key = item.get("key", item_key) if topic == TOPICS.bias_input else item_key
+                        item_key = item.get("triage_id", item_key) if topic == TOPICS.triage_commands else item_key
+                        out[topic].append((str(item_key).encode(), orjson.dumps(item)))
+                elif topic == TOPICS.enrich and is_envelope(value):
+                    for body in unpack(value):  # type: ignore[arg-type]
+                        out[topic].append((str(EVENTS.decode(body)["interaction_id"]).encode(), body))
+                else:
+                    out[topic].append((key, value))
+        return out
+
+    @property
+    def accepted(self) -> list[bytes]:
+        """What the gate passed, to clean or (with an interaction_id) to enrich, in order per topic."""
+        sent = self.sent
+        return [v for t in (TOPICS.clean, TOPICS.enrich) for _, v in sent[t] if v is not None]
 
     def table(self, name: str) -> dict[str, Any]:
         return dict(self.fa.tables[name].items())
@@ -86,14 +114,16 @@ class Harness:
 
     async def cascade(self) -> None:
         """Feed the gate's outcomes to the reputation agent, and its increments to the bias agent."""
-        outcomes = [(k, v, 0.0) for k, v in self.sent[TOPICS.outcomes]]
-        await self.feed("reputation", outcomes, lambda: sum(self._observations()) >= len(outcomes))
-        increments = [(k, v, 0.0) for k, v in self.sent[TOPICS.bias_input]]
+        outcomes = [(k, v, 0.0) for k, v in self.messages[TOPICS.outcomes]]
+        n_outcomes = len(self.sent[TOPICS.outcomes])
+        await self.feed("reputation", outcomes, lambda: sum(self._observations()) >= n_outcomes)
+        increments = [(k, v, 0.0) for k, v in self.messages[TOPICS.bias_input]]
+        n_increments = len(self.sent[TOPICS.bias_input])
         await self.feed(
-            "bias", increments, lambda: sum(v["events"] for v in self.table("bias").values()) >= len(increments)
+            "bias", increments, lambda: sum(v["events"] for v in self.table("bias").values()) >= n_increments
         )
         assert self.fa.publish_state is not None
-        await self.fa.publish_state(force=True)
+        self.fa.publish_state(force=True)
 
     def _observations(self) -> Iterator[int]:
         return (v["observations"] for v in self.table("reputation").values())
@@ -149,7 +179,7 @@ def test_gate_applies_every_rule_and_counts_it(tmp_path: Path) -> None:
     for event in clean:
         by_type[event["type"]].append(event)
     # alice's first event: redacted, text dropped, pseudonymized, client ip gone, normalized.
-    first = by_type["thumbs"][0]
+    (first,) = [e for e in by_type["thumbs"] if e["user_id"] == pseudonymize("alice", KEY.encode())]
     assert first["payload"]["comment"] == "call me at [PHONE] or [EMAIL]"
     assert first["payload"]["text"] is None and first["text_dropped"] is True
     assert first["user_id"] == pseudonymize("alice", KEY.encode())
@@ -188,7 +218,8 @@ def test_gate_applies_every_rule_and_counts_it(tmp_path: Path) -> None:
 
     # The tables: bob's bucket is empty, remembers the last offset applied and which were limited.
     bob = h.table("subjects")[pseudonymize("bob", KEY.encode())]  # keyed by pseudonym, never the id in clear
-    assert bob["bucket"][0] < 1 and bob["offset"] == 9 and bob["limited"] == [7, 8, 9]
+    # Positions: the raw offset << 16 (single-event messages are item 0).
+    assert bob["bucket"][0] < 1 and bob["offset"] == position(9) and bob["limited"] == [position(o) for o in (7, 8, 9)]
     assert "i:i-1:thumbs" in h.table("seen")
 
 
@@ -228,9 +259,9 @@ def test_reputation_and_bias_follow_the_gate_and_ignore_replays(tmp_path: Path) 
         await h.cascade()
         # Replaying every outcome and increment (a crash of the state agents) changes no value.
         before = (h.table("reputation"), h.table("bias"))
-        outcomes = [(k, v, 0.0) for k, v in h.sent[TOPICS.outcomes]]
+        outcomes = [(k, v, 0.0) for k, v in h.messages[TOPICS.outcomes]]
         await h.feed("reputation", outcomes, lambda: True)
-        increments = [(k, v, 0.0) for k, v in h.sent[TOPICS.bias_input]]
+        increments = [(k, v, 0.0) for k, v in h.messages[TOPICS.bias_input]]
         await h.feed("bias", increments, lambda: True)
         assert (h.table("reputation"), h.table("bias")) == before
 
@@ -409,4 +440,4 @@ def test_triage_queue_from_the_gate_to_labels_and_reputation(tmp_path: Path) -> 
     oracle = h.table("reputation")["oracle"]
     assert not before and oracle["observations"] == 3  # two gate outcomes + one noise label
     assert oracle["score"] == pytest.approx(0.5)  # 1, 1, then 0 with alpha 0.5
-    assert oracle["applied"]["triage:0"] == 3
+    assert oracle["applied"]["triage:0"] == position(3)

@@ -1,0 +1,166 @@
+"""Everything the worker relies on inside Faust, in one place.
+
+Faust stays the stream framework: it owns the consumer group, the partition
+assignment, the tables' stores (RocksDB or memory), their changelog topics and
+their recovery. Two of its per-message paths are too slow for this worker and are
+bypassed here, and only here:
+
+* **Table writes.** ``table[key] = value`` sends one changelog record through
+  Faust's producer (aiokafka) for every write, and needs the "current event" to
+  pick the partition. :class:`StateTable` keeps a batch's changes in a dict (a key
+  written many times in one batch is written once), queues one changelog record per
+  changed key on the worker's confluent-kafka producer, and writes the store only
+  after that producer's flush: the local store is never ahead of the changelog, so
+  Faust's recovery (which replays the changelog from the store's persisted offset)
+  always ends in the same state. The bytes are exactly what Faust writes itself
+  (its ``json`` codec is orjson with these options; a unit test compares them).
+* **The current event.** Faust tables pick their partition from a context variable
+  (``faust.streams._current_event``) that ``take_events`` does not set for the
+  events it hands over in a batch. :func:`enter` sets it, for code that still goes
+  through Faust's table API (tests, erasure helpers).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import faust
+import faust.streams
+import orjson
+from faust.types import TP, EventT
+
+from stream_processors.outputs import Outputs
+
+__all__ = ["StateTable", "enter", "faust_json"]
+
+_JSON_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_UTC_Z  # faust.utils.json.dumps with orjson installed
+
+
+def faust_json(value: Any) -> bytes:
+    """The bytes Faust's ``json`` codec writes for ``value``."""
+    return orjson.dumps(value, option=_JSON_OPTIONS)
+
+
+def enter(event: EventT) -> None:
+    """Make ``event`` current in this task (see the module doc)."""
+    faust.streams._current_event.set(weakref.ref(event))
+
+
+_DELETED = object()
+
+
+class StateTable:
+    """A Faust table (JSON keys and values) read and written a batch at a time.
+
+    ``get``/``set``/``delete`` take the partition explicitly: the partition of the source
+    message, which is also the table's changelog partition (as Faust's own writes do).
+    :meth:`produce` queues the batch's changelog records; after the producer's flush,
+    :meth:`commit` writes them to the local store and records the changelog offsets
+    reached (Faust's persisted offset, so a restart replays only what is newer).
+    """
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+        self.name: str = table.name
+        self.changelog: str = table.changelog_topic.get_topic_name()
+        self._dirty: dict[str, tuple[int, Any]] = {}
+        self._delivered: dict[int, int] = {}
+
+    # --- the store --------------------------------------------------------------
+    @property
+    def _store(self) -> Any:
+        return self.table.data
+
+    def _rocksdb(self) -> bool:
+        return hasattr(self._store, "_db_for_partition")
+
+    def _read(self, key: str, partition: int) -> Any:
+        store = self._store
+        if self._rocksdb():
+            raw = store._db_for_partition(partition).get(faust_json(key))
+            return None if raw is None else orjson.loads(raw)
+        return store.data.get(key)
+
+    # --- a batch's view ---------------------------------------------------------
+    def get(self, key: str, partition: int) -> Any:
+        hit = self._dirty.get(key)
+        if hit is not None:
+            return None if hit[1] is _DELETED else hit[1]
+        return self._read(key, partition)
+
+    def set(self, key: str, value: Any, partition: int) -> None:
+        self._dirty[key] = (partition, value)
+
+    def delete(self, key: str, partition: int) -> None:
+        self._dirty[key] = (partition, _DELETED)
+
+    def __len__(self) -> int:
+        return len(self._dirty)
+
+    def produce(self, outputs: Outputs) -> None:
+        """Queue one changelog record per key changed in this batch."""
+        delivered = self._on_delivered
+        for key, (partition, value) in self._dirty.items():
+            body = None if value is _DELETED else faust_json(value)
+            outputs.produce(self.changelog, faust_json(key), body, partition, delivered)
+
+    def _on_delivered(self, _topic: str, partition: int, offset: int) -> None:
+        if offset > self._delivered.get(partition, -1):
+            self._delivered[partition] = offset
+
+    def commit(self) -> None:
+        """After the flush: apply the batch to the local store (see the class doc)."""
+        store = self._store
+        if self._rocksdb():
+            import rocksdict  # installed with faust-streaming[rocksdict], which the rocksdb store needs
+
+            batches: dict[int, Any] = {}
+            for key, (partition, value) in self._dirty.items():
+                batch = batches.get(partition)
+                if batch is None:
+                    batch = batches[partition] = rocksdict.WriteBatch(raw_mode=True)
+                if value is _DELETED:
+                    batch.delete(faust_json(key))
+                else:
+                    batch.put(faust_json(key), faust_json(value))
+            for partition, batch in batches.items():
+                store._db_for_partition(partition).write(batch)
+            for partition, offset in self._delivered.items():
+                store.set_persisted_offset(TP(self.changelog, partition), offset)
+        else:
+            for key, (partition, value) in self._dirty.items():
+                if value is _DELETED:
+                    store.data.pop(key, None)
+                    store._key_partition.pop(key, None)
+                else:
+                    store.data[key] = value
+                    store._key_partition[key] = partition
+        self._dirty.clear()
+        self._delivered.clear()
+
+    # --- whole-table views (timers, tests) ----------------------------------------
+    def scan(self) -> Iterator[tuple[str, Any]]:
+        """Every (key, value) of the local store; values remember their partition."""
+        store = self._store
+        if self._rocksdb():
+            for _partition, db in list(store._dbs.items()):
+                for raw_key, raw_value in db.items():
+                    if raw_key == store.offset_key or raw_value is None:
+                        continue
+                    yield orjson.loads(raw_key), orjson.loads(raw_value)
+        else:
+            yield from list(store.data.items())
+
+    def items(self) -> list[tuple[str, Any]]:
+        return list(self.scan())
+
+    def keys(self) -> list[str]:
+        return [k for k, _ in self.scan()]
+
+
+def json_table(app: faust.App, name: str, partitions: int, options: dict[str, Any] | None = None) -> Any:
+    """A Faust table with JSON keys and values, as :class:`StateTable` reads and writes them."""
+    schema = faust.Schema(key_serializer="json", value_serializer="json")
+    return app.Table(name, default=None, schema=schema, partitions=partitions, options=options)

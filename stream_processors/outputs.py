@@ -1,0 +1,164 @@
+"""Where the worker's agents write: one confluent-kafka producer, flushed once per batch.
+
+Faust's own send path (``Topic.send`` → its buffer → aiokafka) costs tens of
+microseconds per message in Python. The agents instead queue every message of a
+batch (outputs and table changelog records alike) on one librdkafka producer and
+wait for all of them with one :meth:`KafkaOutputs.flush` before Faust may
+acknowledge the batch's offsets. The flush never yields to the event loop, so a
+stopping worker can never acknowledge a batch whose outputs are not durable.
+
+Keys are partitioned with Kafka's Java partitioner (murmur2), as Faust and the
+project's other Java-compatible producers do, so co-partitioned topics stay
+co-partitioned; :func:`partition_for` gives the same partition in Python for
+messages the agents group by partition themselves (envelopes).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiokafka.partitioner import murmur2
+from confluent_kafka import KafkaError, Message, Producer
+
+__all__ = ["CapturedOutputs", "KafkaOutputs", "Outputs", "partition_for"]
+
+log = logging.getLogger(__name__)
+
+Delivered = Callable[[str, int, int], None]  # topic, partition, offset
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition Kafka's Java partitioner picks for ``key`` among ``partitions``."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+class Outputs(Protocol):
+    """What the agents write to; :class:`KafkaOutputs` in the worker, :class:`CapturedOutputs` in tests."""
+
+    def produce(
+        self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None,
+        on_delivered: Delivered | None = None,
+    ) -> None: ...  # fmt: skip
+
+    def flush(self) -> None: ...
+
+    def partitions(self, topic: str) -> int: ...
+
+
+class KafkaOutputs:
+    """The worker's producer: idempotent, acks=all, murmur2, lz4.
+
+    A message Kafka refuses after librdkafka's own retries is queued again (same topic,
+    partition, key and value) and the flush goes on waiting: nothing a batch produced is
+    dropped, and the batch is not acknowledged until all of it is delivered.
+    """
+
+    def __init__(self, bootstrap: str, *, client_id: str = "feedback-worker", config: dict[str, Any] | None = None):
+        conf: dict[str, Any] = {
+            "bootstrap.servers": bootstrap,
+            "client.id": client_id,
+            "enable.idempotence": True,
+            "acks": "all",
+            "partitioner": "murmur2_random",
+            "linger.ms": 5,
+            "batch.size": 1_000_000,
+            "compression.type": "lz4",
+            "queue.buffering.max.messages": 1_000_000,
+            "queue.buffering.max.kbytes": 1_048_576,
+            "message.timeout.ms": 60_000,
+        }
+        conf.update(config or {})
+        self._producer = Producer(conf)
+        self._failed: list[tuple[str, int | None, bytes | None, bytes | None, Delivered | None]] = []
+        self._partitions: dict[str, int] = {}
+        self.produced = 0
+
+    def produce(
+        self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None,
+        on_delivered: Delivered | None = None,
+    ) -> None:  # fmt: skip
+        def report(err: KafkaError | None, msg: Message) -> None:
+            if err is not None:
+                self._failed.append((topic, partition, key, value, on_delivered))
+            elif on_delivered is not None:
+                on_delivered(topic, msg.partition(), msg.offset())
+
+        extra: dict[str, Any] = {} if partition is None else {"partition": partition}
+        while True:
+            try:
+                self._producer.produce(topic, value, key, on_delivery=report, **extra)
+                break
+            except BufferError:  # the local queue is full: let deliveries make room
+                self._producer.poll(0.05)
+        self.produced += 1
+
+    def poll(self) -> None:
+        """Serve delivery reports without waiting (timers call this between batches)."""
+        self._producer.poll(0)
+
+    def flush(self) -> None:
+        """Wait until everything produced so far is acknowledged, re-queueing what Kafka refused."""
+        started = time.monotonic()
+        warned = False
+        while True:
+            remaining = self._producer.flush(1.0)
+            if self._failed:
+                failed, self._failed = self._failed, []
+                log.warning("output_redelivery count=%d", len(failed))
+                for topic, partition, key, value, on_delivered in failed:
+                    self.produce(topic, key, value, partition, on_delivered)
+                continue
+            if remaining == 0:
+                return
+            if not warned and time.monotonic() - started > 10.0:
+                log.warning("output_flush_waiting remaining=%d (is Kafka reachable?)", remaining)
+                warned = True
+
+    def partitions(self, topic: str) -> int:
+        """The topic's partition count, from the cluster's metadata (cached)."""
+        count = self._partitions.get(topic)
+        if count is None:
+            meta = self._producer.list_topics(topic, timeout=30.0).topics[topic]
+            if meta.error is not None or not meta.partitions:
+                raise RuntimeError(f"topic {topic}: no partitions in the metadata ({meta.error})")
+            count = self._partitions[topic] = len(meta.partitions)
+        return count
+
+    def close(self) -> None:
+        self.flush()
+
+
+@dataclass
+class CapturedOutputs:
+    """Outputs kept in memory, per topic, in produce order (unit tests); offsets count per partition."""
+
+    partition_count: int = 1
+    sent: dict[str, list[tuple[bytes | None, bytes | None, int | None]]] = field(default_factory=dict)
+    _next: dict[tuple[str, int], int] = field(default_factory=dict)
+    _pending: list[tuple[Delivered, str, int, int]] = field(default_factory=list)
+
+    def produce(
+        self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None,
+        on_delivered: Delivered | None = None,
+    ) -> None:  # fmt: skip
+        self.sent.setdefault(topic, []).append((key, value, partition))
+        p = partition if partition is not None else (partition_for(key, self.partition_count) if key else 0)
+        offset = self._next.get((topic, p), 0)
+        self._next[(topic, p)] = offset + 1
+        if on_delivered is not None:
+            self._pending.append((on_delivered, topic, p, offset))
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for on_delivered, topic, p, offset in pending:
+            on_delivered(topic, p, offset)
+
+    def poll(self) -> None:
+        pass
+
+    def partitions(self, topic: str) -> int:
+        return self.partition_count

@@ -87,8 +87,8 @@ log = logging.getLogger(__name__)
 BATCH = 1000  # Kafka messages per batch (an envelope is one message of up to 1000 events)
 WITHIN_S = 0.05  # a partial batch is handled after this long
 FLUSH_EVENTS = 20_000  # a batch of envelopes is flushed every this many events, to bound its memory
-SEEN_SWEEP_S = 60.0
-SEEN_SWEEP_MAX = 50_000  # tombstones per sweep, so one sweep never stalls the gate
+SWEEP_S = 1.0  # the dedup and interaction sweeps look at SWEEP_SCAN entries this often
+SWEEP_SCAN = 20_000
 REPUBLISH_S = 60.0
 MAX_LETTER_RAW = 512 * 1024  # a dead letter keeps the raw bytes up to this size
 
@@ -383,25 +383,27 @@ def create_app(
                 subjects.delete(candidate, partition)
                 metrics.erased.labels("subjects").inc()
 
-    @app.timer(interval=SEEN_SWEEP_S)
+    @app.timer(interval=SWEEP_S)
     async def sweep_seen() -> None:
         """Tombstone dedup keys whose window has ended (an expired key is already ignored;
         this only keeps the table from growing)."""
         now_s = time.time()
         sweep(seen, lambda value: value["expires_s"] <= now_s, "dedup_keys_expired")
 
+    cursors: dict[str, Any] = {}
+
     def sweep(state: StateTable, expired: Callable[[dict[str, Any]], bool], event: str) -> None:
-        """Tombstone up to SEEN_SWEEP_MAX ``expired`` entries of ``state`` (values remember their
-        partition), so one sweep never stalls the agents; not during recovery."""
+        """Look at the next SWEEP_SCAN entries of ``state`` and tombstone the ``expired`` ones (values
+        remember their partition): a bounded step per tick, so a large table never stalls the agents;
+        not during recovery."""
         if app.in_recovery or app.rebalancing:
             return
+        entries, cursors[state.name] = state.scan_from(cursors.get(state.name), SWEEP_SCAN)
         swept = 0
-        for key, value in state.scan():
+        for key, value in entries:
             if value is not None and expired(value):
                 state.delete(key, value.get("partition", 0))
                 swept += 1
-                if swept >= SEEN_SWEEP_MAX:
-                    break
         if swept:
             flush(state)
             log.info("%s count=%d", event, swept)
@@ -460,7 +462,7 @@ def create_app(
     async def enrich_agent(stream: faust.StreamT) -> None:
         await run(stream, enrich_batch)
 
-    @app.timer(interval=SEEN_SWEEP_S)
+    @app.timer(interval=SWEEP_S)
     async def sweep_interactions() -> None:
         """Forget interactions twice the TTL old: until then late feedback is told apart as
         'expired'; after that it is 'unknown'."""

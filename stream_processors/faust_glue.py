@@ -153,6 +153,38 @@ class StateTable:
         else:
             yield from list(store.data.items())
 
+    def scan_from(self, cursor: Any, limit: int) -> tuple[list[tuple[str, Any]], Any]:
+        """Up to ``limit`` entries of the local store from ``cursor`` (None: the start), and the
+        cursor to go on from (None once the whole store was seen): a timer walks a large table
+        a bounded step at a time instead of stalling the agents with one full pass."""
+        store = self._store
+        out: list[tuple[str, Any]] = []
+        if not self._rocksdb():
+            keys = list(store.data)
+            start = 0 if cursor is None else cursor
+            for key in keys[start : start + limit]:
+                out.append((key, store.data[key]))
+            end = start + limit
+            return out, (end if end < len(keys) else None)
+        partitions = sorted(store._dbs)
+        partition, after = cursor if cursor is not None else (partitions[0] if partitions else 0, None)
+        for p in [q for q in partitions if q >= partition]:
+            it = store._dbs[p].iter()
+            if after is not None and p == partition:
+                it.seek(after)
+                if it.valid() and it.key() == after:
+                    it.next()
+            else:
+                it.seek_to_first()
+            while it.valid():
+                raw_key, raw_value = it.key(), it.value()
+                if raw_key != store.offset_key and raw_value is not None:
+                    out.append((orjson.loads(raw_key), orjson.loads(raw_value)))
+                    if len(out) >= limit:
+                        return out, (p, raw_key)
+                it.next()
+        return out, None
+
     def items(self) -> list[tuple[str, Any]]:
         return list(self.scan())
 

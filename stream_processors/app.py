@@ -29,7 +29,9 @@ after a crash changes nothing twice.
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -91,6 +93,7 @@ SWEEP_S = 1.0  # the dedup and interaction sweeps look at SWEEP_SCAN entries thi
 SWEEP_SCAN = 20_000
 REPUBLISH_S = 60.0
 MAX_LETTER_RAW = 512 * 1024  # a dead letter keeps the raw bytes up to this size
+GC_THRESHOLD = 50_000  # allocations between young collections (Python's default: 700)
 
 
 def _broker_urls(bootstrap: str) -> list[str]:
@@ -128,11 +131,23 @@ class FeedbackApp:
     publish_state: Callable[..., None] | None = None
 
 
+def _exit_now(_exc: BaseException) -> None:
+    logging.shutdown()
+    os._exit(70)  # no finally blocks, no acknowledgement, no commit: the batch is read again
+
+
 def create_app(
-    settings: Settings, *, metrics: GateMetrics | None = None, outputs: Outputs | None = None, **overrides: Any
+    settings: Settings,
+    *,
+    metrics: GateMetrics | None = None,
+    outputs: Outputs | None = None,
+    on_fatal: Callable[[BaseException], None] = _exit_now,
+    **overrides: Any,
 ) -> FeedbackApp:
     """The worker's Faust app with the gate and state agents registered. ``outputs``: where the
-    agents write (default: a confluent-kafka producer on the settings' cluster)."""
+    agents write (default: a confluent-kafka producer on the settings' cluster). ``on_fatal``:
+    called when a batch fails as a whole (Kafka or the store, not a message); the default ends
+    the process at once so the batch is never acknowledged."""
     topics = Topics(settings.topic_prefix)
     conf: dict[str, Any] = {
         "broker": _broker_urls(settings.kafka_bootstrap),
@@ -240,7 +255,18 @@ def create_app(
 
     async def run(stream: faust.StreamT, handle: Callable[[list[EventT]], None]) -> None:
         async for batch in stream.take_events(BATCH, within=WITHIN_S):
-            handle(batch)  # synchronous, flush included: no await between the first message and the ack
+            try:
+                handle(batch)  # synchronous, flush included: no await between the first message and the ack
+            except Exception as exc:
+                # Not one message's fault (those are dead-lettered inside): Kafka or the store failed.
+                # Leaving this loop would let take_events acknowledge the whole batch unprocessed, so
+                # the worker stops here instead; its replacement replays the batch (harmlessly).
+                log.critical(
+                    "batch_failed topic=%s first_offset=%d error=%s: the worker stops so the batch is not "
+                    "acknowledged", batch[0].message.topic, batch[0].message.offset, type(exc).__name__,
+                )  # fmt: skip
+                on_fatal(exc)
+                raise
             _report_lag(batch)
 
     def _report_lag(batch: list[EventT]) -> None:
@@ -631,5 +657,11 @@ def run_worker(settings: Settings) -> None:
     # its first rebalance, and an event that touches the table then fails (PartitionsMismatch).
     ensure_topics(settings, compacted=[t.changelog for t in fa.tables.values()])
     fa.metrics.serve(settings.worker_metrics_port)
+    # A batch allocates tens of thousands of short-lived objects; with the default thresholds
+    # the collector's full passes walk the whole long-lived heap (Faust, librdkafka wrappers,
+    # the app) many times a second. Long-lived objects are frozen out of its view, and young
+    # collections run less often.
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 20, 50)
     worker = faust.Worker(fa.app, loglevel=settings.log_level, quiet=True)
     worker.execute_from_commandline()

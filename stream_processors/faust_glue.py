@@ -66,6 +66,7 @@ class StateTable:
         self.name: str = table.name
         self.changelog: str = table.changelog_topic.get_topic_name()
         self._dirty: dict[str, tuple[int, Any]] = {}
+        self._encoded: list[tuple[int, bytes, bytes | None]] = []  # the changelog records produced
         self._delivered: dict[int, int] = {}
 
     # --- the store --------------------------------------------------------------
@@ -102,9 +103,12 @@ class StateTable:
     def produce(self, outputs: Outputs) -> None:
         """Queue one changelog record per key changed in this batch."""
         delivered = self._on_delivered
+        encoded = self._encoded = []
         for key, (partition, value) in self._dirty.items():
+            raw_key = faust_json(key)
             body = None if value is _DELETED else faust_json(value)
-            outputs.produce(self.changelog, faust_json(key), body, partition, delivered)
+            encoded.append((partition, raw_key, body))
+            outputs.produce(self.changelog, raw_key, body, partition, delivered)
 
     def _on_delivered(self, _topic: str, partition: int, offset: int) -> None:
         if offset > self._delivered.get(partition, -1):
@@ -117,14 +121,14 @@ class StateTable:
             import rocksdict  # installed with faust-streaming[rocksdict], which the rocksdb store needs
 
             batches: dict[int, Any] = {}
-            for key, (partition, value) in self._dirty.items():
+            for partition, raw_key, body in self._encoded:
                 batch = batches.get(partition)
                 if batch is None:
                     batch = batches[partition] = rocksdict.WriteBatch(raw_mode=True)
-                if value is _DELETED:
-                    batch.delete(faust_json(key))
+                if body is None:
+                    batch.delete(raw_key)
                 else:
-                    batch.put(faust_json(key), faust_json(value))
+                    batch.put(raw_key, body)
             for partition, batch in batches.items():
                 store._db_for_partition(partition).write(batch)
             for partition, offset in self._delivered.items():
@@ -138,6 +142,7 @@ class StateTable:
                     store.data[key] = value
                     store._key_partition[key] = partition
         self._dirty.clear()
+        self._encoded = []
         self._delivered.clear()
 
     # --- whole-table views (timers, tests) ----------------------------------------

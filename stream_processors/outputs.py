@@ -55,6 +55,10 @@ class KafkaOutputs:
     A message Kafka refuses after librdkafka's own retries is queued again (same topic,
     partition, key and value) and the flush goes on waiting: nothing a batch produced is
     dropped, and the batch is not acknowledged until all of it is delivered.
+
+    Every message reports to one delivery callback set in the producer's configuration
+    (naming a callback per ``produce()`` costs about a microsecond); ``on_delivered`` hooks
+    are kept per topic (the tables' changelogs use them).
     """
 
     def __init__(self, bootstrap: str, *, client_id: str = "feedback-worker", config: dict[str, Any] | None = None):
@@ -70,31 +74,38 @@ class KafkaOutputs:
             "queue.buffering.max.messages": 1_000_000,
             "queue.buffering.max.kbytes": 1_048_576,
             "message.timeout.ms": 60_000,
+            "on_delivery": self._report,
         }
         conf.update(config or {})
         self._producer = Producer(conf)
-        self._failed: list[tuple[str, int | None, bytes | None, bytes | None, Delivered | None]] = []
+        self._failed: list[tuple[str, int, bytes | None, bytes | None]] = []
+        self._hooks: dict[str, Delivered] = {}
         self._partitions: dict[str, int] = {}
-        self.produced = 0
+
+    def _report(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self._failed.append((msg.topic(), msg.partition(), msg.key(), msg.value()))
+            return
+        hook = self._hooks.get(msg.topic())
+        if hook is not None:
+            hook(msg.topic(), msg.partition(), msg.offset())
 
     def produce(
         self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None,
         on_delivered: Delivered | None = None,
     ) -> None:  # fmt: skip
-        def report(err: KafkaError | None, msg: Message) -> None:
-            if err is not None:
-                self._failed.append((topic, partition, key, value, on_delivered))
-            elif on_delivered is not None:
-                on_delivered(topic, msg.partition(), msg.offset())
-
-        extra: dict[str, Any] = {} if partition is None else {"partition": partition}
+        if on_delivered is not None:
+            self._hooks[topic] = on_delivered  # one hook per topic: a table's changelog
+        produce = self._producer.produce
         while True:
             try:
-                self._producer.produce(topic, value, key, on_delivery=report, **extra)
-                break
+                if partition is None:
+                    produce(topic, value, key)
+                else:
+                    produce(topic, value, key, partition)
+                return
             except BufferError:  # the local queue is full: let deliveries make room
                 self._producer.poll(0.05)
-        self.produced += 1
 
     def poll(self) -> None:
         """Serve delivery reports without waiting (timers call this between batches)."""
@@ -109,8 +120,8 @@ class KafkaOutputs:
             if self._failed:
                 failed, self._failed = self._failed, []
                 log.warning("output_redelivery count=%d", len(failed))
-                for topic, partition, key, value, on_delivered in failed:
-                    self.produce(topic, key, value, partition, on_delivered)
+                for topic, partition, key, value in failed:
+                    self.produce(topic, key, value, partition if partition >= 0 else None)
                 continue
             if remaining == 0:
                 return

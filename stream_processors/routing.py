@@ -109,20 +109,32 @@ def route_gate(
     return GateRoute("rejected", source.encode(), rejection=row, outcome=outcome, reason=reason)
 
 
+#: Records per grouped message: ~200 bytes each, so a message stays far below Kafka's 1 MB limit.
+GROUP_MAX = 1000
+
+
+def _grouped(by_key: dict[str, list[Any]]) -> list[tuple[bytes, bytes]]:
+    return [
+        (key.encode(), orjson.dumps(items[at : at + GROUP_MAX]))
+        for key, items in by_key.items()
+        for at in range(0, len(items), GROUP_MAX)
+    ]
+
+
 def group_outcomes(outcomes: Iterable[Outcome]) -> list[tuple[bytes, bytes]]:
-    """One outcomes message per source: (key, JSON list of outcomes in order)."""
+    """Outcomes messages per source: (key, JSON list of at most GROUP_MAX outcomes, in order)."""
     by_source: dict[str, list[Outcome]] = {}
     for outcome in outcomes:
         by_source.setdefault(outcome.source, []).append(outcome)
-    return [(source.encode(), orjson.dumps(items)) for source, items in by_source.items()]
+    return _grouped(by_source)
 
 
 def group_increments(increments: Iterable[BiasIncrement]) -> list[tuple[bytes, bytes]]:
-    """One bias-input message per directive key: (key, JSON list of increments in order)."""
+    """Bias-input messages per directive key: (key, JSON list of at most GROUP_MAX increments, in order)."""
     by_key: dict[str, list[BiasIncrement]] = {}
     for inc in increments:
         by_key.setdefault(inc.key, []).append(inc)
-    return [(key.encode(), orjson.dumps(items)) for key, items in by_key.items()]
+    return _grouped(by_key)
 
 
 def group_by_partition(

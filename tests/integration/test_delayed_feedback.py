@@ -14,6 +14,8 @@ import pytest
 from pipeline.kafka_admin import ensure_topics
 from pipeline.settings import Settings
 from producers.client import FeedbackClient
+from schemas.envelope import is_envelope, unpack
+from schemas.serde import AvroSerde
 from schemas.topics import Topics
 from sinks.clickhouse import connect
 from tests.conftest import _free_port
@@ -95,7 +97,11 @@ def test_late_feedback_is_enriched_and_unknown_or_expired_is_marked(isolated: Se
     assert by_id[None][1] is None
     # The same partition for an interaction and its feedback, on both topics.
     tracked = {key: p for p, key, _ in read_partitions(settings, topics.interactions)}
-    rekeyed = {key: p for p, key, _ in read_partitions(settings, topics.enrich)}
+    rekeyed = {  # the worker sends them as envelopes, one per partition and batch
+        str(AvroSerde().decode(body)["interaction_id"]).encode(): p
+        for p, _, value in read_partitions(settings, topics.enrich)
+        for body in (unpack(value) if is_envelope(value) else [value])
+    }
     assert set(rekeyed) - {b"i-never-tracked"} == set(tracked)
     assert all(rekeyed[key] == tracked[key] for key in tracked)
     assert len(set(tracked.values())) == 3  # the ids really spread over the partitions

@@ -11,10 +11,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.kafka_admin import ensure_topics, topic_message_counts
+from pipeline.kafka_admin import ensure_topics
 from pipeline.settings import Settings
 from producers.producer import FeedbackProducer
 from producers.synthetic import generate_events
@@ -236,8 +237,9 @@ def _run_to_completion(settings: Settings, tmp_path: Path, events: list[Feedback
     def observations() -> int:
         return sum(decode_reputation(v).observations for v in latest_by_key(settings, topics.reputation).values())
 
-    def outcomes() -> int:
-        return topic_message_counts(settings, [topics.outcomes])[topics.outcomes]
+    def outcomes() -> int:  # outcome records: the gate sends a JSON list per source and batch
+        return sum(len(items) if isinstance(items := orjson.loads(v), list) else 1
+                   for _, v in read_topic(settings, topics.outcomes) if v is not None)  # fmt: skip
 
     for attempt in range(kills + 1):
         with pipeline_process(settings, "worker", tmp_path / f"worker-{attempt}.log") as worker:

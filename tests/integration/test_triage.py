@@ -17,7 +17,7 @@ from pipeline.settings import Settings
 from producers.client import FeedbackClient
 from producers.subscriber import read_reputation
 from schemas.topics import Topics
-from schemas.triage_records import decode_command
+from schemas.triage_records import decode_commands
 from sinks.clickhouse import connect
 from sinks.state_sinks import TRIAGE_QUEUE_FILE
 from tests.integration.kafka_read import read_topic
@@ -109,7 +109,9 @@ def test_triage_queue_from_events_to_labels_reputation_and_the_mirrors(isolated:
         ]
 
     # The audit log: every change is a command in Kafka, in order per item.
-    commands = [decode_command(v) for _, v in read_topic(settings, Topics(settings.topic_prefix).triage_commands)]
+    commands = [  # the worker's enqueues go as one JSON list per partition and batch
+        c for _, v in read_topic(settings, Topics(settings.topic_prefix).triage_commands) for c in decode_commands(v)
+    ]
     ops = [(c.op, c.by) for c in commands if c.triage_id == sent[0].event_id]
     assert ops == [("enqueue", ""), ("label", "ana")]
     assert b"bot@example.com" not in b"".join(queue_file.read_bytes().splitlines())

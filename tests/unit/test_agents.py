@@ -41,7 +41,8 @@ class Harness:
         }  # fmt: skip
         self.settings = Settings(**{**base, **settings})
         self.outputs = CapturedOutputs()
-        self.fa: FeedbackApp = create_app(self.settings, outputs=self.outputs)
+        self.fatal: list[BaseException] = []  # a batch that failed as a whole (the worker would stop)
+        self.fa: FeedbackApp = create_app(self.settings, outputs=self.outputs, on_fatal=self.fatal.append)
         self.fa.app.finalize()
         self.fa.app.flow_control.resume()
 

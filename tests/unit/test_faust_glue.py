@@ -18,7 +18,9 @@ VALUES: list[Any] = [{"bucket": [1.5, 1e9], "offset": 2**40, "limited": []}, {"x
 
 
 def _table(tmp_path: Path, store: str) -> StateTable:
-    app = faust.App(f"glue-{store}", broker="kafka://127.0.0.1:1", store=store, datadir=str(tmp_path), web_enabled=False)
+    app = faust.App(
+        f"glue-{store}", broker="kafka://127.0.0.1:1", store=store, datadir=str(tmp_path), web_enabled=False
+    )
     table = json_table(app, "t", partitions=4)
     app.finalize()
     return StateTable(table)

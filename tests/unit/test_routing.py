@@ -10,7 +10,14 @@ import pytest
 from schemas.envelope import position, unpack
 from stream_processors.gate_step import GateConfig, GateResult, gate_step
 from stream_processors.outputs import partition_for
-from stream_processors.routing import decode_list, group_by_partition, group_increments, group_outcomes, route_gate
+from stream_processors.routing import (
+    GROUP_MAX,
+    decode_list,
+    group_by_partition,
+    group_increments,
+    group_outcomes,
+    route_gate,
+)
 from stream_processors.state_steps import BiasIncrement, Outcome
 from stream_processors.triage import TriageRules
 
@@ -44,8 +51,8 @@ def _decide(record: dict[str, object]) -> GateResult:
 def test_kept_events_go_clean_or_through_the_join_with_their_outcome() -> None:
     plain = _route(_record(), _decide(_record()))
     assert plain.target == "clean" and plain.key.startswith(b"u_") and plain.triage is None
-    assert plain.outcome == Outcome("dream_ui", "thumbs", "info", "accepted", True, (NOW - timedelta(seconds=5)).timestamp(),
-                                    "m-1", 3, position(7, 2))  # fmt: skip
+    ts_s = (NOW - timedelta(seconds=5)).timestamp()
+    assert plain.outcome == Outcome("dream_ui", "thumbs", "info", "accepted", True, ts_s, "m-1", 3, position(7, 2))
     tracked = _record(interaction_id="i-9")
     joined = _route(tracked, _decide(tracked))
     assert joined.target == "enrich" and joined.key == b"i-9" and joined.event is not None
@@ -74,6 +81,8 @@ def test_outcomes_and_increments_are_one_message_per_key_in_order() -> None:
     grouped = dict(group_outcomes(outcomes))
     assert list(grouped) == [b"a", b"b"]
     assert [o.offset for o in decode_list(grouped[b"b"], lambda d: Outcome(**d))] == [1, 3]
+    many = group_outcomes([outcomes[0]] * (2 * GROUP_MAX + 1))  # a busy source: several messages, none too big
+    assert [len(orjson.loads(v)) for _, v in many] == [GROUP_MAX, GROUP_MAX, 1]
     incs = [BiasIncrement(k, "s", "warn", 1.0, 0.0, 0, i) for i, k in enumerate(["x", "y", "x"])]
     assert {k: [i["offset"] for i in orjson.loads(v)] for k, v in group_increments(incs)} == {b"x": [0, 2], b"y": [1]}
 

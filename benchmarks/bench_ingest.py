@@ -255,7 +255,7 @@ def _commit() -> str | None:
     return rev + ("+dirty" if dirty else "")
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=100_000, help="events for bare, client and gateway batches")
     parser.add_argument("--single", type=int, default=20_000, help="events for the single-POST run")
@@ -267,36 +267,38 @@ def main() -> None:
     parser.add_argument("--batch-connections", type=int, default=4)
     parser.add_argument("--connections", type=int, default=64, help="connections for single POSTs")
     parser.add_argument("--label", default="", help="a note stored with the result (e.g. which code ran)")
-    args = parser.parse_args()
-    if args.events % args.batch:
-        parser.error("--events must be a multiple of --batch")
-    with tempfile.TemporaryDirectory(prefix="feedback-bench-") as tmp:
-        local, settings = stack(
-            Path(tmp), topic_partitions=2, rate_limit_per_minute=1e9, pseudonym_key="bench-key-0123456789"
-        )
-        try:
-            ensure_topics(settings)
-            events = _events(args.events)
-            encoded = _encoded(events)
-            bare(settings, _encoded(_events(args.warmup, offset=10**8)))  # warm-up, untimed
-            bare_first = bare(settings, encoded)
-            client_rates = [client(settings, events, _events(2000, offset=2 * 10**8)) for _ in range(args.rounds)]
-            bulk_rates = [client_bulk(settings, events, _events(2000, offset=4 * 10**8), args.batch)
-                          for _ in range(args.rounds)]  # fmt: skip
-            batch_rates, single_rates, http_rate = gateway(
-                settings, events, _events(args.single, offset=3 * 10**8), args
-            )
-            bare_last = bare(settings, encoded)
-        finally:
-            local.down()
+    return parser
+
+
+def measure(settings: Settings, args: argparse.Namespace, *, gateway_paths: bool = True) -> dict[str, Any]:
+    """Every path of this benchmark against a running stack (its raw topic; ``settings`` must
+    allow the subjects' rate: ``rate_limit_per_minute`` high); the result line.
+    ``gateway_paths=False`` measures the bare producer and the client only."""
+    ensure_topics(settings)
+    events = _events(args.events)
+    encoded = _encoded(events)
+    bare(settings, _encoded(_events(args.warmup, offset=10**8)))  # warm-up, untimed
+    bare_first = bare(settings, encoded)
+    client_rates = [client(settings, events, _events(2000, offset=2 * 10**8)) for _ in range(args.rounds)]
+    bulk_rates = [client_bulk(settings, events, _events(2000, offset=4 * 10**8), args.batch)
+                  for _ in range(args.rounds)]  # fmt: skip
+    if gateway_paths:
+        batch_rates, single_rates, http_rate = gateway(settings, events, _events(args.single, offset=3 * 10**8), args)
+    else:
+        batch_rates, single_rates, http_rate = [], [], None
+    bare_last = bare(settings, encoded)
     cpu = client_cpu_us(events)
     bare_rate = max(bare_first, bare_last)
     client_rate, bulk_rate = max(client_rates), max(bulk_rates)
-    batch_rate, single_rate = max(batch_rates), max(single_rates)
+    batch_rate, single_rate = max(batch_rates, default=None), max(single_rates, default=None)
+
+    def per_bare(rate: float | None, digits: int) -> float | None:
+        return None if rate is None else round(rate / bare_rate, digits)
+
     runs = {"client": client_rates, "client_bulk": bulk_rates, "gateway_batch": batch_rates,
             "gateway_single": single_rates}  # fmt: skip
     runs = {name: [round(r) for r in rates] for name, rates in runs.items()}
-    result = {
+    return {
         "benchmark": "ingest",
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "commit": _commit(),
@@ -316,20 +318,35 @@ def main() -> None:
         "client_ratio": round(client_rate / bare_rate, 3),
         "client_bulk_events_per_s": round(bulk_rate),
         "client_bulk_ratio": round(bulk_rate / bare_rate, 3),
-        "gateway_batch_events_per_s": round(batch_rate),
-        "gateway_batch_ratio": round(batch_rate / bare_rate, 3),
-        "gateway_single_per_s": round(single_rate),
-        "gateway_single_ratio": round(single_rate / bare_rate, 4),
-        "gateway_refused_401_per_s": round(http_rate),
+        "gateway_batch_events_per_s": None if batch_rate is None else round(batch_rate),
+        "gateway_batch_ratio": per_bare(batch_rate, 3),
+        "gateway_single_per_s": None if single_rate is None else round(single_rate),
+        "gateway_single_ratio": per_bare(single_rate, 4),
+        "gateway_refused_401_per_s": None if http_rate is None else round(http_rate),
         "client_cpu_us_per_event": cpu,
         "native": {"built": _speedups is not None, "sha_ni": bool(_speedups and _speedups.SHA_NI)},
         "targets": {"client": 100_000, "gateway_batch": 30_000, "gateway_single": 3_000},
         "targets_met": {
             "client (emit_many)": bulk_rate >= 100_000,
-            "gateway_batch": batch_rate >= 30_000,
-            "gateway_single": single_rate >= 3_000,
+            "gateway_batch": batch_rate is not None and batch_rate >= 30_000,
+            "gateway_single": single_rate is not None and single_rate >= 3_000,
         },
     }
+
+
+def main() -> None:
+    arguments = parser()
+    args = arguments.parse_args()
+    if args.events % args.batch:
+        arguments.error("--events must be a multiple of --batch")
+    with tempfile.TemporaryDirectory(prefix="feedback-bench-") as tmp:
+        local, settings = stack(
+            Path(tmp), topic_partitions=2, rate_limit_per_minute=1e9, pseudonym_key="bench-key-0123456789"
+        )
+        try:
+            result = measure(settings, args)
+        finally:
+            local.down()
     record_result("bench_ingest", result)
 
 

@@ -78,34 +78,31 @@ def sink_rate(settings: Settings, n: int) -> tuple[float, int]:
     return (n - first_rows) / elapsed, sink.batches
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=300_000)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="feedback-bench-") as tmp:
-        local, settings = stack(Path(tmp), topic_partitions=2)
-        try:
-            serde = AvroSerde()
-            events = list(generate_events(args.rows, seed=1))
-            records = [normalize(serde.decode(serde.encode(e.to_avro()))) for e in events]
-            ensure_topics(settings)
-            with FeedbackProducer(settings, topic=f"{settings.topic_prefix}feedback.clean.v1") as producer:
-                for record in records:
-                    producer.send_raw(serde.encode(record), key=record["source"].encode())
-            bare = bare_insert(settings, records, settings.sink_batch_rows)
-            # The 300k events and records built above are the benchmark's, not the sink's: left in this
-            # process, each full garbage collection walks their millions of objects and stops the sink
-            # for ~1-2 s (seen as one consume() call that long). A sink process holds none of them.
-            del events, records
-            gc.collect()
-            gc.freeze()
-            sink, batches = sink_rate(settings, args.rows)
-        finally:
-            local.down()
-    result = {
+def measure(settings: Settings, rows: int) -> dict[str, Any]:
+    """Bare insert and sink against a running stack (its clean topic, its database, which must
+    be empty); the result line. The heap is frozen for the sink phase and unfrozen after."""
+    serde = AvroSerde()
+    events = list(generate_events(rows, seed=1))
+    records = [normalize(serde.decode(serde.encode(e.to_avro()))) for e in events]
+    ensure_topics(settings)
+    with FeedbackProducer(settings, topic=f"{settings.topic_prefix}feedback.clean.v1") as producer:
+        for record in records:
+            producer.send_raw(serde.encode(record), key=record["source"].encode())
+    bare = bare_insert(settings, records, settings.sink_batch_rows)
+    # The 300k events and records built above are the benchmark's, not the sink's: left in this
+    # process, each full garbage collection walks their millions of objects and stops the sink
+    # for ~1-2 s (seen as one consume() call that long). A sink process holds none of them.
+    del events, records
+    gc.collect()
+    gc.freeze()
+    try:
+        sink, batches = sink_rate(settings, rows)
+    finally:
+        gc.unfreeze()
+    return {
         "benchmark": "clickhouse_sink",
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "rows": args.rows,
+        "rows": rows,
         "batch_rows": settings.sink_batch_rows,
         "batch_ms": settings.sink_batch_ms,
         "sink_batches": batches,
@@ -115,6 +112,18 @@ def main() -> None:
         "targets": {"ratio": 0.7, "sink_rows_per_s": 150_000},
         "machine": f"{platform.machine()} {platform.python_version()}",
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=300_000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="feedback-bench-") as tmp:
+        local, settings = stack(Path(tmp), topic_partitions=2)
+        try:
+            result = measure(settings, args.rows)
+        finally:
+            local.down()
     record_result("bench_sink", result)
 
 

@@ -128,6 +128,7 @@ class FeedbackApp:
     outputs: Outputs
     tables: dict[str, StateTable] = field(default_factory=dict)
     agents: dict[str, Any] = field(default_factory=dict)
+    handlers: dict[str, Callable[[list[EventT]], None]] = field(default_factory=dict)  # an agent's batch step
     publish_state: Callable[..., None] | None = None
 
 
@@ -644,6 +645,16 @@ def create_app(
             "interactions": interactions_agent,
             "enrich": enrich_agent,
             "triage": triage_agent,
+        }
+    )
+    fa.handlers.update(
+        {
+            "gate": gate_batch,
+            "reputation": reputation_batch,
+            "bias": bias_batch,
+            "interactions": interactions_batch,
+            "enrich": enrich_batch,
+            "triage": triage_batch,
         }
     )
     fa.publish_state = publish_state

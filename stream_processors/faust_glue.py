@@ -68,6 +68,7 @@ class StateTable:
         self._dirty: dict[str, tuple[int, Any]] = {}
         self._encoded: list[tuple[int, bytes, bytes | None]] = []  # the changelog records produced
         self._delivered: dict[int, int] = {}
+        self._dbs: dict[int, Any] | None = None  # a RocksDB store's open partitions (Faust's own dict)
 
     # --- the store --------------------------------------------------------------
     @property
@@ -78,18 +79,24 @@ class StateTable:
         return hasattr(self._store, "_db_for_partition")
 
     def _read(self, key: str, partition: int) -> Any:
-        store = self._store
-        if self._rocksdb():
-            raw = store._db_for_partition(partition).get(faust_json(key))
-            return None if raw is None else orjson.loads(raw)
-        return store.data.get(key)
+        dbs = self._dbs
+        if dbs is None:  # the first read: which kind of store (Faust creates it on first use)
+            store = self._store
+            if not self._rocksdb():
+                return store.data.get(key)
+            dbs = self._dbs = store._dbs
+        db = dbs.get(partition)
+        if db is None:
+            db = self._store._db_for_partition(partition)  # opens it
+        raw = db.get(faust_json(key))
+        return None if raw is None else orjson.loads(raw)
 
     # --- a batch's view ---------------------------------------------------------
     def get(self, key: str, partition: int) -> Any:
         hit = self._dirty.get(key)
-        if hit is not None:
-            return None if hit[1] is _DELETED else hit[1]
-        return self._read(key, partition)
+        if hit is None:
+            return self._read(key, partition)
+        return None if hit[1] is _DELETED else hit[1]
 
     def set(self, key: str, value: Any, partition: int) -> None:
         self._dirty[key] = (partition, value)

@@ -76,10 +76,10 @@ def _raw_batch(now: float) -> list[SimpleNamespace]:
     values = [a.value for a in encoded]
     messages = [(env, None) for env, _ in pack_many(values[:30])] + [(values[30], None)]
     messages += [(env, None) for env, _ in pack_many(values[31:])]
-    return [
-        SimpleNamespace(message=SimpleNamespace(topic=RAW, partition=1, offset=100 + k, key=b"k", value=v, timestamp=now))
-        for k, (v, _) in enumerate(messages)
-    ]  # fmt: skip
+    def message(offset: int, value: bytes) -> SimpleNamespace:
+        return SimpleNamespace(topic=RAW, partition=1, offset=offset, key=b"k", value=value, timestamp=now)
+
+    return [SimpleNamespace(message=message(100 + k, v)) for k, (v, _) in enumerate(messages)]
 
 
 def _state(fa: FeedbackApp) -> dict[str, Any]:

@@ -41,10 +41,10 @@ unit: setup
 integration: setup
 	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS)
 
-# Benchmarks start their own private stack; results append to benchmarks/results/.
+# Every stage beside its baseline on a private stack (free ports, temp dir); the result
+# appends to benchmarks/results/bench.jsonl. BENCH_ARGS, e.g. "--stages worker,latency --json".
 bench: setup
-	$(BIN)/python -m benchmarks.bench_sink $(SINK_BENCH_ARGS)
-	$(BIN)/python -m benchmarks.bench_ingest $(INGEST_BENCH_ARGS)
+	$(BIN)/feedback bench $(BENCH_ARGS)
 
 up: setup
 	$(BIN)/feedback up

@@ -349,6 +349,49 @@ def demo(
     raise typer.Exit(run_demo(_settings(), events=events, poison=poison))
 
 
+@app.command()
+def bench(
+    as_json: Annotated[bool, typer.Option("--json", help="No table: only the JSON summary line.")] = False,
+    stages: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated: worker,state,scaleout,memory,latency,client,gateway,sink (or all). "
+            "Default: all but memory."
+        ),
+    ] = None,
+    events: Annotated[int, typer.Option(min=100, help="Events for the worker and scale-out stages.")] = 50_000,
+    worker_src: Annotated[
+        Path | None, typer.Option(help="Run the worker, sink and publishing client from this source tree.")
+    ] = None,
+    latency_rate: Annotated[float, typer.Option(min=1, help="Latency stage: emit_many events per second.")] = 5000.0,
+    latency_duration: Annotated[float, typer.Option(min=1, help="Latency stage: seconds of publishing.")] = 60.0,
+    ramp: Annotated[bool, typer.Option(help="Latency stage: find the rate single-event messages sustain.")] = True,
+    memory_events: Annotated[int, typer.Option(min=100, help="Memory stage: events (distinct users).")] = 1_000_000,
+    label: Annotated[str, typer.Option(help="A note stored with the result.")] = "",
+    keep_tmp: Annotated[bool, typer.Option(help="Keep the scratch folder (logs, result.json).")] = False,
+) -> None:
+    """Benchmark every stage beside its baseline on a private stack (free ports, temp dir).
+
+    Prints a table and one JSON summary line and appends the result to
+    benchmarks/results/bench.jsonl. Exit 1 if a stage failed. More options:
+    python -m benchmarks.suite --help.
+    """
+    from pipeline.settings import PROJECT_ROOT
+
+    if str(PROJECT_ROOT) not in sys.path:  # benchmarks/ lives beside the packages, it is not installed
+        sys.path.append(str(PROJECT_ROOT))
+    from benchmarks.suite import Options, parse_stages, run_and_report
+
+    try:
+        chosen = parse_stages(stages)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--stages") from None
+    opts = Options(stages=chosen, events=events, worker_src=worker_src, latency_rate=latency_rate,
+                   latency_duration=latency_duration, latency_ramp=ramp, memory_events=memory_events, label=label,
+                   keep_tmp=keep_tmp)  # fmt: skip
+    raise typer.Exit(run_and_report(opts, as_json=as_json))
+
+
 def main() -> None:
     """Entry point: turns the project's errors into one clear line and exit code 1."""
     try:

@@ -152,8 +152,10 @@ def run(opts: Options, say: Any = None) -> dict[str, Any]:
         for name in opts.stages:
             if name == "worker":
                 attempt("worker", stage_worker, ctx, opts.events)
+                if "worker" in stages:  # the state agents' figures come with every worker run
+                    stages["state"] = stage_state(stages["worker"])
             elif name == "state":
-                if "worker" not in stages:
+                if "worker" not in stages and "worker" not in result["errors"]:
                     attempt("worker", stage_worker, ctx, opts.events, variants=("bulk",), baselines=False)
                 if "worker" in stages:
                     stages["state"] = stage_state(stages["worker"])

@@ -622,7 +622,8 @@ def _per_event(settings: Settings, prefix: str) -> dict[str, Any]:
         .query(
             "SELECT count(), quantiles(0.5, 0.95, 0.99)(d), max(d) FROM (SELECT "
             "toUnixTimestamp64Milli(ingested_at) - toUnixTimestamp64Milli(toDateTime64(ts, 3)) AS d "
-            f"FROM `{settings.clickhouse_database}`.feedback_events WHERE startsWith(model_version, '{prefix}'))"
+            f"FROM `{settings.clickhouse_database}`.feedback_events WHERE startsWith(model_version, '{prefix}') "
+            f"AND model_version != '{prefix}warm')"  # the publisher's untimed first events
         )
         .result_rows[0]
     )

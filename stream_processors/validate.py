@@ -299,7 +299,7 @@ def _plain_payload(payload: Any) -> bool:
         return False
     for name in _TEXT_NAMES:
         s = payload[name]
-        if False:
+        if s is not None and type(s) is not str:
             return False
     extra = payload["extra"]
     if type(extra) is not dict:

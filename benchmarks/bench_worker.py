@@ -631,6 +631,15 @@ def _per_event(settings: Settings, prefix: str) -> dict[str, Any]:
     return {"events": count, "p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "max_ms": top}
 
 
+def _stop(*things: Any) -> None:
+    """Stop each (poller thread, children), even when stopping one of them fails."""
+    for thing in things:
+        try:
+            thing.stop()
+        except Exception as exc:
+            print(f"bench: stopping {thing!r} failed: {exc}", file=sys.stderr)
+
+
 def _pipeline(ctx: Context, prefix: str) -> tuple[Settings, Child, Child, Poller]:
     settings = ctx.scoped(prefix, clickhouse_database=f"bench_{prefix.rstrip('.')}", sink_group=f"{prefix}sink")
     ensure_topics(settings)
@@ -691,9 +700,7 @@ def stage_latency(
         out["bulk"] = bulk
         ctx.say(f"latency/bulk: p50 {bulk['p50_ms']} p99 {bulk['p99_ms']} max {bulk['max_ms']} ms")
     finally:
-        poller.stop()
-        sink.stop()
-        worker.stop()
+        _stop(poller, sink, worker)
     if not ramp:
         return out
     # Single-event messages: the highest rate they sustain, then the same measurement there.
@@ -736,9 +743,7 @@ def stage_latency(
             out["single"] = single
             ctx.say(f"latency/single: p50 {single['p50_ms']} p99 {single['p99_ms']} max {single['max_ms']} ms")
     finally:
-        poller.stop()
-        sink.stop()
-        worker.stop()
+        _stop(poller, sink, worker)
     return out
 
 

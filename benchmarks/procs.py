@@ -21,7 +21,9 @@ from typing import Any
 from benchmarks.stats import parse_prometheus
 from pipeline.settings import PROJECT_ROOT, Settings
 
-__all__ = ["Child", "rss_mb", "scrape", "tree_env"]
+__all__ = ["Child", "rss_mb", "scrape", "stop_all", "tree_env"]
+
+_LIVE: list[Child] = []  # every child started and not yet stopped, for stop_all()
 
 
 def tree_env(settings: Settings | None, src: Path | None = None, **extra: Any) -> dict[str, str]:
@@ -57,6 +59,7 @@ class Child:
             self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out if self.stdout else log,
                                          stderr=log, stdin=subprocess.DEVNULL, cwd=self.cwd)  # fmt: skip
         self.started_at = time.time()
+        _LIVE.append(self)
         return self
 
     @property
@@ -71,6 +74,8 @@ class Child:
         """SIGTERM, wait up to ``timeout``, then SIGKILL; returns the exit code."""
         if self.proc is None:
             return None
+        if self in _LIVE:
+            _LIVE.remove(self)
         if self.proc.poll() is None:
             try:
                 os.kill(self.proc.pid, signal.SIGTERM)
@@ -105,6 +110,19 @@ class Child:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def stop_all(timeout: float = 30.0) -> list[str]:
+    """Stop every child still running (by its PID), whatever failed on the way; their names."""
+    stopped = []
+    for child in list(_LIVE):
+        try:
+            if child.alive():
+                stopped.append(child.name)
+            child.stop(timeout)
+        except Exception:  # the next child must still be stopped
+            continue
+    return stopped
 
 
 def rss_mb(pid: int) -> float | None:

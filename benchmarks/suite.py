@@ -174,6 +174,11 @@ def run(opts: Options, say: Any = None) -> dict[str, Any]:
 
                 attempt("sink", sink_measure, ctx.scoped("sink.", clickhouse_database="bench_sink"), opts.sink_rows)
     finally:
+        from benchmarks.procs import stop_all
+
+        left = stop_all()  # a stage that failed half-way may have left a child running
+        if left:
+            say(f"stopped children left running: {', '.join(left)}")
         if local is not None:
             local.down()
         if opts.keep_tmp or result["errors"]:

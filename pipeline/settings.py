@@ -78,6 +78,12 @@ class Settings(BaseSettings):
     sink_group: str = "feedback-sink"
     sink_batch_rows: int = Field(default=50_000, ge=1)
     sink_batch_ms: int = Field(default=500, ge=1)
+    sink_idle_ms: int = Field(
+        default=50,
+        ge=0,
+        description="A sink batch with rows is written once nothing new arrived for this long (0: wait the whole "
+        "FEEDBACK_SINK_BATCH_MS).",
+    )
     jsonl_compress_after_days: int = Field(
         default=1,
         ge=0,
@@ -102,6 +108,12 @@ class Settings(BaseSettings):
     )
     table_store: Literal["rocksdb", "memory"] = Field(
         default="rocksdb", description="Faust table store; the changelogs in Kafka are the source of truth."
+    )
+    table_memory_mb: int = Field(
+        default=128,
+        ge=16,
+        description="RocksDB memory for all of a worker's tables together: one block cache, which also "
+        "accounts for the write buffers (memtables).",
     )
 
     # --- the HTTP gateway --------------------------------------------------

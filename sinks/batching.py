@@ -127,7 +127,8 @@ def decode_intent(metadata: str | None) -> int | None:
 
 
 class BatchingSink(ABC):
-    """Consumes ``topic`` in batches of at most ``batch_rows`` or ``batch_ms``."""
+    """Consumes ``topic`` in batches of at most ``batch_rows`` or ``batch_ms``; a batch with rows
+    also closes when nothing new arrived for ``sink_idle_ms``."""
 
     name = "sink"
     overlap_flush = False  # flush batch N on a worker thread while batch N+1 is collected
@@ -146,6 +147,7 @@ class BatchingSink(ABC):
         self.topic = topic
         self.batch_rows = batch_rows or settings.sink_batch_rows
         self.batch_ms = batch_ms or settings.sink_batch_ms
+        self.idle_ms = settings.sink_idle_ms
         conf: dict[str, Any] = {
             "bootstrap.servers": settings.kafka_bootstrap,
             "group.id": group_id,
@@ -313,12 +315,17 @@ class BatchingSink(ABC):
                 self._intents.clear()
             if not self._intents and (len(batch) >= self.batch_rows or remaining <= 0):
                 break
-            self._take_many(
-                self._consumer.consume(
-                    num_messages=max(1, min(10_000, self.batch_rows - len(batch))), timeout=max(remaining, 0.05)
-                ),
-                batch,
+            # Once the batch has rows, a consume that finds nothing new within idle_ms closes it: at
+            # low rates rows are written as they come instead of waiting out batch_ms; under load
+            # every consume returns rows, and batches fill to batch_rows or batch_ms as before.
+            waiting = len(batch) > 0 and self.idle_ms > 0 and not self._intents
+            msgs = self._consumer.consume(
+                num_messages=max(1, min(10_000, self.batch_rows - len(batch))),
+                timeout=min(max(remaining, 0.001), self.idle_ms / 1000) if waiting else max(remaining, 0.05),
             )
+            if waiting and not msgs:
+                break
+            self._take_many(msgs, batch)
         return batch
 
     def _take_many(self, msgs: list[Message], batch: Batch) -> None:

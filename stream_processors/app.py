@@ -54,7 +54,7 @@ from schemas.triage_records import TriageCommand, TriageItem, decode_commands
 from stream_processors.config import bias_config, gate_config, reputation_policy, triage_rules
 from stream_processors.dedup import dedup_key
 from stream_processors.enrich import context_of, enrich, newer
-from stream_processors.faust_glue import StateTable, json_table
+from stream_processors.faust_glue import StateTable, bound_rocksdb, json_table
 from stream_processors.gate_step import gate_step, subject_key
 from stream_processors.metrics import GateMetrics, Tally
 from stream_processors.outputs import KafkaOutputs, Outputs, partition_for
@@ -167,6 +167,8 @@ def create_app(
         "stream_buffer_maxsize": 16_384,
     }
     conf.update(overrides)
+    if settings.table_store == "rocksdb":
+        bound_rocksdb(settings.table_memory_mb * 1024 * 1024)
     Path(conf["datadir"]).parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(f"{settings.topic_prefix}{settings.worker_id}", **conf)
     metrics = metrics or GateMetrics()

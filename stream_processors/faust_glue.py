@@ -14,6 +14,8 @@ bypassed here, and only here:
   Faust's recovery (which replays the changelog from the store's persisted offset)
   always ends in the same state. The bytes are exactly what Faust writes itself
   (its ``json`` codec is orjson with these options; a unit test compares them).
+* **RocksDB options.** Faust gives every table partition its own 2 GiB block cache and
+  64 MiB write buffers; :func:`bound_rocksdb` puts them all under one memory budget.
 * **The current event.** Faust tables pick their partition from a context variable
   (``faust.streams._current_event``) that ``take_events`` does not set for the
   events it hands over in a batch. :func:`enter` sets it, for code that still goes
@@ -33,7 +35,7 @@ from faust.types import TP, EventT
 
 from stream_processors.outputs import Outputs
 
-__all__ = ["StateTable", "enter", "faust_json"]
+__all__ = ["StateTable", "bound_rocksdb", "enter", "faust_json", "json_table"]
 
 _JSON_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_UTC_Z  # faust.utils.json.dumps with orjson installed
 
@@ -202,6 +204,57 @@ class StateTable:
 
     def keys(self) -> list[str]:
         return [k for k, _ in self.scan()]
+
+
+_MEMORY: dict[str, Any] = {}
+
+
+def bound_rocksdb(memory_bytes: int) -> None:
+    """Make every RocksDB database this process opens share one memory budget.
+
+    Faust opens one database per table and partition, each with its own 2 GiB block cache and
+    up to three 64 MiB write buffers: a worker's tables could grow to gigabytes. Here Faust's
+    ``RocksDBOptions.as_options`` (rocksdict driver) is replaced so that every database uses
+    one LRU block cache of ``memory_bytes`` and a write-buffer manager that charges the
+    memtables to that cache (so memtables and cached blocks share the one limit), 8 MiB write
+    buffers, a bloom filter of 10 bits per key on files and on memtables (most dedup lookups are
+    for keys never seen: a filter answers them without a search). What it costs: reads of keys
+    not in the cache go to disk (the OS page cache), and memtables flush sooner.
+    """
+    import rocksdict
+    from faust.stores import rocksdb as faust_rocksdb
+
+    cache = rocksdict.Cache(memory_bytes)
+    manager = rocksdict.WriteBufferManager.new_write_buffer_manager_with_cache(memory_bytes // 2, False, cache)
+    _MEMORY.update(cache=cache, manager=manager, bytes=memory_bytes)
+
+    def as_options(self: Any) -> Any:
+        if not self.use_rocksdict:  # pragma: no cover - python-rocksdb: Faust's own options
+            return _faust_as_options(self)
+        options = rocksdict.Options(raw_mode=True)
+        options.create_if_missing(True)
+        options.set_max_open_files(self.max_open_files)
+        options.set_write_buffer_size(8 * 1024 * 1024)
+        options.set_max_write_buffer_number(2)
+        options.set_target_file_size_base(self.target_file_size_base)
+        options.set_write_buffer_manager(_MEMORY["manager"])
+        options.set_memtable_prefix_bloom_ratio(0.1)
+        options.set_memtable_whole_key_filtering(True)
+        table = rocksdict.BlockBasedOptions()
+        table.set_bloom_filter(10, False)
+        table.set_block_cache(_MEMORY["cache"])
+        table.set_cache_index_and_filter_blocks(True)
+        table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+        options.set_block_based_table_factory(table)
+        return options
+
+    global _faust_as_options
+    if _faust_as_options is None:
+        _faust_as_options = faust_rocksdb.RocksDBOptions.as_options
+    faust_rocksdb.RocksDBOptions.as_options = as_options  # type: ignore[method-assign]
+
+
+_faust_as_options: Any = None
 
 
 def json_table(app: faust.App, name: str, partitions: int, options: dict[str, Any] | None = None) -> Any:

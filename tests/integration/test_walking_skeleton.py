@@ -61,6 +61,11 @@ def test_ten_thousand_events_land_exactly_once_and_poison_goes_to_the_dlq(isolat
             [worker, sink],
         )
 
+        def jsonl_lines() -> int:  # the JSONL sink is its own consumer: it may trail ClickHouse's
+            return sum(len(f.read_bytes().splitlines()) for f in isolated.path.glob("feedback-*.jsonl"))
+
+        wait_for(lambda: jsonl_lines() >= N_EVENTS, 60, "10,000 events in the JSONL files", [worker, sink])
+
     client = connect(isolated)
     db = isolated.clickhouse_database
     expected = {e.event_id for e in events}

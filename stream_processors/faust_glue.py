@@ -16,26 +16,29 @@ bypassed here, and only here:
   (its ``json`` codec is orjson with these options; a unit test compares them).
 * **RocksDB options.** Faust gives every table partition its own 2 GiB block cache and
   64 MiB write buffers; :func:`bound_rocksdb` puts them all under one memory budget.
-* **The current event.** Faust tables pick their partition from a context variable
-  (``faust.streams._current_event``) that ``take_events`` does not set for the
-  events it hands over in a batch. :func:`enter` sets it, for code that still goes
-  through Faust's table API (tests, erasure helpers).
+* **The current event.** Faust's own table API picks a partition from a context variable
+  (``faust.streams._current_event``) that ``take_events`` does not set for the events it hands
+  over in a batch. :class:`StateTable` takes the partition as an argument instead, so nothing
+  in the worker depends on that variable.
+
+The Faust internals used here: a store's open partition databases (``_dbs``,
+``_db_for_partition``), the memory store's ``data``/``_key_partition``,
+``set_persisted_offset``, and ``RocksDBOptions.as_options``. faust-streaming's version is bounded
+in ``pyproject.toml``; ``tests/unit/test_faust_glue.py`` exercises each with the installed version.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import faust
-import faust.streams
 import orjson
-from faust.types import TP, EventT
+from faust.types import TP
 
 from stream_processors.outputs import Outputs
 
-__all__ = ["StateTable", "bound_rocksdb", "enter", "faust_json", "json_table"]
+__all__ = ["StateTable", "bound_rocksdb", "faust_json", "json_table"]
 
 _JSON_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_UTC_Z  # faust.utils.json.dumps with orjson installed
 
@@ -43,11 +46,6 @@ _JSON_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_UTC_Z  # faust.utils.json.d
 def faust_json(value: Any) -> bytes:
     """The bytes Faust's ``json`` codec writes for ``value``."""
     return orjson.dumps(value, option=_JSON_OPTIONS)
-
-
-def enter(event: EventT) -> None:
-    """Make ``event`` current in this task (see the module doc)."""
-    faust.streams._current_event.set(weakref.ref(event))
 
 
 _DELETED = object()

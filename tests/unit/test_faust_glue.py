@@ -10,7 +10,7 @@ import orjson
 import pytest
 from faust.types import TP
 
-from stream_processors.faust_glue import StateTable, faust_json, json_table
+from stream_processors.faust_glue import StateTable, bound_rocksdb, faust_json, json_table
 from stream_processors.outputs import CapturedOutputs
 
 KEYS = ["plain", "ünïcødé ✓", 'quo"te', "u_" + "a" * 32, "i:i-1:thumbs"]
@@ -78,3 +78,23 @@ def test_scan_from_visits_every_entry_once_in_bounded_steps(tmp_path: Path, stor
             break
     assert seen == want and steps >= 250 // 40
     assert dict(state.items()) == want
+
+
+def test_bounded_rocksdb_stores_work_and_share_one_cache(tmp_path: Path) -> None:
+    from faust.stores.rocksdb import RocksDBOptions
+
+    from stream_processors import faust_glue
+
+    bound_rocksdb(32 * 1024 * 1024)
+    try:
+        state = _table(tmp_path, "rocksdb://")
+        for i in range(2000):
+            state.set(f"k{i}", {"i": i}, i % 4)
+        state.produce(CapturedOutputs(partition_count=4))
+        state.commit()
+        assert state._read("k1999", 3) == {"i": 1999} and state._read("k1999", 2) is None
+        assert len(state.items()) == 2000
+        cache = faust_glue._MEMORY["cache"]
+        assert cache.get_usage() > 0  # the memtables are charged to the one shared cache
+    finally:
+        RocksDBOptions.as_options = faust_glue._faust_as_options  # type: ignore[method-assign]

@@ -88,11 +88,23 @@ def _phone(m: re.Match[str], text: str) -> bool:
 
 
 _Validator = Callable[[re.Match[str], str], bool]
+#: A rule's pre-screen: False only when its pattern cannot match the text (derived from the
+#: regular expression, not its validator), so the pattern runs on few strings.
+_Screen = Callable[[str], bool]
 # After a number: no word character, and no '.', '-' or ' ' that continues it with another digit.
 _END = r"(?![\w]|[.\-]\d| \d)"
-_RULES: tuple[tuple[str, re.Pattern[str], _Validator | None], ...] = (
-    ("JWT", re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]+"), None),
-    ("TOKEN", re.compile(r"(?i)(?<=\bbearer\s)[A-Za-z0-9._~+/=-]{12,}"), None),
+_BEARER = re.compile(r"(?i)bearer").search  # the TOKEN rule's lookbehind word, matched as it matches it
+_DIGIT = re.compile(r"\d").search  # \d as the patterns read it (any Unicode decimal digit)
+# kind, pattern, validator, needs a digit (\d) to match, screen (None: no other requirement).
+_RULES: tuple[tuple[str, re.Pattern[str], _Validator | None, bool, _Screen | None], ...] = (
+    (
+        "JWT",
+        re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]+"),
+        None,
+        False,
+        lambda t: "eyJ" in t,
+    ),
+    ("TOKEN", re.compile(r"(?i)(?<=\bbearer\s)[A-Za-z0-9._~+/=-]{12,}"), None, False, lambda t: _BEARER(t) is not None),
     (
         "SECRET",
         re.compile(
@@ -102,20 +114,40 @@ _RULES: tuple[tuple[str, re.Pattern[str], _Validator | None], ...] = (
             r"|(?i:(?<=api[_-]key[=:])|(?<=api[_-]key\s[=:]\s)|(?<=secret[=:])|(?<=password[=:]))\s*[^\s,;]{6,}"
         ),
         None,
+        False,
+        # Each alternative's literal: "k-" or "k_", "AKIA", "_", "xox", "AIza", "=" or ":".
+        lambda t: "_" in t or "k-" in t or "=" in t or ":" in t or "AKIA" in t or "AIza" in t or "xox" in t,
     ),
-    ("EMAIL", re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"), None),
+    (
+        "EMAIL",
+        re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"),
+        None,
+        False,
+        lambda t: "@" in t,
+    ),
     (
         "IBAN",
         re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b"),
         lambda m, _t: _iban_ok(m.group()),
+        True,
+        None,
     ),
-    ("CARD", re.compile(r"(?<![\w.])(?:\d[ -]?){12,18}\d" + _END), _card),
-    ("SSN", re.compile(r"(?<![\w-])\d{3}-\d{2}-\d{4}(?![\w-])"), _ssn),
-    ("IP", re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])"), _ipv6),
+    ("CARD", re.compile(r"(?<![\w.])(?:\d[ -]?){12,18}\d" + _END), _card, True, None),
+    ("SSN", re.compile(r"(?<![\w-])\d{3}-\d{2}-\d{4}(?![\w-])"), _ssn, True, lambda t: "-" in t),
+    # At least two ':' ({2,7} of them), hex digits optional: no \d needed.
+    (
+        "IP",
+        re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])"),
+        _ipv6,
+        False,
+        lambda t: t.count(":") > 1,
+    ),
     (
         "IP",
         re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)" + _END),
         _ipv4,
+        True,
+        lambda t: "." in t,
     ),
     (
         "PHONE",
@@ -127,16 +159,24 @@ _RULES: tuple[tuple[str, re.Pattern[str], _Validator | None], ...] = (
             r"(?<![\w.+-])(?<!\d )0\d{1,4}(?:[ /-]\d{2,4}){1,4}" + _END  # 030 1234 5678, 020 7946 0958
         ),
         _phone,
+        True,
+        None,
     ),
 )
 
-KINDS = tuple(dict.fromkeys(kind for kind, _, _ in _RULES))
+KINDS = tuple(dict.fromkeys(kind for kind, *_ in _RULES))
 
 
 def redact_text(text: str, counts: Counter[str] | None = None) -> str:
     """``text`` with every PII match replaced by its placeholder; adds to ``counts`` per kind."""
-    for kind, pattern, valid in _RULES:
-        if kind in ("EMAIL",) and "@" not in text:
+    digits: bool | None = None  # whether the text holds a digit, found out when a rule needs it
+    for kind, pattern, valid, needs_digit, screen in _RULES:
+        if needs_digit:
+            if digits is None:
+                digits = _DIGIT(text) is not None
+            if not digits:
+                continue
+        if screen is not None and not screen(text):
             continue
 
         def replace(m: re.Match[str], kind: str = kind, valid: _Validator | None = valid, source: str = text) -> str:
@@ -146,7 +186,9 @@ def redact_text(text: str, counts: Counter[str] | None = None) -> str:
                 counts[kind] += 1
             return f"[{kind}]"
 
-        text = pattern.sub(replace, text)
+        out = pattern.sub(replace, text)
+        if out is not text:  # something was replaced (or rebuilt as it was): screen the new text
+            text, digits = out, None
     return text
 
 

@@ -71,8 +71,8 @@ def validate(record: dict[str, Any], now: datetime, limits: Limits = Limits()) -
         payload = record["payload"]
         try:
             size = len(orjson.dumps(payload))
-        except orjson.JSONEncodeError:  # (a lone surrogate): whatever the model makes of it
-            ts = None
+        except orjson.JSONEncodeError:  # (a lone surrogate): the model's way decides what is said
+            pass
         else:
             texts = (payload["text"], payload["comment"], payload["corrected_response"])
             _check_limits(size, payload["extra"], texts, ts, now, limits)
@@ -128,7 +128,7 @@ _KNOWN_CONFIG = {
 }
 _LIMIT_ATTR = {MinLen: "min_length", MaxLen: "max_length", Ge: "ge", Gt: "gt", Le: "le", Lt: "lt"}
 _INT64 = 2**63
-_MICROS_MAX = _micros(_TS_MAX)  # _TS_MIN is the epoch: 0 µs
+_MICROS_MIN, _MICROS_MAX = _micros(_TS_MIN), _micros(_TS_MAX)  # the ts bounds as Avro's microseconds
 
 
 class _Rules:
@@ -143,10 +143,11 @@ class _Rules:
         self.str_lists: tuple[tuple[str, int, int], ...] = ()  # name, most items, longest item
 
 
-def _validators_of(model: Any) -> tuple[dict[str, tuple[str, ...]], set[str]]:
+def _validators_of(model: Any) -> tuple[dict[str, tuple[str, ...]], set[str]] | None:
+    """The model's field validators (name: fields) and model validators; None with v1-style ones."""
     decorators = model.__pydantic_decorators__
-    if decorators.validators or decorators.root_validators or decorators.field_serializers:
-        return {"?": ()}, {"?"}
+    if decorators.validators or decorators.root_validators:
+        return None
     fields = {name: tuple(d.info.fields) for name, d in decorators.field_validators.items()}
     return fields, set(decorators.model_validators)
 
@@ -286,7 +287,7 @@ def _certainly_valid(record: Any) -> datetime | None:
         if ts.tzinfo is not UTC or not _TS_MIN <= ts <= _TS_MAX:
             return None
         return ts
-    if type(ts) is int and 0 <= ts <= _MICROS_MAX:
+    if type(ts) is int and _MICROS_MIN <= ts <= _MICROS_MAX:
         return _from_micros(ts)  # as FeedbackEvent.from_avro reads it
     return None
 

@@ -128,7 +128,7 @@ def latency_chart(result: dict[str, Any]) -> Any:
         over_time.plot(range(len(values)), [v if v is not None else float("nan") for v in values], lw=0.8,
                        label=label)  # fmt: skip
     dist.axvline(1000, color="grey", ls="--", lw=0.8)
-    dist.text(1000, 0.02, " 1 s", color="grey", fontsize=8)
+    dist.text(1000, 0.95, " 1 s", color="grey", fontsize=8)
     dist.set_xscale("log")
     dist.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     dist.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))

@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     worker_web_port: int = Field(default=6066, ge=1, le=65535)
     sink_group: str = "feedback-sink"
     sink_batch_rows: int = Field(default=50_000, ge=1)
-    sink_batch_ms: int = Field(default=200, ge=1)
+    sink_batch_ms: int = Field(default=500, ge=1)
     sink_idle_ms: int = Field(
         default=50,
         ge=0,

@@ -7,8 +7,7 @@ are in Kafka (:mod:`stream_processors.outputs`, :mod:`stream_processors.faust_gl
 
 * ``gate``: feedback.raw.v1 (single events and envelopes of many) → decode →
   :func:`~stream_processors.gate_step.gate_step` → :func:`~stream_processors.routing.route_gate`
-  → feedback.clean.v1 (events naming an interaction joined to its context when this worker
-  holds the interaction's partition), feedback.enrich.v1 (the others, one envelope per
+  → feedback.clean.v1, feedback.enrich.v1 (events naming an interaction, one envelope per
   partition and batch), feedback.rejected.v1, feedback.dlq.v1, triage commands, and one
   outcomes message per source and batch. Tables: the subjects' token buckets and the
   dedup keys (expired keys are swept by a timer).
@@ -30,7 +29,6 @@ after a crash changes nothing twice.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 import os
@@ -301,19 +299,6 @@ def create_app(
             self.triage: list[tuple[bytes, bytes]] = []
             self.tally = Tally()
             self.events = 0
-            self.joins_here = owned_interaction_partitions()
-
-    interactions_name = topics.interactions
-
-    def owned_interaction_partitions() -> frozenset[int]:
-        """The interaction partitions this worker holds now: feedback about those interactions is
-        joined in the gate itself, from the same table the enrich agent would read, instead of
-        taking the hop through feedback.enrich.v1 (with one worker, every partition)."""
-        try:
-            assigned = app.consumer.assignment()
-        except Exception:  # no consumer yet (test context): every join takes the hop
-            return frozenset()
-        return frozenset(tp.partition for tp in assigned if tp.topic == interactions_name)
 
     def gate_item(batch: GateBatch, event: EventT, body: bytes, index: int, envelope: bool, now: datetime) -> None:
         msg = event.message
@@ -346,12 +331,6 @@ def create_app(
         etype = str(record["type"])
         if route.target in ("clean", "enrich"):
             assert route.event is not None
-            if route.target == "enrich" and batch.joins_here:
-                p = partition_for(route.key, out.partitions(interactions_name))
-                if p in batch.joins_here:  # the context is in this worker: join it now
-                    enriched, status = enrich(route.event, interactions.get(route.key.decode(), p), ttl_s)
-                    tally.add(metrics.enriched, status)
-                    route = dataclasses.replace(route, target="clean", key=clean_key(enriched), event=enriched)
             value = events_serde.encode(route.event)
             if route.target == "enrich":
                 batch.enrich.append((route.key, value))

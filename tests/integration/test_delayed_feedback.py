@@ -14,9 +14,10 @@ import pytest
 from pipeline.kafka_admin import ensure_topics
 from pipeline.settings import Settings
 from producers.client import FeedbackClient
+from schemas.envelope import is_envelope, unpack
+from schemas.serde import AvroSerde
 from schemas.topics import Topics
 from sinks.clickhouse import connect
-from stream_processors.outputs import partition_for
 from tests.conftest import _free_port
 from tests.integration.kafka_read import read_partitions
 from tests.integration.pipeline_procs import pipeline_process, wait_for
@@ -94,12 +95,15 @@ def test_late_feedback_is_enriched_and_unknown_or_expired_is_marked(isolated: Se
     assert by_id["i-old"][1:3] == ("expired", None)
     assert by_id["i-never-tracked"][1:3] == ("unknown", None)
     assert by_id[None][1] is None
-    # One worker holds every interaction partition, so the gate joined everything itself: nothing
-    # took the hop through the enrich topic. The partition it looked in is the one track() wrote to.
-    assert read_partitions(settings, topics.enrich) == []
+    # The same partition for an interaction and its feedback, on both topics.
     tracked = {key: p for p, key, _ in read_partitions(settings, topics.interactions)}
-    partitions = len({p for p in tracked.values()})
-    assert all(partition_for(key, settings.topic_partitions) == p for key, p in tracked.items() if key)
-    assert partitions == 3  # the ids really spread over the partitions
+    rekeyed = {  # the worker sends them as envelopes, one per partition and batch
+        str(AvroSerde().decode(body)["interaction_id"]).encode(): p
+        for p, _, value in read_partitions(settings, topics.enrich)
+        for body in (unpack(value) if is_envelope(value) else [value])
+    }
+    assert set(rekeyed) - {b"i-never-tracked"} == set(tracked)
+    assert all(rekeyed[key] == tracked[key] for key in tracked)
+    assert len(set(tracked.values())) == 3  # the ids really spread over the partitions
     # Nothing left the client unredacted.
     assert not any(b"bob@example.com" in (v or b"") for _, _, v in read_partitions(settings, topics.interactions))

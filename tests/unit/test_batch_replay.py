@@ -155,37 +155,3 @@ def test_a_replayed_batch_changes_no_table_twice(tmp_path: Path, crash: str) -> 
     assert clean_ids(outputs) == sorted(clean_ids(calm_out) * 2)
     assert all(p is not None for _, _, p in outputs.sent[calm.topics.enrich])
     assert marks and not fatal
-
-
-def test_the_gate_joins_interactions_whose_partition_it_holds_and_sends_the_rest_on(tmp_path: Path) -> None:
-    from faust.types import TP
-
-    from schemas.interaction import Interaction
-    from stream_processors.outputs import partition_for
-
-    fa, outputs, _ = _app(tmp_path, store="memory", rate_limit_per_minute=1000)
-    topics = fa.topics
-    ids = [f"i-{n}" for n in range(12)]
-    home = {i: partition_for(i.encode(), 3) for i in ids}
-    held = {home[ids[0]]}  # this worker holds one interaction partition; another worker the rest
-    fa.app.consumer.assignment = lambda: {TP(topics.interactions, p) for p in held}  # type: ignore[method-assign]
-    serde = AvroSerde("interaction_v1")
-    tracked = [
-        SimpleNamespace(message=SimpleNamespace(
-            topic=topics.interactions, partition=home[i], offset=k, key=i.encode(), timestamp=NOW,
-            value=serde.encode(Interaction(interaction_id=i, ts=datetime.fromtimestamp(NOW - 60, UTC),
-                                           source="s", model_version="m-9").to_avro())))
-        for k, i in enumerate(ids)
-    ]  # fmt: skip
-    fa.handlers["interactions"](tracked)
-    items = [{"source": "s", "type": "thumbs", "interaction_id": i, "payload": {"direction": "up"}} for i in ids]
-    values = [a.value for a in BulkEncoder(EVENTS).encode(items, now=datetime.fromtimestamp(NOW - 1, UTC))]
-    raw = SimpleNamespace(topic=RAW, partition=0, offset=1, key=b"s", value=next(pack_many(values))[0], timestamp=NOW)
-    fa.handlers["gate"]([SimpleNamespace(message=raw)])
-
-    joined = [EVENTS.decode(v) for _, v, _ in outputs.sent.get(topics.clean, [])]
-    hop = [EVENTS.decode(b)["interaction_id"] for _, v, _ in outputs.sent.get(topics.enrich, []) for b in unpack(v)]
-    assert sorted(e["interaction_id"] for e in joined) == sorted(i for i in ids if home[i] in held)
-    assert all(e["payload"]["extra"]["interaction_status"] == "joined" and e["model_version"] == "m-9" for e in joined)
-    assert sorted(hop) == sorted(i for i in ids if home[i] not in held)  # the other worker's partitions
-    assert joined and hop

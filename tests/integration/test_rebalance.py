@@ -104,9 +104,14 @@ def test_workers_joining_and_leaving_lose_nothing_and_count_nothing_twice(isolat
             return sum(decode_reputation(v).observations for v in latest_by_key(settings, topics.reputation).values())
 
         wait_for(lambda: observations() == total, 120, f"{total} observations", [a])
-        clean = {
-            AvroSerde().decode(v)["event_id"]: AvroSerde().decode(v) for _, v in read_topic(settings, topics.clean)
-        }
+        serde = AvroSerde()
+        clean: dict[str, dict[str, Any]] = {}
+
+        def all_clean() -> bool:  # feedback naming an interaction lands after its outcome (the enrich hop)
+            clean.update({(e := serde.decode(v))["event_id"]: e for _, v in read_topic(settings, topics.clean)})
+            return len(clean) >= total
+
+        wait_for(all_clean, 120, f"{total} events on the clean topic", [a])
         feeding = sum(1 for e in clean.values() if e["type"] in DIRECTIVE_TYPES)
 
         def bias_events() -> int:

@@ -35,7 +35,7 @@ from schemas.hashing import _LAYOUT, content_hash
 from schemas.models import _TS_MAX, _TS_MIN, FeedbackEvent, Severity, format_ts, to_utc
 from schemas.serde import AvroSerde, _speedups, compile_program  # _speedups: None when not built
 
-__all__ = ["Accepted", "BulkEncoder", "Refused", "new_event_ids"]
+__all__ = ["Accepted", "BulkEncoder", "Refused", "new_event_ids", "unwrap_optional"]
 
 # Plain scalars only: anything else (nested objects, lists, NaN, a 65-bit int, a str
 # subclass) is left to the model, which refuses it with its own message.
@@ -62,6 +62,15 @@ def _fast_schema() -> TypeAdapter[Any]:
 _LIMIT = {MinLen: "min_length", MaxLen: "max_length", Ge: "ge", Gt: "gt", Le: "le", Lt: "lt"}
 
 
+def unwrap_optional(annotation: Any) -> tuple[Any, bool] | None:
+    """(the type, whether None is allowed) for ``X | None`` and for a plain ``X``; None for a
+    union of several types besides None (which the fast checks do not handle)."""
+    if get_origin(annotation) in (Union, UnionType) and type(None) in get_args(annotation):
+        rest = [a for a in get_args(annotation) if a is not type(None)]
+        return (rest[0], True) if len(rest) == 1 else None
+    return annotation, False
+
+
 def _precheck_rules() -> dict[str | None, Any] | None:
     """The model's field rules as the C pre-check reads them (``schemas/_speedups.c``):
     ``{field: (kind, required, nullable, a, b, c, d)}`` and ``{None: the required fields}``.
@@ -72,12 +81,10 @@ def _precheck_rules() -> dict[str | None, Any] | None:
     kinds = _speedups.RULE_KINDS
     rules: dict[str | None, Any] = {}
     for name, info in FeedbackEvent.model_fields.items():
-        annotation, nullable = info.annotation, False
-        if get_origin(annotation) in (Union, UnionType) and type(None) in get_args(annotation):
-            rest = [a for a in get_args(annotation) if a is not type(None)]
-            if len(rest) != 1:
-                return None
-            annotation, nullable = rest[0], True
+        unwrapped = unwrap_optional(info.annotation)
+        if unwrapped is None:
+            return None
+        annotation, nullable = unwrapped
         limits: dict[str, Any] = {}
         for meta in info.metadata:
             if isinstance(meta, MinLen | MaxLen | Ge | Gt | Le | Lt):

@@ -20,8 +20,7 @@ import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from types import UnionType
-from typing import Any, Union, get_args, get_origin
+from typing import Any, get_args, get_origin
 
 import orjson
 from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
@@ -29,6 +28,7 @@ from pydantic import ValidationError
 from pydantic.types import AllowInfNan
 
 from pipeline.errors import InvalidEvent
+from schemas.bulk import unwrap_optional
 from schemas.models import _TS_MAX, _TS_MIN, FeedbackEvent, Payload, Scalar, _from_micros, _micros
 from stream_processors.enrich import RESERVED_PREFIX
 
@@ -177,12 +177,10 @@ def _compile() -> _Rules | None:
     rules = _Rules()
     strings, floats, bools, enums, str_lists = [], [], [], [], []
     for name, info in FeedbackEvent.model_fields.items():
-        annotation, nullable = info.annotation, False
-        if get_origin(annotation) in (Union, UnionType) and type(None) in get_args(annotation):
-            rest = [a for a in get_args(annotation) if a is not type(None)]
-            if len(rest) != 1:
-                return None
-            annotation, nullable = rest[0], True
+        unwrapped = unwrap_optional(info.annotation)
+        if unwrapped is None:
+            return None
+        annotation, nullable = unwrapped
         limits = _limits_of(info.metadata)
         if limits is None:
             return None

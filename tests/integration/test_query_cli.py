@@ -88,10 +88,11 @@ EVENTS = [
     _record("copy", 2 * d, "implicit", "oracle", extra={"signal": "copy"}, sample_rate=0.5),
     _record("veto", 3 * d, "veto", "guardian", model="m-old", extra={"reason_code": "policy"}),
     _record("slow", 5 * d, "latency", "mesh", extra={"latency_ms": 9000}, sample_rate=0.25),
-    # i-td's worst comment: td's (non-empty beats r1, the latest and as low, without one; the latest
-    # non-empty beats r2's, as low and older).
+    # i-td's worst comment: td's (non-empty beats r1, the latest and as low, without one; the lower
+    # value beats r2's). r2's -0.5 also keeps the month's mean off a rounding boundary (0.1625 with
+    # -1 flipped between 0.162 and 0.163 with ClickHouse's summation order).
     _record("r1", 25 * m, "task_success", "oracle", model="m-old", interaction="i-td", extra={"success": False}),
-    _record("r2", 5 * d, "rating", "oracle", model="m-old", interaction="i-td", extra={"stars": 1},
+    _record("r2", 5 * d, "rating", "oracle", model="m-old", interaction="i-td", extra={"stars": 2},
             comment="Still says 5"),
     _record("note", 1 * h, "note", "oracle", extra={"detail": "no adapter: no value"}),
     # previous week
@@ -284,7 +285,7 @@ def test_report_markdown_matches_the_rows_and_has_charts(loaded: Loaded) -> None
     rows = _md_rows(text, "## Worst-rated interactions")
     assert [r[0] for r in rows] == worst
     td = next(r for r in rows if r[0] == "i-td")
-    assert td[1:3] == ["3", "-1.000"] and td[5] == "Wrong: says 5"
+    assert td[1:3] == ["3", "-0.833"] and td[5] == "Wrong: says 5"
 
     trend, breakdown = output.parent / "week-trend.png", output.parent / "week-breakdown.png"
     for chart in (trend, breakdown):

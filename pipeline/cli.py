@@ -16,6 +16,7 @@ from rich.table import Table
 from pipeline.cli_app import app, console, print_json
 from pipeline.cli_app import settings as load_settings
 from pipeline.errors import PipelineError, field_rules
+from pipeline.term import plain, safe
 
 __all__ = ["app", "main"]
 
@@ -65,11 +66,11 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
     table = Table("service", "running", "pid", "address", "log")
     for s in statuses:
         table.add_row(
-            str(s.get("name")),
+            safe(s.get("name")),
             "yes" if s.get("running") else "no",
             str(s.get("pid") or "-"),
-            str(s.get("address") or s.get("bootstrap") or "-"),
-            str(s.get("log_path") or s.get("log") or "-"),
+            safe(s.get("address") or s.get("bootstrap") or "-"),
+            safe(s.get("log_path") or s.get("log") or "-"),
         )
     Console().print(table)
 
@@ -152,7 +153,7 @@ def produce(
                 problems.append(f"line {number}: {_first_problem(exc)}")
         if problems:
             for problem in problems:
-                typer.echo(f"invalid event: {problem}", err=True)
+                typer.echo(f"invalid event: {plain(problem)}", err=True)
             typer.echo(f"nothing published ({len(problems)} invalid event(s))", err=True)
             raise typer.Exit(2)
     with FeedbackProducer(settings) as producer:
@@ -250,7 +251,7 @@ def stats(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable
         print_stats(data)
     error = data["clickhouse"].get("error") or data.get("analytics", {}).get("error")
     if error:
-        console.print(f"error: {error}", soft_wrap=True, markup=False, highlight=False)
+        console.print(f"error: {plain(error)}", soft_wrap=True, markup=False, highlight=False)
         raise typer.Exit(1)
 
 
@@ -282,12 +283,12 @@ def bias(
             )
             for r in rows:
                 table.add_row(
-                    r["key"],
-                    r["directive"],
-                    r["model_version"] or "-",
+                    safe(r["key"]),
+                    safe(r["directive"]),
+                    safe(r["model_version"] or "-"),
                     f"{r['value']:.4f}",
                     f"{r['value_now']:.4f}",
-                    r["updated_at"],
+                    safe(r["updated_at"]),
                     str(r["events"]),
                 )
             Console().print(table)
@@ -301,7 +302,7 @@ def bias(
                     if as_json:
                         sys.stdout.write(orjson.dumps(line).decode() + "\n")
                     else:
-                        sys.stdout.write(f"{line['key']}  {line['value']:.4f}  (now {line['value_now']:.4f})\n")
+                        sys.stdout.write(f"{plain(line['key'])}  {line['value']:.4f}  (now {line['value_now']:.4f})\n")
                     sys.stdout.flush()
                 pending = []
         except KeyboardInterrupt:  # Ctrl-C ends a watch; not an error
@@ -320,7 +321,7 @@ def reputation(as_json: Annotated[bool, typer.Option("--json", help="Machine-rea
     table = Table("source", "score", "observations", "downweighted", "weight", title="Source reputation")
     for r in rows:
         table.add_row(
-            r["source"], f"{r['score']:.4f}", str(r["observations"]), str(r["downweighted"]), f"{r['weight']:.3f}"
+            safe(r["source"]), f"{r['score']:.4f}", str(r["observations"]), str(r["downweighted"]), f"{r['weight']:.3f}"
         )
     Console().print(table)
 
@@ -397,7 +398,7 @@ def main() -> None:
     try:
         app()
     except PipelineError as exc:
-        console.print(f"[red]error[/red]: {exc}")
+        console.print(f"[red]error[/red]: {safe(exc, newlines=True)}")
         sys.exit(1)
 
 

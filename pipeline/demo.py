@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.settings import Settings
+from pipeline.term import safe
 
 __all__ = ["print_stats", "run_demo"]
 
@@ -31,16 +32,16 @@ def print_stats(data: dict[str, Any]) -> None:
     """Render ``collect_stats`` output as tables."""
     table = Table("where", "what", "count", title="What landed")
     for name, count in data.get("kafka", {}).items():
-        table.add_row("kafka", name, str(count))
+        table.add_row("kafka", safe(name), str(count))
     for name, count in data.get("clickhouse", {}).items():
         if isinstance(count, dict):  # a breakdown, e.g. rejections by reason
             for part, n in count.items():
-                table.add_row("clickhouse", f"{name.removesuffix('_by_reason')}: {part}", str(n))
+                table.add_row("clickhouse", safe(f"{name.removesuffix('_by_reason')}: {part}"), str(n))
         else:
-            table.add_row("clickhouse", name, str(count))
+            table.add_row("clickhouse", safe(name), str(count))
     jsonl = data.get("jsonl", {})
     for name, count in jsonl.get("files", {}).items():
-        table.add_row("jsonl", name, str(count))
+        table.add_row("jsonl", safe(name), str(count))
     console.print(table)
 
 
@@ -185,11 +186,11 @@ def _print_state(settings: Settings) -> None:
     now = datetime.now(UTC)
     table = Table("directive", "bias now", "events", title="Directive bias (feedback.directive-bias.v1)")
     for key, record in sorted(read_bias(settings).items()):
-        table.add_row(key, f"{record.at(now):.3f}", str(record.events))
+        table.add_row(safe(key), f"{record.at(now):.3f}", str(record.events))
     console.print(table)
     table = Table("source", "score", "observations", "down-weighted", title="Source reputation")
     for source, rep in sorted(read_reputation(settings).items()):
-        table.add_row(source, f"{rep.score:.3f}", str(rep.observations), str(rep.downweighted))
+        table.add_row(safe(source), f"{rep.score:.3f}", str(rep.observations), str(rep.downweighted))
     console.print(table)
 
 
@@ -201,5 +202,5 @@ def _print_rows(client: Any, settings: Settings) -> None:
     )
     table = Table(*result.column_names, title="A few rows in ClickHouse")
     for row in result.result_rows:
-        table.add_row(*(str(v)[:70] if i == 4 else str(v)[:16] for i, v in enumerate(row)))
+        table.add_row(*(safe(str(v)[:70] if i == 4 else str(v)[:16]) for i, v in enumerate(row)))
     console.print(table)

@@ -9,13 +9,13 @@ import sys
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from pipeline.cli_app import app, console, print_json
 from pipeline.cli_app import settings as load_settings
 from pipeline.errors import StackError
 from pipeline.query_cli import fail
+from pipeline.term import safe
 
 __all__ = ["forget_command"]
 
@@ -77,14 +77,14 @@ def forget_command(
         table = Table("store", "erased", "left (checked)")
         left = dict(report.remaining)
         for store, count in report.erased.items():
-            table.add_row(escape(store), str(count), "")
+            table.add_row(safe(store), str(count), "")
         for store, count in left.items():
-            table.add_row(escape(store), "", f"[{'red' if count else 'green'}]{count}[/]")
+            table.add_row(safe(store), "", f"[{'red' if count else 'green'}]{count}[/]")
         console.print(table)
         for topic, days in report.ageing.items():
-            console.print(f"{escape(topic)}: the user's events age out within {days:g} day(s) (time retention)")
+            console.print(f"{safe(topic)}: the user's events age out within {days:g} day(s) (time retention)")
         for line in report.pending:
-            console.print(f"[yellow]pending[/yellow]: {escape(line)}")
+            console.print(f"[yellow]pending[/yellow]: {safe(line)}")
         console.print("[green]erased[/green]" if report.complete else "[yellow]not complete[/yellow]: run it again")
     if not report.complete:
         raise typer.Exit(1)

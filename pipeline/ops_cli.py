@@ -12,7 +12,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -23,6 +22,7 @@ from pipeline.logs import configure_logging
 from pipeline.query_cli import fail
 from pipeline.settings import Settings, get_settings
 from pipeline.since import parse_time
+from pipeline.term import safe
 from schemas.topics import Topics
 
 __all__ = ["dlq_app", "letter_cells", "parse_stages"]
@@ -105,7 +105,7 @@ def _read(settings: Settings, since: datetime) -> DlqRead:
 def _table(letters: list[Letter], raw_topic: str, title: str) -> Table:
     table = Table("time (UTC)", "stage", "error", "origin topic", "partition", "offset", "size", "replay", title=title)
     for letter in letters:
-        table.add_row(*(escape(cell) for cell in letter_cells(letter, raw_topic)))
+        table.add_row(*(safe(cell) for cell in letter_cells(letter, raw_topic)))
     return table
 
 
@@ -149,7 +149,7 @@ def dlq_list(
         note += f"; {read.unreadable} unreadable letter(s) skipped (see the log)"
     if wanted and not chosen and in_range:
         note += f"; stages present: {', '.join(sorted({lt.stage for lt in in_range}))}"
-    console.print(escape(note), soft_wrap=True)
+    console.print(safe(note), soft_wrap=True)
 
 
 @dlq_app.command(
@@ -181,12 +181,12 @@ def dlq_replay(
     plan = plan_replay(chosen, raw_topic)
     scope = f" of stage {', '.join(wanted)}" if wanted else ""
     console.print(
-        escape(f"{len(chosen)} letter(s){scope} dead-lettered since {start:%Y-%m-%d %H:%M} UTC "
+        safe(f"{len(chosen)} letter(s){scope} dead-lettered since {start:%Y-%m-%d %H:%M} UTC "
                f"and before the replay started ({started:%H:%M:%S} UTC)"),
         soft_wrap=True,
     )  # fmt: skip
     for reason, count in sorted(plan.skipped.items()):
-        console.print(escape(f"skipped {count}: {reason}"), soft_wrap=True)
+        console.print(safe(f"skipped {count}: {reason}"), soft_wrap=True)
     if plan.duplicates:
         console.print(f"skipped {plan.duplicates}: the same message as another letter (sent once)")
     if read.unreadable:

@@ -17,7 +17,6 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -26,6 +25,7 @@ from pipeline.cli_app import settings as load_settings
 from pipeline.errors import StackError
 from pipeline.settings import Settings
 from pipeline.since import parse_time, to_micros
+from pipeline.term import plain, safe
 
 __all__ = ["clickhouse_client", "events_table", "fail", "list_cells", "list_events"]
 
@@ -58,7 +58,7 @@ _DB_EXCEPTION = re.compile(r"DB::Exception: (.+?)(?:\. \(|\n|$)")
 
 def fail(message: str) -> NoReturn:
     """Print ``error: <message>`` as one line on stderr and exit 1."""
-    console.print(f"[red]error[/red]: {escape(message)}", soft_wrap=True)
+    console.print(f"[red]error[/red]: {safe(message)}", soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -124,11 +124,12 @@ def _clip(text: str | None, width: int) -> str:
 
 def list_cells(row: dict[str, Any]) -> list[str]:
     """One event as the table's cells: time (UTC, seconds), source, type, severity, value,
-    model, prompt, interaction, tags, and the comment (or text) clipped to 50 characters."""
+    model, prompt, interaction, tags, and the comment (or text) clipped to 50 characters; each
+    escaped for the terminal and rich markup (:func:`pipeline.term.safe`)."""
     ts: datetime = row["ts"]
     ts = ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
     value = row.get("value")
-    return [
+    cells = [
         ts.strftime("%Y-%m-%d %H:%M:%S"),
         row["source"],
         row["type"],
@@ -138,8 +139,9 @@ def list_cells(row: dict[str, Any]) -> list[str]:
         row.get("prompt_version") or "-",
         row.get("interaction_id") or "-",
         ",".join(row.get("tags") or []),
-        _clip(row.get("payload_comment") or row.get("payload_text") or row.get("corrected_response"), 50),
+        _clip(plain(row.get("payload_comment") or row.get("payload_text") or row.get("corrected_response")), 50),
     ]
+    return [safe(cell) for cell in cells]
 
 
 def _json_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from rich.table import Table
 from pipeline.errors import StackError
 from pipeline.kafka_admin import topic_message_counts
 from pipeline.settings import Settings
+from pipeline.term import safe
 from schemas.topics import Topics
 
 __all__ = ["analyst_counts", "clickhouse_counts", "collect_stats", "jsonl_counts", "print_stats", "state_snapshot"]
@@ -172,15 +173,15 @@ def print_stats(data: dict[str, Any], console: Console | None = None) -> None:
     out = console or Console()
     landed = Table("where", "what", "count", title="What landed")
     for name, count in data.get("kafka", {}).items():
-        landed.add_row("kafka", name, str(count))
+        landed.add_row("kafka", safe(name), str(count))
     for name, count in data.get("clickhouse", {}).items():
         if isinstance(count, dict):
             for part, n in count.items():
-                landed.add_row("clickhouse", f"{name.removesuffix('_by_reason')}: {part}", str(n))
+                landed.add_row("clickhouse", safe(f"{name.removesuffix('_by_reason')}: {part}"), str(n))
         else:
-            landed.add_row("clickhouse", name, str(count))
+            landed.add_row("clickhouse", safe(name), str(count))
     for name, count in data.get("jsonl", {}).get("files", {}).items():
-        landed.add_row("jsonl", name, str(count))
+        landed.add_row("jsonl", safe(name), str(count))
     out.print(landed)
 
     analytics = data.get("analytics", {})
@@ -188,34 +189,34 @@ def print_stats(data: dict[str, Any], console: Console | None = None) -> None:
         totals = Table("source", "type", "events", "estimated", "rated", "mean value",
                        title="Totals by source and type (estimated: re-weighted by 1/sample_rate)")  # fmt: skip
         for t in analytics.get("totals", []):
-            totals.add_row(t["source"], t["type"], str(t["events"]), f"{t['estimated']:g}", str(t["rated"]),
+            totals.add_row(safe(t["source"]), safe(t["type"]), str(t["events"]), f"{t['estimated']:g}", str(t["rated"]),
                            _fmt(t["mean_value"]))  # fmt: skip
         out.print(totals)
         rejections = Table("reason", "field", "count", title="Rejection reasons")
         for r in analytics.get("rejections", []):
-            rejections.add_row(r["reason"], r["field"] or "-", str(r["count"]))
+            rejections.add_row(safe(r["reason"]), safe(r["field"] or "-"), str(r["count"]))
         out.print(rejections)
         sampling = Table("type", "kept", "sampled", "lowest rate", "configured rate", "estimated", title="Sampling")
         for s in analytics.get("sampling", []):
-            sampling.add_row(s["type"], str(s["kept"]), str(s["sampled"]), f"{s['lowest_rate']:g}",
+            sampling.add_row(safe(s["type"]), str(s["kept"]), str(s["sampled"]), f"{s['lowest_rate']:g}",
                              f"{s['configured_rate']:g}", f"{s['estimated']:g}")  # fmt: skip
         out.print(sampling)
 
     reputation = data.get("reputation", [])
     if isinstance(reputation, dict):
-        out.print(f"[yellow]reputation[/yellow]: {reputation.get('error')}")
+        out.print(f"[yellow]reputation[/yellow]: {safe(reputation.get('error'))}")
     else:
         table = Table("source", "score", "observations", "down-weighted", "weight", title="Source reputation (now)")
         for r in reputation:
             down = "yes" if r["downweighted"] else "no"
-            table.add_row(r["source"], f"{r['score']:.4f}", str(r["observations"]), down, f"{r['weight']:.3f}")
+            table.add_row(safe(r["source"]), f"{r['score']:.4f}", str(r["observations"]), down, f"{r['weight']:.3f}")
         out.print(table)
     bias = data.get("bias", [])
     if isinstance(bias, dict):
-        out.print(f"[yellow]directive bias[/yellow]: {bias.get('error')}")
+        out.print(f"[yellow]directive bias[/yellow]: {safe(bias.get('error'))}")
     else:
         table = Table("directive", "model version", "value", "now", "updated at", "events", title="Directive bias")
         for b in bias:
-            table.add_row(b["directive"], b["model_version"] or "-", f"{b['value']:.4f}", f"{b['value_now']:.4f}",
-                          b["updated_at"], str(b["events"]))  # fmt: skip
+            table.add_row(safe(b["directive"]), safe(b["model_version"] or "-"), f"{b['value']:.4f}",
+                          f"{b['value_now']:.4f}", safe(b["updated_at"]), str(b["events"]))  # fmt: skip
         out.print(table)

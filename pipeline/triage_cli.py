@@ -15,7 +15,6 @@ from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from pipeline.cli_app import app, console, print_json
@@ -23,6 +22,7 @@ from pipeline.cli_app import settings as load_settings
 from pipeline.errors import StackError
 from pipeline.query_cli import fail
 from pipeline.settings import Settings
+from pipeline.term import safe
 from schemas.triage_records import TriageCommand, TriageItem
 
 __all__ = ["queue", "send_command"]
@@ -95,8 +95,8 @@ def triage_queue(
     table = Table("id", "arrived (UTC)", "source", "type", "severity", "why", "status", "label", "note")
     for i in items:
         table.add_row(
-            escape(i.triage_id), _when(i.created_s), escape(i.source), escape(i.type), i.severity, escape(i.reason),
-            i.status, escape(i.label), escape(i.note[:60]),
+            safe(i.triage_id), _when(i.created_s), safe(i.source), safe(i.type), safe(i.severity), safe(i.reason),
+            safe(i.status), safe(i.label), safe(i.note[:60]),
         )  # fmt: skip
     Console().print(table)
     console.print(f"{len(items)} item(s)")
@@ -113,17 +113,17 @@ def _change(triage_id: str, command: TriageCommand, wait: bool) -> None:
     except Exception as exc:  # DeliveryError, KafkaException: one line, no traceback
         fail(f"the command was not acknowledged by Kafka at {settings.kafka_bootstrap}: {type(exc).__name__}")
     if not wait:
-        console.print(f"sent: {command.op} {escape(triage_id)}")
+        console.print(f"sent: {command.op} {safe(triage_id)}")
         return
     deadline = time.monotonic() + APPLY_WAIT_S
     while time.monotonic() < deadline:
         now = _read(settings).get(triage_id)
         if now is not None and now.version > known.version:
-            console.print(f"[green]{now.status}[/green]: {escape(triage_id)} (version {now.version})")
+            console.print(f"[green]{safe(now.status)}[/green]: {safe(triage_id)} (version {now.version})")
             return
         time.sleep(0.5)
     console.print(
-        f"sent: {command.op} {escape(triage_id)}; the worker has not applied it yet "
+        f"sent: {command.op} {safe(triage_id)}; the worker has not applied it yet "
         f"(it will when it runs: the command is in Kafka)"
     )
 

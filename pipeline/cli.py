@@ -16,6 +16,7 @@ from rich.table import Table
 from pipeline.cli_app import app, console, print_json
 from pipeline.cli_app import settings as load_settings
 from pipeline.errors import PipelineError, field_rules
+from pipeline.private_files import restrict_umask
 from pipeline.term import plain, safe
 
 __all__ = ["app", "main"]
@@ -394,7 +395,11 @@ def bench(
 
 
 def main() -> None:
-    """Entry point: turns the project's errors into one clear line and exit code 1."""
+    """Entry point: turns the project's errors into one clear line and exit code 1.
+
+    Sets the umask to 0o077 first: every file this process and its children write is private.
+    """
+    restrict_umask()
     try:
         app()
     except PipelineError as exc:

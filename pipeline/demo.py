@@ -12,6 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.private_files import open_private, private_dir
 from pipeline.settings import Settings
 from pipeline.term import safe
 
@@ -46,7 +47,7 @@ def print_stats(data: dict[str, Any]) -> None:
 
 
 def _start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    fh = open(log, "ab")  # noqa: SIM115 - handed to the child
+    fh = open_private(log, "ab")  # handed to the child, which keeps it open
     return subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -89,7 +90,7 @@ def run_demo(settings: Settings, *, events: int, poison: int, timeout_s: float =
 
     env = {**os.environ, **demo.to_env()}
     logs = settings.state_dir / "demo" / run_id
-    logs.mkdir(parents=True, exist_ok=True)
+    private_dir(logs)
     cli = [sys.executable, "-m", "pipeline.cli"]
     procs = [
         _start([*cli, "worker"], env, logs / "worker.log"),

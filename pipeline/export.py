@@ -31,6 +31,7 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 
+from pipeline.private_files import make_private_dirs, open_private, write_private
 from pipeline.since import to_micros
 from stream_processors.redact import redact_text
 
@@ -363,8 +364,8 @@ def export_events(
     if started:
         started(total)
     items: list[dict[str, Any]] = []
-    output.parent.mkdir(parents=True, exist_ok=True)
-    jsonl_out = output.open("w", encoding="utf-8") if fmt == "jsonl" else None
+    make_private_dirs(output.parent)
+    jsonl_out = open_private(output, "w") if fmt == "jsonl" else None
     try:
         for i, row in enumerate(rows, start=1):
             if advance and i % 500 == 0:
@@ -399,7 +400,7 @@ def export_events(
             _count(result, item.pop("_row"), item.pop("_changed"))
             result.pii_kinds.update(item.pop("_pii"))
         _write_items(fmt, output, kept)
-    card.write_text(data_card(result), encoding="utf-8")
+    write_private(card, data_card(result))
     return result
 
 
@@ -415,17 +416,17 @@ def _count(result: ExportResult, row: dict[str, Any], changed: bool) -> None:
 
 def _write_items(fmt: Format, output: Path, items: list[dict[str, Any]]) -> None:
     if fmt == "training":
-        with output.open("w", encoding="utf-8") as fh:
+        with open_private(output, "w") as fh:
             for item in items:
                 fh.write(json.dumps(item, ensure_ascii=False) + "\n")
         return
     # promptfoo reads a tests file as YAML or JSON (a list of test cases): the suffix decides.
     if output.suffix == ".json":
-        output.write_text(json.dumps(items, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        write_private(output, json.dumps(items, ensure_ascii=False, indent=2) + "\n")
         return
     import yaml
 
-    output.write_text(yaml.safe_dump(items, allow_unicode=True, sort_keys=False, width=1000), encoding="utf-8")
+    write_private(output, yaml.safe_dump(items, allow_unicode=True, sort_keys=False, width=1000))
 
 
 # --- the data card ---------------------------------------------------------------------------

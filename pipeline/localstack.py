@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import StackError
+from pipeline.private_files import PRIVATE_UMASK, open_private, private_dir, tighten_tree, write_private
 from pipeline.settings import PROJECT_ROOT, Settings
 
 __all__ = ["EmbeddedClickHouse", "LocalKafka", "LocalStack", "ManagedProcess", "ServiceStatus", "port_in_use"]
@@ -99,9 +100,9 @@ class ManagedProcess:
 
     def start(self) -> int:
         """Launch detached (own session, output appended to the log); returns the PID."""
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_file, "ab") as log:
+        private_dir(self.log_file.parent)
+        private_dir(self.pid_file.parent)
+        with open_private(self.log_file, "ab") as log:
             proc = subprocess.Popen(
                 self.argv,
                 stdout=log,
@@ -110,13 +111,14 @@ class ManagedProcess:
                 start_new_session=True,
                 env=self.env,
                 cwd=self.pid_file.parent,
+                umask=PRIVATE_UMASK,  # its data and logs are private whatever our caller's umask
             )
         # Until exec completes, /proc/<pid>/cmdline is still ours, not the child's: wait for the
         # marker so the PID file never names a process that pid() would disown.
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and proc.poll() is None and self.marker not in _cmdline(proc.pid):
             time.sleep(0.02)
-        self.pid_file.write_text(str(proc.pid))
+        write_private(self.pid_file, str(proc.pid))
         return proc.pid
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -248,8 +250,8 @@ class LocalKafka:
             "auto.create.topics.enable": "true",
             "log.retention.check.interval.ms": "60000",
         }
-        self.home.mkdir(parents=True, exist_ok=True)
-        self.config.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
+        private_dir(self.home)
+        write_private(self.config, "".join(f"{k}={v}\n" for k, v in lines.items()))
 
     def _classpath(self) -> str:
         return f"{self.libs}/*"
@@ -270,6 +272,8 @@ class LocalKafka:
                 )
         self.ensure_jars()
         self._write_config()
+        tighten_tree(self.home / "logs")
+        tighten_tree(self.data)  # topic data from before it was private
         if not (self.data / "meta.properties").exists():
             self._format(java)
         self.process.argv = [
@@ -301,7 +305,7 @@ class LocalKafka:
             "-c",
             str(self.config),
         ]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, umask=PRIVATE_UMASK)
         if result.returncode != 0:
             raise StackError(f"formatting Kafka storage in {self.data} failed:\n{result.stdout}{result.stderr}")
 
@@ -378,7 +382,8 @@ class EmbeddedClickHouse:
                 f"127.0.0.1:{self.settings.clickhouse_port} is in use by another process: stop it or "
                 "choose another port with FEEDBACK_CLICKHOUSE_PORT."
             )
-        self.data.mkdir(parents=True, exist_ok=True)
+        private_dir(self.data)
+        tighten_tree(self.home)  # data and log from before they were private
         self.process.start()
         wait_until(self._ready, timeout, "embedded ClickHouse", self.process.is_running, self.log)
 
@@ -406,6 +411,7 @@ class LocalStack:
 
     def up(self) -> None:
         """Start what is local and not running; idempotent. Raises StackError."""
+        private_dir(self.settings.state_dir)  # 0700: nothing under it is reachable by other users
         if self.settings.uses_local_kafka:
             self.kafka.start()
         if self.settings.uses_embedded_clickhouse:

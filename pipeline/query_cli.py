@@ -23,6 +23,7 @@ from rich.table import Table
 from pipeline.cli_app import app, console, print_json
 from pipeline.cli_app import settings as load_settings
 from pipeline.errors import StackError
+from pipeline.private_files import make_private_dirs
 from pipeline.settings import Settings
 from pipeline.since import parse_time, to_micros
 from pipeline.term import plain, safe
@@ -250,7 +251,7 @@ def report(
             step=lambda name: progress.update(task, advance=1, description=f"querying ({name})"),
         )
         progress.update(task, description="charts and report")
-        output.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(output.parent)
         files = write_report(data, output, format_.value, chart_format.value)  # type: ignore[arg-type]
         progress.update(task, advance=1)
     console.print(f"report: {files[0]} ({data.current.events} events this {period.value}); charts: "

@@ -17,6 +17,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.private_files import make_private_dirs, open_private, write_private
 from pipeline.since import to_micros
 
 __all__ = [
@@ -179,7 +180,7 @@ def write_charts(report: Report, directory: Path, stem: str, image_format: str =
     """A trend line and breakdown bars as image files in ``directory``; returns them by name."""
     from matplotlib.figure import Figure  # the object API: no pyplot state, Agg when saving
 
-    directory.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(directory)
     charts: dict[str, Path] = {}
 
     fig = Figure(figsize=(9, 4), layout="constrained")
@@ -196,7 +197,8 @@ def write_charts(report: Report, directory: Path, stem: str, image_format: str =
     ax.legend(loc="lower left")
     fig.autofmt_xdate()
     charts["trend"] = directory / f"{stem}-trend.{image_format}"
-    fig.savefig(charts["trend"], format=image_format, dpi=100)
+    with open_private(charts["trend"], "wb") as fh:
+        fig.savefig(fh, format=image_format, dpi=100)
 
     fig = Figure(figsize=(11, 8), layout="constrained")
     for ax, (name, rows) in zip(fig.subplots(2, 2).flat, report.breakdowns.items(), strict=True):
@@ -212,7 +214,8 @@ def write_charts(report: Report, directory: Path, stem: str, image_format: str =
         ax.set_title(f"Satisfaction by {name}")
         ax.legend(loc="lower right", fontsize="small")
     charts["breakdown"] = directory / f"{stem}-breakdown.{image_format}"
-    fig.savefig(charts["breakdown"], format=image_format, dpi=100)
+    with open_private(charts["breakdown"], "wb") as fh:
+        fig.savefig(fh, format=image_format, dpi=100)
     return charts
 
 
@@ -355,5 +358,5 @@ def write_report(r: Report, output: Path, fmt: Literal["md", "html"], image_form
     returns every file written, the report first."""
     charts = write_charts(r, output.parent, output.stem, image_format)
     text = render_markdown(r, charts) if fmt == "md" else render_html(r, charts)
-    output.write_text(text, encoding="utf-8")
+    write_private(output, text)
     return [output, *charts.values()]

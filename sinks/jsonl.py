@@ -103,6 +103,7 @@ from typing import Any
 import orjson
 
 from pipeline.errors import PipelineError, TransientError
+from pipeline.private_files import open_private, private_dir, private_fd, tighten_tree
 from schemas.models import format_ts
 
 __all__ = [
@@ -143,7 +144,7 @@ class WriterBusy(PipelineError, RuntimeError):
 def _lock_folder(directory: Path) -> int:
     """Take the folder's writer lock (exclusive, non-blocking ``flock``); the open descriptor holds it."""
     path = directory / WRITER_LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = private_fd(path, "r+")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -243,7 +244,7 @@ class Ledger:
         data: dict[str, Any] = {"lengths": self.lengths, "offsets": self.offsets, "gz": self.gz}
         if self.erasing:
             data["erasing"] = self.erasing
-        with open(tmp, "wb") as fh:
+        with open_private(tmp, "wb") as fh:
             fh.write(orjson.dumps(data, option=orjson.OPT_SORT_KEYS))
             fh.flush()
             os.fsync(fh.fileno())
@@ -263,10 +264,10 @@ class JsonlWriter:
     _lock_fd: int | None = None
 
     def __init__(self, directory: Path) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory = private_dir(directory)
         self._lock_fd = _lock_folder(self.directory)  # before anything is cut back or rewritten
         try:
+            tighten_tree(self.directory)  # files from before they were private, or copied in
             self.ledger = Ledger.load(self.directory)
             self._dirty = False
             self.recover()
@@ -426,7 +427,7 @@ class JsonlWriter:
         for record in records:
             by_file[file_for(self.directory, record["ts"])].append(orjson.dumps(event_json(record)))
         for path, lines in by_file.items():
-            with open(path, "ab") as fh:
+            with open_private(path, "ab") as fh:
                 fh.write(b"\n".join(lines) + b"\n")
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -476,7 +477,7 @@ def _compress(directory: Path, path: Path, length: int, ledger: Ledger) -> None:
     gz = path.with_name(path.name + ".gz")
     tmp = path.with_name(path.name + ".gz.tmp")
     kept = ledger.gz.get(gz.name, 0) if gz.exists() else 0
-    with open(tmp, "wb") as out:
+    with open_private(tmp, "wb") as out:
         if kept:
             with open(gz, "rb") as old:
                 _copy(old, out, kept)
@@ -652,7 +653,7 @@ def _rewrite_without(path: Path, committed: int, needles: tuple[bytes, ...], use
     tmp = path.with_name(path.name + ERASE_TMP)
     stat = path.stat()
     removed = 0
-    with open(tmp, "wb") as out, open(path, "rb") as raw:
+    with open_private(tmp, "wb") as out, open(path, "rb") as raw:
         src, limit = _open_committed(raw, path.name, committed)
         if path.name.endswith(".gz"):
             name = path.name.removesuffix(".gz")
@@ -754,9 +755,8 @@ def _write_private(path: Path, data: bytes) -> None:
     """Replace ``path`` atomically with ``data``, readable by the owner only: tmp (0600), fsync,
     rename, fsync the folder."""
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    fd = private_fd(tmp, "w")  # a tmp left over with wider bits is tightened
     try:
-        os.fchmod(fd, 0o600)  # a tmp left over with wider bits
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
@@ -778,7 +778,7 @@ def request_erasure(directory: Path, request_id: str, user_ids: set[str]) -> Pat
     if not ids or not all(isinstance(u, str) and u for u in ids):
         raise ValueError("an erasure request needs at least one non-empty user id")
     spool = Path(directory) / ERASURE_DIR
-    spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_dir(spool)
     (spool / f"{request_id}{_RECEIPT}").unlink(missing_ok=True)
     path = spool / f"{request_id}.json"
     request = {"request_id": request_id, "user_ids": ids, "requested_s": time.time()}

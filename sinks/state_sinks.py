@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 from confluent_kafka import Message
 
+from pipeline.private_files import make_private_dirs, open_private
 from pipeline.settings import Settings
 from schemas.state_records import decode_bias, decode_reputation
 from schemas.topics import Topics
@@ -204,9 +205,9 @@ class TriageSink(_HistorySink):
 
     def _write_queue(self) -> None:
         queue = sorted((i for i in self._items.values() if i.status != "resolved"), key=lambda i: i.created_s)
-        self.queue_path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(self.queue_path.parent)
         tmp = self.queue_path.with_suffix(".jsonl.tmp")
-        with open(tmp, "wb") as fh:
+        with open_private(tmp, "wb") as fh:
             fh.writelines(orjson.dumps(asdict(i)) + b"\n" for i in queue)
             fh.flush()
             os.fsync(fh.fileno())

@@ -5,18 +5,35 @@ BIN    := $(VENV)/bin
 STATE  := .local
 LIBS   := $(STATE)/kafka/libs
 STAMP  := $(VENV)/.installed
+LOCK   := requirements.lock
 JARS   := $(LIBS)/.fetched
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test unit integration bench up down status lint clean
+.PHONY: setup demo test unit integration bench up down status lint clean lock audit
 
-# pip's build chatter goes to a log, shown only when the install fails.
-$(STAMP): pyproject.toml schemas/_speedups.c
+# Exactly the locked versions, each checked against its hash (pip too: it is in the lock); then
+# the project itself, built with the locked setuptools (no build isolation: nothing unlocked is
+# fetched). pip's build chatter goes to a log, shown only when the install fails.
+$(STAMP): pyproject.toml $(LOCK) schemas/_speedups.c
 	$(PYTHON) -m venv $(VENV)
-	@echo "installing Python packages into $(VENV) (log: $(VENV)/pip.log)"
-	@{ $(BIN)/pip install -q --upgrade pip && $(BIN)/pip install -q -e '.[dev]'; } > $(VENV)/pip.log 2>&1 \
+	@echo "installing Python packages into $(VENV) from $(LOCK) (log: $(VENV)/pip.log)"
+	@{ $(BIN)/pip install -q --require-hashes -r $(LOCK) \
+		&& $(BIN)/pip install -q --no-deps --no-build-isolation -e .; } > $(VENV)/pip.log 2>&1 \
 		|| { tail -40 $(VENV)/pip.log; exit 1; }
 	touch $@
+
+# After changing a dependency in pyproject.toml: pin every package (and its hashes) for
+# Python 3.11 on Linux x86_64. Commit the result; `make setup` then rebuilds the venv from it.
+lock: $(STAMP)
+	$(BIN)/uv pip compile pyproject.toml --extra dev --generate-hashes --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --quiet -o $(LOCK)
+
+# Known vulnerabilities in the locked set (PyPI's advisory data). A finding fails unless
+# security/audit-ignore.toml gives its reason; PyPI out of reach fails too (docs/security.md).
+# SKIP_AUDIT=1 skips it, saying so (for working offline; CI never sets it).
+audit: $(STAMP)
+	@if [ -n "$(SKIP_AUDIT)" ]; then echo "make audit: SKIPPED (SKIP_AUDIT is set)" >&2; \
+	else $(BIN)/python security/audit.py $(LOCK); fi
 
 # Kafka broker jars from Maven Central (versions pinned in pipeline/kafka/pom.xml).
 $(JARS): pipeline/kafka/pom.xml
@@ -31,7 +48,7 @@ demo: setup
 	$(BIN)/feedback demo
 
 # pytest exits 5 when it collected nothing: that is a failure here, never a green run.
-test: setup
+test: setup audit
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

@@ -32,3 +32,23 @@ def test_ports_are_published_on_loopback_only() -> None:
     for name, service in COMPOSE["services"].items():
         for port in service.get("ports", []):
             assert port.startswith("127.0.0.1:"), (name, port)
+
+
+def test_clickhouse_requires_a_password_from_the_environment() -> None:
+    server = COMPOSE["services"]["clickhouse"]["environment"]
+    assert "CLICKHOUSE_SKIP_USER_SETUP" not in server  # that would leave `default` without a password
+    assert server["CLICKHOUSE_PASSWORD"].startswith("${FEEDBACK_CLICKHOUSE_PASSWORD:?")
+    for name in ("topics", "worker", "sink", "gateway"):
+        env = COMPOSE["services"][name]["environment"]
+        assert env["FEEDBACK_CLICKHOUSE_PASSWORD"] == server["CLICKHOUSE_PASSWORD"], name
+        assert env["FEEDBACK_CLICKHOUSE_USER"] == server["CLICKHOUSE_USER"], name
+
+
+def test_every_container_runs_as_a_non_root_user() -> None:
+    for name, service in COMPOSE["services"].items():
+        user = str(service.get("user", ""))
+        assert user and user.split(":")[0] not in ("0", "root"), name
+    dockerfile = (PROJECT_ROOT / "Dockerfile").read_text()
+    users = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")]
+    assert users and users[-1].split(":")[0] not in ("0", "root")
+    assert "--require-hashes -r requirements.lock" in dockerfile

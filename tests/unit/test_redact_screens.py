@@ -19,15 +19,13 @@ def reference_redact_text(text: str, counts: Counter[str] | None = None) -> str:
     """``redact_text`` as it was before the screens (only the '@' test before EMAIL), over the
     module's rules: it keeps checking the screens when the rules themselves change."""
     for kind, pattern, valid, *_screens in redact_module._RULES:
-        if kind in ("EMAIL",) and "@" not in text:
-            continue
 
         def replace(m: re.Match[str], kind: str = kind, valid: Any = valid, source: str = text) -> str:
             if valid is not None and not valid(m, source):
                 return m.group()
             if counts is not None:
                 counts[kind] += 1
-            return f"[{kind}]"
+            return redact_module._placeholder(m, kind)
 
         text = pattern.sub(replace, text)
     return text
@@ -38,9 +36,14 @@ def reference_redact_payload(payload: dict[str, Any], counts: Counter[str] | Non
     for key in ("text", "comment", "corrected_response"):
         if isinstance(out.get(key), str):
             out[key] = reference_redact_text(out[key], counts)
-    out["extra"] = {
-        k: reference_redact_text(v, counts) if isinstance(v, str) else v for k, v in payload["extra"].items()
-    }
+    extra: dict[str, Any] = {}
+    for k, v in payload["extra"].items():
+        new = reference_redact_text(k, counts)
+        base, n = new, 2
+        while new != k and (new in extra or new in payload["extra"]):
+            new, n = f"{base}#{n}", n + 1
+        extra[new] = reference_redact_text(v, counts) if isinstance(v, str) else v
+    out["extra"] = extra
     return out
 
 
@@ -100,7 +103,7 @@ def test_redact_text_is_the_unscreened_result_for_any_text(text: str) -> None:
 @given(text=texts | matches)
 def test_every_screen_only_skips_a_pattern_that_cannot_match(text: str) -> None:
     """Rule by rule, on the same text: a screen that says "skip" means no match at all."""
-    for kind, pattern, _valid, needs_digit, screen in redact_module._RULES:
+    for kind, pattern, _valid, needs_digit, screen, _name in redact_module._RULES:
         skipped = (needs_digit and redact_module._DIGIT(text) is None) or (screen is not None and not screen(text))
         if skipped:
             assert pattern.search(text) is None, (kind, text)
@@ -136,7 +139,7 @@ def test_plain_text_runs_no_pattern(monkeypatch: Any) -> None:
         def sub(self, *_: Any) -> str:
             raise AssertionError(f"{self.kind} ran")
 
-    rules = tuple((kind, Refuse(kind), *rest) for kind, _pattern, *rest in redact_module._RULES)
+    rules = tuple(rule._replace(pattern=Refuse(rule.kind)) for rule in redact_module._RULES)
     monkeypatch.setattr(redact_module, "_RULES", rules)
     for text in ["nice answer, thanks", "up", "the model was wrong", "Überraschend gut!", ""]:
         assert redact_text(text) == text

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pipeline.private_files import make_private_dirs, open_private, write_private
 from pipeline.since import to_micros
+from pipeline.term import plain
 
 __all__ = [
     "DIMENSIONS",
@@ -203,7 +204,7 @@ def write_charts(report: Report, directory: Path, stem: str, image_format: str =
     fig = Figure(figsize=(11, 8), layout="constrained")
     for ax, (name, rows) in zip(fig.subplots(2, 2).flat, report.breakdowns.items(), strict=True):
         top = [r for r in rows if r[1].rated or r[2].rated][:8]
-        labels = [k for k, _, _ in top]
+        labels = [plain(k) for k, _, _ in top]  # event text: no control byte reaches a font or a log
         y = list(range(len(top)))
         ax.barh([i + 0.2 for i in y], [m.mean or 0.0 for _, m, _ in top], height=0.4, label="current")
         ax.barh([i - 0.2 for i in y], [m.mean or 0.0 for _, _, m in top], height=0.4, alpha=0.5, label="previous")
@@ -358,5 +359,6 @@ def write_report(r: Report, output: Path, fmt: Literal["md", "html"], image_form
     returns every file written, the report first."""
     charts = write_charts(r, output.parent, output.stem, image_format)
     text = render_markdown(r, charts) if fmt == "md" else render_html(r, charts)
-    write_private(output, text)
+    # Event text shows its control characters as escapes: `cat report.md` cannot drive the terminal.
+    write_private(output, plain(text, newlines=True))
     return [output, *charts.values()]

@@ -7,6 +7,7 @@ for the daily JSONL files, as in the original spec.
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -128,6 +129,11 @@ class Settings(BaseSettings):
     gateway_publish_timeout_s: float = Field(
         default=10.0, gt=0, description="How long to wait for Kafka's acknowledgement before answering 503."
     )
+    trusted_proxies: str = Field(
+        default="",
+        description="Comma-separated addresses or networks (CIDR) of proxies whose requests may name the "
+        "client in the body (`client_ip`); from any other peer, the peer's address is the rate-limit subject.",
+    )
 
     # --- the gate ----------------------------------------------------------
     allow_text: bool = Field(
@@ -202,6 +208,17 @@ class Settings(BaseSettings):
         for event_type, rate in value.items():
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"rate for {event_type!r} must be in [0, 1], got {rate}")
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_are_networks(cls, value: str) -> str:
+        for entry in (e.strip() for e in value.split(",")):
+            if entry:
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ValueError(f"{entry!r} is not an IP address or network (e.g. 10.0.0.5, 10.0.0.0/8)") from None
         return value
 
     @field_validator("rate_limit_overrides")

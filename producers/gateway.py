@@ -2,16 +2,23 @@
 
 Every request is checked in this order: token (401, constant-time, several tokens
 for rotation), content type (415), size (413), JSON and schema (422, naming each
-field), the subject's token bucket (429 with Retry-After). An accepted event has
-its PII redacted with the stream's own code, and the gateway answers 202 only
-once Kafka has acknowledged it; when Kafka does not, 503 with Retry-After, and the
-client keeps the event. Bad input never produces a 5xx.
+field), the gate's field size limits (422, naming the field and the limit, checked
+before any redaction), the subject's token bucket (429 with Retry-After). An
+accepted event has its PII redacted with the stream's own code (off the event loop
+for large bodies, so one request cannot hold up /healthz or the others), and the
+gateway answers 202 only once Kafka has acknowledged it; when Kafka does not, 503
+with Retry-After, and the client keeps the event. Bad input never produces a 5xx.
+
+The rate-limit subject is the user id, else the peer's address: a ``client_ip`` in the
+body counts only when the peer is one of ``FEEDBACK_TRUSTED_PROXIES``. Tokens shorter
+than :data:`MIN_TOKEN_CHARS` are refused at start.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import math
 import time
@@ -19,6 +26,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import orjson
 from confluent_kafka import KafkaError, KafkaException
 from fastapi import FastAPI, Request
@@ -36,13 +45,49 @@ from schemas.bulk import Accepted, BulkEncoder, Refused
 from schemas.models import FREE_TEXT_FIELDS, FeedbackEvent
 from schemas.serde import AvroSerde
 from stream_processors.ratelimit import BucketState, RateLimit, take_token
-from stream_processors.redact import redact_text
+from stream_processors.redact import redact_extra, redact_text
+from stream_processors.validate import Limits
 
-__all__ = ["create_gateway", "gateway_from_env", "problems"]
+__all__ = ["MIN_TOKEN_CHARS", "create_gateway", "gateway_from_env", "oversize", "problems"]
 
 log = logging.getLogger(__name__)
 
 MAX_DEPTH = 32
+#: The shortest internal token the gateway starts with.
+MIN_TOKEN_CHARS = 32
+#: Bodies up to this size are redacted on the event loop (a few ms at worst, rules being
+#: linear); larger ones in a worker thread, at most :data:`REDACT_THREADS` at a time.
+INLINE_REDACT_BYTES = 4096
+REDACT_THREADS = 2
+_TEXT_NAMES = ("text", "comment", "corrected_response")
+
+
+def oversize(item: Any, limits: Limits) -> dict[str, str] | None:
+    """The gate's size rule ``item`` breaks, as ``{"field", "rule"}``, or None: each free-text
+    field at most ``limits.max_text_chars`` characters, the payload at most
+    ``limits.max_payload_bytes`` bytes of JSON. Cheap, so it runs before any redaction."""
+    payload = item.get("payload") if isinstance(item, dict) else None
+    if not isinstance(payload, dict):
+        return None  # the schema check names what is wrong
+    extra = payload.get("extra")
+    fields = extra if isinstance(extra, dict) and set(payload) <= {*_TEXT_NAMES, "extra"} else payload
+    for name in _TEXT_NAMES:
+        value = payload.get(name)
+        if isinstance(value, str) and len(value) > limits.max_text_chars:
+            return {"field": f"payload.{name}", "rule": f"longer than {limits.max_text_chars} characters"}
+    # JSON takes at most 6 bytes a character (\u escapes), ~32 a number or separator.
+    entries = [*fields.items(), *(payload.items() if fields is not payload else ())]
+    chars = sum(len(k) + (len(v) if isinstance(v, str) else 0) + 32 for k, v in entries if isinstance(k, str))
+    if chars * 6 > limits.max_payload_bytes:  # only then can the JSON be over the limit: measure it
+        avro_form = {name: payload.get(name) for name in _TEXT_NAMES}
+        avro_form["extra"] = {k: v for k, v in fields.items() if k not in _TEXT_NAMES}
+        try:
+            size = len(orjson.dumps(avro_form))  # as the gate measures it (stream_processors.validate)
+        except (orjson.JSONEncodeError, TypeError):
+            return None  # (a lone surrogate): the schema check decides
+        if size > limits.max_payload_bytes:
+            return {"field": "payload", "rule": f"{size} bytes is over the {limits.max_payload_bytes}-byte limit"}
+    return None
 
 
 def problems(exc: ValidationError, prefix: str = "") -> list[dict[str, str]]:
@@ -97,7 +142,7 @@ class _Redactor:
         for key in FREE_TEXT_FIELDS:
             if isinstance(out.get(key), str):
                 out[key] = self.text(out[key])
-        out["extra"] = {k: self.text(v) if isinstance(v, str) else v for k, v in payload["extra"].items()}
+        out["extra"] = redact_extra(payload["extra"], text=self.text)
         return out
 
 
@@ -170,6 +215,16 @@ def create_gateway(settings: Settings, publisher: AsyncProducer | None = None) -
     tokens = [t.strip().encode() for t in raw.split(",") if t.strip()]
     if not tokens:
         raise ConfigError("FEEDBACK_INTERNAL_TOKENS: set at least one token (comma-separated) for the gateway")
+    short = [i for i, t in enumerate(tokens, start=1) if len(t) < MIN_TOKEN_CHARS]
+    if short:
+        raise ConfigError(
+            f"FEEDBACK_INTERNAL_TOKENS: every token must be at least {MIN_TOKEN_CHARS} characters; "
+            f"token {', '.join(map(str, short))} of {len(tokens)} is shorter (e.g. python -c "
+            "'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    proxies = [ipaddress.ip_network(e.strip(), strict=False) for e in settings.trusted_proxies.split(",") if e.strip()]
+    limits = Limits(max_payload_bytes=settings.max_payload_bytes, max_text_chars=settings.max_text_chars)
+    redact_threads = anyio.CapacityLimiter(REDACT_THREADS)
     registry = CollectorRegistry()
     requests_total = Counter("feedback_gateway_requests", "Requests by endpoint and status.", ["endpoint", "status"],
                              registry=registry)  # fmt: skip
@@ -218,9 +273,10 @@ def create_gateway(settings: Settings, publisher: AsyncProducer | None = None) -
             matched |= hmac.compare_digest(given, token)
         return matched
 
-    async def read_json(scope: Scope, receive: Receive, endpoint: str, limit: int) -> Any:
-        """The request's JSON document, or the :class:`_Reply` refusing it. Reads the ASGI
-        messages itself: the same checks as through Starlette's Request, without building one."""
+    async def read_json(scope: Scope, receive: Receive, endpoint: str, limit: int) -> tuple[Any, int]:
+        """The request's JSON document and its size in bytes, or the :class:`_Reply` refusing it.
+        Reads the ASGI messages itself: the same checks as through Starlette's Request,
+        without building one."""
         token = ctype = declared = None
         for name, value in scope["headers"]:  # ASGI header names are lower case; the first one counts
             if name == b"x-internal-token":
@@ -230,19 +286,19 @@ def create_gateway(settings: Settings, publisher: AsyncProducer | None = None) -
             elif name == b"content-length":
                 declared = value if declared is None else declared
         if not authorized(token or b""):
-            return reply(endpoint, 401, {"error": "unauthorized"})
+            return reply(endpoint, 401, {"error": "unauthorized"}), 0
         if ctype != b"application/json" and (
             ctype is None or ctype.decode("latin-1").split(";")[0].strip().lower() != "application/json"
         ):
-            return reply(endpoint, 415, {"error": "content type must be application/json"})
+            return reply(endpoint, 415, {"error": "content type must be application/json"}), 0
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return reply(endpoint, 413, {"error": f"body over {limit} bytes"})
+            return reply(endpoint, 413, {"error": f"body over {limit} bytes"}), 0
         message = await receive()
         if message["type"] != "http.request":
             raise ClientDisconnect()
         body = message.get("body", b"")
         if len(body) > limit:
-            return reply(endpoint, 413, {"error": f"body over {limit} bytes"})
+            return reply(endpoint, 413, {"error": f"body over {limit} bytes"}), 0
         if message.get("more_body", False):  # chunked, or sent in pieces: gather, counting as it comes
             buffer = bytearray(body)
             while True:
@@ -251,28 +307,46 @@ def create_gateway(settings: Settings, publisher: AsyncProducer | None = None) -
                     raise ClientDisconnect()
                 buffer += message.get("body", b"")
                 if len(buffer) > limit:
-                    return reply(endpoint, 413, {"error": f"body over {limit} bytes"})
+                    return reply(endpoint, 413, {"error": f"body over {limit} bytes"}), 0
                 if not message.get("more_body", False):
                     break
             body = buffer
         try:
             data = orjson.loads(body)  # rejects NaN, invalid UTF-8 and trailing garbage
         except orjson.JSONDecodeError:
-            return reply(endpoint, 422, {"error": "invalid", "problems": [{"field": "body", "rule": "not valid JSON"}]})
+            return reply(
+                endpoint, 422, {"error": "invalid", "problems": [{"field": "body", "rule": "not valid JSON"}]}
+            ), 0
         if _too_deep(data):
             return reply(endpoint, 422, {"error": "invalid", "problems": [
-                {"field": "body", "rule": f"nested deeper than {MAX_DEPTH} levels"}]})  # fmt: skip
-        return data
+                {"field": "body", "rule": f"nested deeper than {MAX_DEPTH} levels"}]}), 0  # fmt: skip
+        return data, len(body)
 
-    def judge(items: list[Any], client_ip: str | None) -> list[Accepted | Refused]:
+    def trusted(peer: str | None) -> bool:
+        if not proxies or peer is None:
+            return False
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in network for network in proxies)
+
+    def encode(items: list[Any], client_ip: str | None, from_proxy: bool) -> list[Accepted | Refused]:
+        # A client_ip in the body is the subject only from a trusted proxy; else the peer's address.
+        return bulk.encode(
+            [{**item, "client_ip": (from_proxy and item.get("client_ip")) or client_ip}
+             if isinstance(item, dict) else item for item in items]
+        )  # fmt: skip
+
+    async def judge(items: list[Any], client_ip: str | None, body_bytes: int) -> list[Accepted | Refused]:
         """Validation, hash, redaction (nothing unredacted reaches Kafka) and Avro bytes for
         each item, exactly as the model would (schemas.bulk: a fast check, and FeedbackEvent
-        itself for anything it is unsure of). The request's address fills a missing or empty
-        client_ip."""
-        return bulk.encode(
-            [{**item, "client_ip": item.get("client_ip") or client_ip} if isinstance(item, dict) else item
-             for item in items]
-        )  # fmt: skip
+        itself for anything it is unsure of). Items over the gate's size limits must be taken
+        out before (:func:`oversize`). A large body is redacted in a worker thread."""
+        from_proxy = trusted(client_ip)
+        if body_bytes <= INLINE_REDACT_BYTES:
+            return encode(items, client_ip, from_proxy)
+        return await anyio.to_thread.run_sync(encode, items, client_ip, from_proxy, limiter=redact_threads)
 
     def refusal(outcome: Refused, where: str) -> list[dict[str, str]]:
         """The problems of a refused item; ``where`` is its place in the body ("" for the body)."""
@@ -288,10 +362,13 @@ def create_gateway(settings: Settings, publisher: AsyncProducer | None = None) -
         return client[0] if client else None
 
     async def single(scope: Scope, receive: Receive) -> _Reply:
-        data = await read_json(scope, receive, "single", settings.gateway_max_body_bytes)
+        data, size = await read_json(scope, receive, "single", settings.gateway_max_body_bytes)
         if isinstance(data, _Reply):
             return data
-        [event] = judge([data], client_host(scope))
+        too_large = oversize(data, limits)
+        if too_large is not None:
+            return reply("single", 422, {"error": "invalid", "problems": [too_large]})
+        [event] = await judge([data], client_host(scope), size)
         if isinstance(event, Refused):
             return reply("single", 422, {"error": "invalid", "problems": refusal(event, "")})
         wait = buckets.take(event.key.decode(), time.time())  # the key: user_id, else client_ip, else source
@@ -310,7 +387,7 @@ def create_gateway(settings: Settings, publisher: AsyncProducer | None = None) -
         return reply("single", 202, {"event_id": event.event_id, "hash": event.hash})
 
     async def batch(scope: Scope, receive: Receive) -> _Reply:
-        data = await read_json(scope, receive, "batch", settings.gateway_max_batch_bytes)
+        data, size = await read_json(scope, receive, "batch", settings.gateway_max_batch_bytes)
         if isinstance(data, _Reply):
             return data
         items = data.get("events") if isinstance(data, dict) else data
@@ -319,11 +396,18 @@ def create_gateway(settings: Settings, publisher: AsyncProducer | None = None) -
                 {"field": "events", "rule": "must be a list of events"}]})  # fmt: skip
         if len(items) > settings.gateway_max_batch:
             return reply("batch", 413, {"error": f"more than {settings.gateway_max_batch} events"})
-        outcomes = judge(items, client_host(scope))
+        too_large = [oversize(item, limits) for item in items]
+        fit = [item for item, problem in zip(items, too_large, strict=True) if problem is None]
+        judged = iter(await judge(fit, client_host(scope), size) if fit else [])
+        outcomes = [next(judged) if problem is None else problem for problem in too_large]
         results: list[dict[str, Any]] = []
         to_send: list[tuple[int, tuple[bytes, bytes]]] = []
         now = time.time()
         for i, outcome in enumerate(outcomes):
+            if isinstance(outcome, dict):  # over a size limit: never redacted nor encoded
+                results.append({"index": i, "status": 422, "problems": [
+                    {"field": f"events.{i}.{outcome['field']}", "rule": outcome["rule"]}]})  # fmt: skip
+                continue
             if isinstance(outcome, Refused):
                 results.append({"index": i, "status": 422, "problems": refusal(outcome, f"events.{i}")})
                 continue

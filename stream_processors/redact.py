@@ -20,7 +20,7 @@ import functools
 import hmac
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from stream_processors.redact_rules import RULES, Rule
@@ -32,6 +32,7 @@ __all__ = [
     "guard_text",
     "pseudonymize",
     "redact_event",
+    "redact_extra",
     "redact_payload",
     "redact_text",
 ]
@@ -97,18 +98,22 @@ def redact_text(text: str, counts: Counter[str] | None = None) -> str:
     return text
 
 
-def _redact_keys(extra: dict[str, Any], counts: Counter[str] | None) -> dict[str, Any]:
-    """``extra`` with keys and string values redacted; a key that redacts to one already
-    there gets ``#2``, ``#3``... so no value is lost."""
+def redact_extra(
+    extra: dict[str, Any], counts: Counter[str] | None = None, *, text: Callable[[str], str] | None = None
+) -> dict[str, Any]:
+    """A copy of the payload map with keys and string values redacted (by ``text``, default
+    :func:`redact_text` counting into ``counts``); a key that redacts to one already there
+    gets ``#2``, ``#3``... so no value is lost."""
+    redact: Callable[[str], str] = text or (lambda s: redact_text(s, counts))
     out: dict[str, Any] = {}
     for key, value in extra.items():
-        new_key = redact_text(key, counts) if isinstance(key, str) else key
+        new_key = redact(key) if isinstance(key, str) else key
         if new_key != key:
             n = 2
             base = new_key
             while new_key in out or new_key in extra:
                 new_key, n = f"{base}#{n}", n + 1
-        out[new_key] = redact_text(value, counts) if isinstance(value, str) else value
+        out[new_key] = redact(value) if isinstance(value, str) else value
     return out
 
 
@@ -119,7 +124,7 @@ def redact_payload(payload: dict[str, Any], counts: Counter[str] | None = None) 
     for key in ("text", "comment", "corrected_response"):
         if isinstance(out.get(key), str):
             out[key] = redact_text(out[key], counts)
-    out["extra"] = _redact_keys(payload["extra"], counts)
+    out["extra"] = redact_extra(payload["extra"], counts)
     return out
 
 

@@ -31,8 +31,8 @@ from tests.integration.kafka_read import read_partitions, read_topic
 
 pytestmark = pytest.mark.integration
 
-TOKENS = "old-token-0123456789,new-token-9876543210"
-AUTH = {"X-Internal-Token": "new-token-9876543210", "Content-Type": "application/json"}
+TOKENS = "old-token-0123456789-abcdefghijklmnop,new-token-9876543210-zyxwvutsrqponm"
+AUTH = {"X-Internal-Token": "new-token-9876543210-zyxwvutsrqponm", "Content-Type": "application/json"}
 EVENT = {"source": "dream_ui", "type": "thumbs", "user_id": "u-1", "payload": {"direction": "up"}}
 
 
@@ -86,7 +86,7 @@ def test_accepts_after_kafka_acknowledges_and_redacts_first(gateway: tuple[TestC
     assert record["event_id"] == answer["event_id"] and record["hash"] == answer["hash"]
     assert record["payload"]["comment"] == "mail me at [EMAIL]" and record["payload"]["extra"]["ref"] == "[PHONE]"
     assert record["client_ip"] == "testclient"
-    old = {**AUTH, "X-Internal-Token": "old-token-0123456789"}  # both tokens work during rotation
+    old = {**AUTH, "X-Internal-Token": "old-token-0123456789-abcdefghijklmnop"}  # both tokens work during rotation
     assert (
         client.post("/internal/feedback", content=orjson.dumps({**EVENT, "user_id": "u-2"}), headers=old).status_code
         == 202
@@ -262,7 +262,7 @@ def test_depth_check_equals_the_recursive_definition(value: object, wrap: int) -
 def test_serve_with_workers_answers_concurrent_posts_after_the_ack(isolated: Settings, tmp_path: Path) -> None:
     ensure_topics(isolated)
     port = _free_port()
-    token = "workers-token-0123456789"
+    token = "workers-token-0123456789-abcdefghijk"
     env = {**os.environ, **isolated.model_copy(update={"internal_tokens": token}).to_env()}
     cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--port", str(port), "--workers", "2"]
     with open(tmp_path / "gateway.log", "wb") as log:

@@ -16,7 +16,7 @@ from producers.gateway import create_gateway
 
 pytestmark = pytest.mark.integration
 
-TOKEN = "fuzz-token-0123456789"
+TOKEN = "fuzz-token-0123456789-abcdefghijklmnop"
 
 
 @pytest.mark.parametrize("path", ["/internal/feedback", "/internal/feedback/batch", "/healthz", "/readyz"])

@@ -21,8 +21,8 @@ from pipeline.settings import Settings
 from producers.gateway import create_gateway
 from schemas.serde import AvroSerde
 
-TOKEN = "unit-token-0123456789"
-OTHER = "rotated-token-9876543210"
+TOKEN = "unit-token-0123456789-abcdefghijklmnop"
+OTHER = "rotated-token-9876543210-zyxwvutsrqponm"
 EVENT = {"source": "dream_ui", "type": "thumbs", "user_id": "u-1", "payload": {"direction": "up", "comment": "ok"}}
 JSON = [(b"x-internal-token", TOKEN.encode()), (b"content-type", b"application/json")]
 

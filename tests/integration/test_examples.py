@@ -58,7 +58,7 @@ def test_steer_model_example_follows_directive_bias(isolated: Settings) -> None:
 def test_gateway_curl_session(isolated: Settings, tmp_path: Path) -> None:
     ensure_topics(isolated)
     port = _free_port()
-    token = "example-token-0123456789"
+    token = "example-token-0123456789-abcdefghijk"
     settings = isolated.model_copy(update={"internal_tokens": token, "gateway_port": port})
     with pipeline_process(settings, "serve", tmp_path / "gateway.log") as gateway:
         deadline = time.monotonic() + 30

@@ -61,7 +61,7 @@ def test_the_runbook_has_curl_examples() -> None:
 
 def test_curl_examples_against_the_real_gateway(isolated: Settings, tmp_path: Path) -> None:
     ensure_topics(isolated)
-    port, token = _free_port(), "runbook-token-0123456789"
+    port, token = _free_port(), "runbook-token-0123456789-abcdefghijk"
     settings = isolated.model_copy(update={"internal_tokens": token, "gateway_port": port})
     examples = curl_examples(RUNBOOK.read_text(encoding="utf-8"))
     url = f"http://127.0.0.1:{port}"

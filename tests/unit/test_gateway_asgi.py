@@ -333,3 +333,64 @@ def test_a_batch_judges_each_item_as_a_single_post_would() -> None:
     assert [r["event_id"] for r in results if r["status"] == 202] == [
         AvroSerde().decode(value)["event_id"] for _, value in together.sent
     ]
+
+
+# --- limits before redaction, trusted proxies, token length --------------------------------
+
+
+def test_a_field_over_the_gates_limit_is_refused_before_redaction(monkeypatch: Any) -> None:
+    import producers.gateway as gateway_module
+
+    def no_redaction(_text: str) -> str:
+        raise AssertionError("redacted an oversized field")
+
+    sent = FakePublisher()
+    app = _gateway(sent, max_text_chars=1000, max_payload_bytes=4000)
+    monkeypatch.setattr(gateway_module, "redact_text", no_redaction)
+    long_text = {**EVENT, "payload": {"comment": "a." * 600 + "@"}}
+    answer = call(app, "/internal/feedback", JSON, [orjson.dumps(long_text)])
+    assert answer is not None and answer.status == 422
+    assert answer.json()["problems"] == [{"field": "payload.comment", "rule": "longer than 1000 characters"}]
+    big = {**EVENT, "payload": {f"k{i}": "x" * 900 for i in range(5)}}
+    answer = call(app, "/internal/feedback", JSON, [orjson.dumps(big)])
+    assert answer is not None and answer.status == 422
+    [problem] = answer.json()["problems"]
+    assert problem["field"] == "payload" and problem["rule"].endswith("is over the 4000-byte limit")
+    monkeypatch.undo()
+    batch = call(app, "/internal/feedback/batch", JSON, [orjson.dumps([EVENT, long_text, EVENT])])
+    assert batch is not None and [r["status"] for r in batch.json()["results"]] == [202, 422, 202]
+    assert batch.json()["results"][1]["problems"] == [
+        {"field": "events.1.payload.comment", "rule": "longer than 1000 characters"}
+    ]
+    assert len(sent.sent) == 2 and b"a.a." not in b"".join(v for _, v in sent.sent)
+
+
+@pytest.mark.parametrize(
+    ("proxies", "subject"), [("", b"10.1.2.3"), ("10.0.0.0/8", b"192.0.2.7"), ("10.1.2.4", b"10.1.2.3")]
+)
+def test_client_ip_in_the_body_counts_only_from_a_trusted_proxy(proxies: str, subject: bytes) -> None:
+    sent = FakePublisher()
+    body = {**EVENT, "user_id": None, "client_ip": "192.0.2.7"}
+    answer = call(_gateway(sent, trusted_proxies=proxies), "/internal/feedback", JSON, [orjson.dumps(body)])
+    assert answer is not None and answer.status == 202
+    ((key, value),) = sent.sent
+    assert key == subject and AvroSerde().decode(value)["client_ip"] == subject.decode()
+
+
+def test_trusted_proxies_must_be_addresses_or_networks() -> None:
+    from pydantic import ValidationError
+
+    assert Settings(trusted_proxies="10.0.0.5, 10.0.0.0/8,::1").trusted_proxies
+    with pytest.raises(ValidationError, match=r"'proxy\.local' is not an IP address or network"):
+        Settings(trusted_proxies="10.0.0.5,proxy.local")
+
+
+def test_tokens_shorter_than_32_characters_refuse_to_start() -> None:
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=r"FEEDBACK_INTERNAL_TOKENS: .*at least 32 characters; token 2 of 2"
+    ) as caught:
+        create_gateway(Settings(internal_tokens=f"{TOKEN},short-0123456789"), publisher=FakePublisher())  # type: ignore[arg-type]
+    assert "short-0123456789" not in str(caught.value)
+    create_gateway(Settings(internal_tokens="x" * 32), publisher=FakePublisher())  # type: ignore[arg-type]

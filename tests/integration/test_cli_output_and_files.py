@@ -191,3 +191,31 @@ def test_exports_and_reports_are_private_under_a_permissive_umask(hostile: Hosti
     assert _mode(target / "new") == _mode(target / "reports") == 0o700
     assert _mode(target) == 0o755  # a folder the caller chose is theirs: not changed
     assert existing.read_text() != "old\n"
+
+
+def test_a_sink_run_leaves_only_private_files(isolated: Settings) -> None:
+    """The real sink process on a JSONL folder that existed with wide bits (and a 0644 file in
+    it): afterwards every file there is 0600 and every folder 0700."""
+    folder = Path(isolated.path)
+    folder.mkdir(parents=True)
+    os.chmod(folder, 0o755)
+    (folder / "README.txt").write_text("made by hand\n")
+    os.chmod(folder / "README.txt", 0o644)
+    ensure_topics(isolated)
+    serde = AvroSerde()
+    producer = Producer({"bootstrap.servers": isolated.kafka_bootstrap})
+    for i in range(20):
+        record = _record(f"s{i}", timedelta(seconds=i), user_id=f"u_{i:032d}")
+        producer.produce(
+            Topics(isolated.topic_prefix).clean, key=record["user_id"].encode(), value=serde.encode(record)
+        )
+    assert producer.flush(30) == 0
+    result = run_cli(isolated, "sink", "--idle-exit", "8", env={"FEEDBACK_LOG_LEVEL": "WARNING"}, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    day_files = list(folder.glob("feedback-*.jsonl"))
+    assert sum(len(p.read_bytes().splitlines()) for p in day_files) == 20
+    modes = {
+        str(p): oct(_mode(p)) for p in (folder, *folder.rglob("*")) if _mode(p) != (0o700 if p.is_dir() else 0o600)
+    }
+    assert modes == {}
+    assert _mode(folder) == 0o700 and _mode(folder / "README.txt") == 0o600

@@ -15,6 +15,7 @@ writes is readable by another local user. Two layers:
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from pathlib import Path
@@ -33,6 +34,8 @@ __all__ = [
     "tighten_tree",
     "write_private",
 ]
+
+log = logging.getLogger(__name__)
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
@@ -64,11 +67,16 @@ def tighten(path: str | os.PathLike[str]) -> None:
 
 
 def tighten_tree(root: str | os.PathLike[str]) -> None:
-    """:func:`tighten` ``root`` and everything under it (symlinks are not followed)."""
+    """:func:`tighten` ``root`` and everything under it (symlinks are not followed). An entry
+    of another user, whose mode we may not change, is logged (by path) and left as it is."""
     tighten(root)
     for folder, dirs, files in os.walk(root):
         for name in (*dirs, *files):
-            tighten(os.path.join(folder, name))
+            path = os.path.join(folder, name)
+            try:
+                tighten(path)
+            except PermissionError:
+                log.warning("cannot_tighten path=%s reason=not_owner", path)
 
 
 def make_private_dirs(path: str | os.PathLike[str]) -> Path:

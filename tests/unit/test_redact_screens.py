@@ -71,6 +71,14 @@ FRAGMENTS = [
     "AKIAIOSFODNN7EXAMPLE", "AKIA", "ghp_" + "a" * 36, "gho_abc", "xoxb-1234567890-abc", "xox",
     "AIza" + "B" * 35, "AIza", "api_key=supersecret123", "API-KEY : hunter22222", "secret=abcdef", "password:hunter2",
     "password=", "key=value",
+    # families added with the linear-time rules (and their (?i) look-alike letters)
+    "-----BEGIN RSA PRIVATE KEY-----\nMIIE+/=\n-----END RSA PRIVATE KEY-----", "-----BEGIN PRIVATE KEY-----",
+    "postgres://user:pw@db", "redis://:secret1@h", "x://a:b", "github_pat_" + "A" * 30, "xapp-1-A012345678-1",
+    "https://hooks.slack.com/services/T0/B0/x", "whsec_" + "a" * 24, "ya29." + "a" * 24, "1//0" + "a" * 30,
+    "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "john dot doe at example dot com", "a [at] b [dot] com",
+    "a(at)b(dot)org", " AT ", " DOT ", "josé@exämple.de", "用户@例子.广告", "pa\u017fsword=hunter22",
+    "\u212aey: abcdefgh", "tok\u212aen=abcdefgh", "BE\u212aRER", "be\u0430rer", "at", "dot", "(at)", "[dot]",
+    "+49 30 12345678", "07700 900123", "01 23 45 67 89", "(11) 91234-5678", "98765 43210", "Petrov: ",
     # digits that are not ASCII, look-alikes, separators
     " ".join(["\u0664\u0661\u0661\u0661", *["\u0661" * 4] * 3]),  # Arabic-Indic digits
     "\u0967\u0968\u0969-\u096a\u096b-\u096c\u096d\u096e\u096f", "\uff10\uff11\uff12\uff13",  # Devanagari, full-width

@@ -39,6 +39,7 @@ class ServiceStatus:
     address: str
     log_path: str
     data_dir: str
+    connect: str = ""  # how an analyst connects (user, where the password is), when that is not obvious
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -359,12 +360,31 @@ class EmbeddedClickHouse:
             str(settings.clickhouse_port),
             "--data-dir",
             str(self.data),
+            "--password-file",
+            str(settings.clickhouse_password_file),
         ]
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
-        }
-        self.process = ManagedProcess("clickhouse", argv, self.home / "clickhouse.pid", self.log, str(self.data), env)
+        self.process = ManagedProcess(
+            "clickhouse", argv, self.home / "clickhouse.pid", self.log, str(self.data), _server_env()
+        )
+
+    def _write_password(self) -> None:
+        """The password file the server reads (0600): FEEDBACK_CLICKHOUSE_PASSWORD when set, else
+        the generated one (created on first start); clients read the same file."""
+        path = self.settings.clickhouse_password_file
+        wanted = self.settings.clickhouse_password
+        if not wanted:
+            self.settings.clickhouse_secret()  # generates it unless present
+            os.chmod(path, 0o600)
+            return
+        if path.exists() and path.read_text().strip() == wanted:
+            os.chmod(path, 0o600)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(wanted + "\n")
+        os.replace(tmp, path)
 
     def _ready(self) -> bool:
         try:
@@ -384,6 +404,7 @@ class EmbeddedClickHouse:
             )
         private_dir(self.data)
         tighten_tree(self.home)  # data and log from before they were private
+        self._write_password()
         self.process.start()
         wait_until(self._ready, timeout, "embedded ClickHouse", self.process.is_running, self.log)
 
@@ -398,7 +419,21 @@ class EmbeddedClickHouse:
             self.settings.clickhouse_endpoint,
             str(self.log),
             str(self.data),
+            f"{self.settings.clickhouse_endpoint} user {self.settings.clickhouse_user}, password in "
+            f"{self.settings.clickhouse_password_file}",
         )
+
+
+#: The only variables the embedded ClickHouse server inherits: it must hold no project secret
+#: (FEEDBACK_INTERNAL_TOKENS, FEEDBACK_PSEUDONYM_KEY, the ClickHouse password: that one it reads
+#: from its 0600 file), whatever a query could still reach.
+_SERVER_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "TZ")
+
+
+def _server_env() -> dict[str, str]:
+    env = {name: os.environ[name] for name in _SERVER_ENV if name in os.environ}
+    env["PYTHONPATH"] = str(PROJECT_ROOT)
+    return env
 
 
 class LocalStack:

@@ -8,6 +8,8 @@ for the daily JSONL files, as in the original spec.
 from __future__ import annotations
 
 import ipaddress
+import os
+import secrets
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -258,6 +260,41 @@ class Settings(BaseSettings):
     @property
     def uses_embedded_clickhouse(self) -> bool:
         return self.clickhouse_url is None
+
+    @property
+    def clickhouse_password_file(self) -> Path:
+        """Where the embedded ClickHouse server's password is kept (mode 0600)."""
+        return Path(self.state_dir) / "clickhouse" / "password"
+
+    def clickhouse_secret(self) -> str:
+        """The password every ClickHouse client sends.
+
+        ``FEEDBACK_CLICKHOUSE_PASSWORD`` when set. Otherwise, with the embedded server, the one
+        in :attr:`clickhouse_password_file`, generated there on first use (by the server's
+        launcher or by whichever client comes first; concurrent first uses agree).
+        """
+        if self.clickhouse_password or not self.uses_embedded_clickhouse:
+            return self.clickhouse_password
+        return _local_secret(self.clickhouse_password_file)
+
+
+def _local_secret(path: Path) -> str:
+    """The secret in ``path``, created first if absent (0600, atomically: the first writer wins)."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(24) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)  # fails if another process won the race; then use theirs
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_text().strip()
 
 
 def _env_name(loc: tuple[int | str, ...]) -> str:

@@ -4,21 +4,48 @@ Only one process may open a chDB data directory, so this process owns it and
 serves everyone else over ClickHouse's HTTP interface: clickhouse-connect, curl
 and the pipeline's sinks talk to it exactly as to a real server.
 
-Supported: ``/ping``; queries from the ``query`` URL argument and/or the POST
-body; ``param_<name>`` query parameters; ``database``; any other URL argument as
-a per-query setting; compressed request bodies (gzip, deflate, br, zstd, lz4);
-inserts with data in the body (``INSERT ... FORMAT X`` + data), which are
-written to a temporary file and ingested with ``FROM INFILE`` (fast, and the
-data never passes through SQL text). Requests run in parallel, each on its own chDB
-handle (``--connections``, default 4). Errors come back as ClickHouse does:
-HTTP 500, ``Code: N. DB::Exception: ...`` and ``X-ClickHouse-Exception-Code``.
+Supported: ``/ping`` and ``/replicas_status``; queries from the ``query`` URL argument
+and/or the POST body, or from ``multipart/form-data`` fields (with external tables as file
+parts, ``<name>_structure``/``<name>_format`` URL arguments); ``param_<name>`` query
+parameters; ``database``; any other URL argument as a per-query setting; compressed request
+bodies (gzip, deflate, zstd, lz4); inserts with data in the body (``INSERT ... FORMAT X`` +
+data), written to a temporary file and ingested with ``FROM INFILE`` (the data never passes
+through SQL text); ``INSERT ... SELECT ... FROM input('structure') FORMAT X`` the same way,
+through a temporary table. Requests run in parallel, each on its own chDB handle
+(``--connections``, default 4). Errors come back as ClickHouse does: ``Code: N.
+DB::Exception: ...`` and ``X-ClickHouse-Exception-Code``.
 
-Run: ``python -m sinks.chdb_server --port 8123 --data-dir .local/clickhouse``.
+Hardening (issue 18; ``docs/security.md``, "Embedded ClickHouse server"):
+
+* **Authentication** of the user ``default`` by URL arguments (``user``/``password``),
+  ``X-ClickHouse-User``/``X-ClickHouse-Key`` or HTTP Basic, against the password in
+  ``--password-file`` (mode 0600); anything else is ClickHouse's error 516.
+* **GET is read-only**, as in ClickHouse (``readonly=2``; a write gets error 164).
+* **Browsers are kept out**: any ``Origin`` header, or a ``Host`` that is not loopback, is 403.
+* **A sandbox** (:mod:`sinks.chdb_guard`): the engine's own grants and setting constraints,
+  and a lexer for what clickhouse-local does without asking them (``INTO OUTFILE``,
+  ``FROM INFILE``, several statements, ``Python()``, ``disk()``).
+* **Limits**: body size and decompressed size (streamed, never inflated past the bound),
+  socket timeouts, a bounded number of request threads.
+* **No state leaks between requests**: a handle that ran ``SET``/``USE``, a temporary table or
+  per-query settings is closed and replaced; a ``session_id`` gets its own handle (its
+  settings and temporary tables live there, with ClickHouse's ``SESSION_IS_LOCKED`` for a
+  concurrent request and ``session_timeout``/``session_check``).
+* No CR/LF (or any control character) reaches a response header.
+
+Not supported (a full server's features): users other than ``default``, roles and grants
+management, ``system.query_log``, the native TCP port, streamed results (a result is sent
+once complete), and ClickHouse's own ``compress=1``/``decompress=1`` block framing.
+
+Run: ``python -m sinks.chdb_server --port 8123 --data-dir .local/clickhouse/data --password-file F``.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
+import hmac
 import logging
 import os
 import queue
@@ -30,7 +57,11 @@ import threading
 import time
 import uuid
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from email.parser import BytesParser
+from email.policy import HTTP
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -38,7 +69,9 @@ from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
-__all__ = ["EmbeddedClickHouseServer", "main"]
+from sinks.chdb_guard import GuardError, Statement, check_statement, write_engine_config
+
+__all__ = ["EmbeddedClickHouseServer", "ServerLimits", "main"]
 
 log = logging.getLogger("sinks.chdb_server")
 
@@ -66,6 +99,8 @@ _TRANSPORT_ARGS = frozenset(
         "password",
         "http_response_buffer_size",
         "http_wait_end_of_query",
+        "http_native_compression_disable_checksumming_on_decompress",
+        "cancel_http_readonly_queries_on_client_close",
     }
 )
 _SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -77,168 +112,424 @@ _NOT_SPACE = re.compile(rb"\S")
 _IS_INSERT = re.compile(r"^\s*INSERT\b", re.IGNORECASE)
 _INPUT_FUNCTION = re.compile(r"\binput\(\s*('(?:[^'\\]|\\.)*')\s*\)", re.IGNORECASE)
 _ERROR_CODE = re.compile(r"Code:\s*(\d+)")
+_LOOPBACK_HOST = re.compile(r"^(?:127\.0\.0\.1|localhost|\[::1\])(?::[0-9]{1,5})?$", re.IGNORECASE)
+_HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: Statement kinds a GET may run (ClickHouse's readonly: reads, and settings for the query).
+_READ_KINDS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN", "SET", "USE", "CHECK"})
+#: Statement kinds that leave nothing on the handle that ran them.
+_STATELESS_KINDS = frozenset(
+    {"SELECT", "WITH", "INSERT", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN", "CREATE", "DROP", "ALTER",
+     "TRUNCATE", "OPTIMIZE", "RENAME", "CHECK", "KILL", "UNDROP", "EXCHANGE", "DELETE", "UPDATE"}
+)  # fmt: skip
+
+USER = "default"
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Bounds on what one request may cost the server."""
+
+    max_body_bytes: int = 1 << 30  # a request body as sent (compressed or not)
+    max_decompressed_bytes: int = 2 << 30  # the body after Content-Encoding
+    socket_timeout_s: float = 120.0  # one read or write on a connection; idle keep-alives close after it
+    max_threads: int = 64  # connections served at once; more wait in the listen backlog
+    max_sessions: int = 64  # open session_id handles
+    default_session_timeout_s: float = 60.0
+    max_session_timeout_s: float = 3600.0
 
 
 class QueryError(Exception):
-    """A query ClickHouse rejected; ``code`` is ClickHouse's error code."""
+    """A query ClickHouse rejected; ``code`` is ClickHouse's error code, ``status`` the HTTP status."""
 
-    def __init__(self, message: str, code: int = 1002) -> None:
+    def __init__(self, message: str, code: int = 1002, status: int = 500) -> None:
         super().__init__(message)
         self.code = code
+        self.status = status
 
 
-def _decompress(body: bytes, encoding: str) -> bytes:
+def _error(code: int, name: str, text: str, status: int = 500) -> QueryError:
+    return QueryError(f"Code: {code}. DB::Exception: {text}. ({name})", code, status)
+
+
+# --- request bodies ------------------------------------------------------------------------------
+
+
+def _bounded_chunks(pieces: Iterator[bytes], limit: int) -> bytes:
+    out: list[bytes] = []
+    total = 0
+    for piece in pieces:
+        total += len(piece)
+        if total > limit:
+            raise _error(
+                241, "MEMORY_LIMIT_EXCEEDED", f"Decompressed request body exceeds the server's limit of {limit} bytes",
+                413,
+            )  # fmt: skip
+        out.append(piece)
+    return b"".join(out)
+
+
+_STEP = 1 << 20  # decompress at most this much per call, so a bomb stops at the bound
+
+
+def _inflate_zlib(body: bytes, wbits: int) -> Iterator[bytes]:
+    rest = body
+    while rest:
+        d = zlib.decompressobj(wbits)
+        data = rest
+        while True:
+            piece = d.decompress(data, _STEP)
+            if piece:
+                yield piece
+            data = d.unconsumed_tail
+            if d.eof or (not data and not piece):
+                break
+        if not d.eof:
+            raise ValueError("truncated stream")
+        rest = d.unused_data  # gzip: clients compress each block as its own member
+
+
+def _inflate_lz4(body: bytes) -> Iterator[bytes]:
+    import lz4.frame
+
+    rest = body
+    while rest:
+        d = lz4.frame.LZ4FrameDecompressor()
+        piece = d.decompress(rest, max_length=_STEP)
+        yield piece
+        while not d.eof and not d.needs_input:
+            yield d.decompress(b"", max_length=_STEP)
+        if not d.eof:
+            raise ValueError("truncated lz4 frame")
+        rest = d.unused_data
+
+
+def _inflate_zstd(body: bytes) -> Iterator[bytes]:
+    from backports import zstd
+
+    rest = body
+    while rest:
+        d = zstd.ZstdDecompressor()
+        yield d.decompress(rest, max_length=_STEP)
+        while not d.eof and not d.needs_input:
+            yield d.decompress(b"", max_length=_STEP)
+        if not d.eof:
+            raise ValueError("truncated zstd frame")
+        rest = d.unused_data
+
+
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """The body without its Content-Encoding, never more than ``limit`` bytes of it.
+
+    Raises QueryError: CANNOT_DECOMPRESS (271) for a corrupt body, MEMORY_LIMIT_EXCEEDED past the bound.
+    """
     encoding = encoding.strip().lower()
     if encoding in ("", "identity"):
         return body
     # Clients compress each block separately, so a body can hold several frames/members.
     if encoding == "gzip":
-        import gzip
+        pieces = _inflate_zlib(body, 16 + zlib.MAX_WBITS)
+    elif encoding == "deflate":
+        pieces = _inflate_zlib(body, zlib.MAX_WBITS)
+    elif encoding == "lz4":
+        pieces = _inflate_lz4(body)
+    elif encoding == "zstd":
+        pieces = _inflate_zstd(body)
+    else:
+        raise _error(1002, "UNKNOWN_EXCEPTION", f"Unknown Content-Encoding '{_header_safe(encoding)[:40]}'")
+    try:
+        return _bounded_chunks(pieces, limit)
+    except QueryError:
+        raise
+    except Exception as exc:  # zlib.error, lz4's RuntimeError, zstd.ZstdError, ValueError
+        raise _error(
+            271, "CANNOT_DECOMPRESS", f"Cannot decompress the request body ({encoding}): {type(exc).__name__}"
+        ) from None
 
-        return gzip.decompress(body)
-    if encoding == "deflate":
-        return zlib.decompress(body)
-    if encoding == "lz4":
-        import lz4.frame
 
-        out, rest = [], body
-        while rest:
-            decompressor = lz4.frame.LZ4FrameDecompressor()
-            out.append(decompressor.decompress(rest))
-            if not decompressor.eof:
-                raise ValueError("truncated lz4 frame")
-            rest = decompressor.unused_data
-        return b"".join(out)
-    if encoding == "zstd":
-        from backports import zstd
+@dataclass
+class _External:
+    """An external table of a multipart request: ``name``, its structure, format and data."""
 
-        return bytes(zstd.decompress(body))
-    if encoding == "br":
-        import brotli
+    name: str
+    structure: str
+    fmt: str
+    data: bytes
 
-        return bytes(brotli.decompress(body))
-    raise QueryError(f"Code: 1002. DB::Exception: Unknown Content-Encoding '{encoding}'. (UNKNOWN_EXCEPTION)")
+
+def _multipart(content_type: str, body: bytes) -> tuple[dict[str, str], list[tuple[str, bytes]]]:
+    """(text fields, file parts) of a multipart/form-data body."""
+    message = BytesParser(policy=HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
+    )
+    if not message.is_multipart():
+        raise _error(1002, "UNKNOWN_EXCEPTION", "malformed multipart/form-data body", 400)
+    fields: dict[str, str] = {}
+    files: list[tuple[str, bytes]] = []
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not isinstance(name, str):
+            continue
+        payload = part.get_payload(decode=True) or b""
+        if part.get_param("filename", header="content-disposition") is not None:
+            files.append((name, payload))
+        else:
+            fields[name] = payload.decode("utf-8", "surrogateescape")
+    return fields, files
 
 
 def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def _header_safe(value: str) -> str:
+    return _HEADER_UNSAFE.sub("", value)
+
+
+# --- the engine ----------------------------------------------------------------------------------
+
+
 class _Engine:
     """chDB handles on one data directory, one query at a time per handle.
 
     chDB (4.x) runs queries on separate handles of the same data directory in parallel, each
-    with its own session state (``USE``, ``SET``), so concurrent requests (a sink inserting the
-    chunks of a batch side by side, an analyst querying meanwhile) each take a free handle. Queries with
-    ``{name:Type}`` parameters are run one at a time across handles: libchdb does not promise
-    to keep one handle's parameters from another's while they run in parallel.
+    with its own session state (``USE``, ``SET``, temporary tables), so concurrent requests
+    each take a free handle. A handle a request may have changed (settings, ``SET``, ``USE``,
+    temporary tables) is closed and a fresh one takes its place (opening one costs ~2 ms), so
+    nothing a request does outlives it. Queries with ``{name:Type}`` parameters are run one at
+    a time across handles: libchdb does not promise to keep one handle's parameters from
+    another's while they run in parallel.
     """
 
     def __init__(self, data_dir: Path, connections: int = 4) -> None:
         import chdb
 
+        self._chdb = chdb
         self.data_dir = data_dir
         self.tmp_dir = data_dir / "http_tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.tmp_dir.glob("*.data"):
+            stale.unlink(missing_ok=True)
+        config = write_engine_config(data_dir.parent / f"{data_dir.name}.engine", data_dir)
+        self._dsn = f"file:{data_dir}?config-file={config}"
         self._free: queue.LifoQueue[Any] = queue.LifoQueue()
-        self._handles = []
-        for _ in range(max(1, connections)):
-            conn = chdb.connect(str(data_dir))
-            conn.query("SET session_timezone = 'UTC'")
-            self._handles.append(conn)
-            self._free.put(conn)
-        self._params_lock = threading.Lock()
+        self._count = max(1, connections)
+        first = self.open()
+        self._default_database_on_disk(first)
+        self._free.put(first)
+        for _ in range(self._count - 1):
+            self._free.put(self.open())
+        self.params_lock = threading.Lock()
 
-    def close(self) -> None:
-        """Close every handle, once the queries running on them have finished."""
-        for _ in self._handles:
-            self._free.get().close()
-
-    def run(
-        self,
-        sql: str,
-        fmt: str,
-        *,
-        params: dict[str, str],
-        settings: dict[str, str],
-        database: str,
-        infile: bytes | memoryview | None = None,
-    ) -> tuple[bytes, dict[str, int]]:
-        """Run one statement with per-query settings; returns (result bytes, counters)."""
-        path: str | None = None
-        if infile is not None:
-            fd, path = tempfile.mkstemp(dir=self.tmp_dir, suffix=".data")
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(infile)
-        conn = self._free.get()
-        try:
-            if params:
-                with self._params_lock:
-                    return self._execute(conn, sql, fmt, params, settings, database, path)
-            return self._execute(conn, sql, fmt, params, settings, database, path)
-        finally:
-            self._free.put(conn)
-            if path:
-                os.unlink(path)
+    def open(self) -> Any:
+        conn = self._chdb.connect(self._dsn)
+        conn.query("SET session_timezone = 'UTC'")
+        return conn
 
     @staticmethod
-    def _execute(
-        conn: Any,
-        sql: str,
-        fmt: str,
-        params: dict[str, str],
-        settings: dict[str, str],
-        database: str,
-        infile: str | None,
-    ) -> tuple[bytes, dict[str, int]]:
-        applied: list[str] = []
-        try:
-            conn.query(f"USE `{database.replace('`', '')}`")
-            if settings:  # one statement: all of them apply, or (an unknown one) none
-                conn.query("SET " + ", ".join(f"{name} = {_quote(value)}" for name, value in settings.items()))
-                applied = list(settings)
-            if infile is not None:
-                head = _TRAILING_FORMAT.search(sql)
-                in_fmt = head.group(1) if head else fmt
-                stem = sql[: head.start()] if head else sql
-                if _INPUT_FUNCTION.search(stem):
-                    # INSERT ... SELECT ... FROM input('structure') FORMAT X: the body is input()'s data.
-                    sql = _INPUT_FUNCTION.sub(lambda m: f"file({_quote(infile)}, {_quote(in_fmt)}, {m.group(1)})", stem)
-                else:
-                    sql = f"{stem.rstrip()} FROM INFILE {_quote(infile)} FORMAT {in_fmt}"
-            result = conn.query(sql, fmt, params=params)
-            counters = {
-                "read_rows": int(result.rows_read()),
-                "read_bytes": int(result.bytes_read()),
-                "written_rows": int(result.rows_written()) if infile is None else int(result.rows_read()),
-                "written_bytes": int(result.bytes_written()) if infile is None else int(result.bytes_read()),
-                "elapsed_ns": int(result.elapsed() * 1e9),
-            }
-            return bytes(result.bytes() or b""), counters
-        except QueryError:
-            raise
-        except Exception as exc:  # chDB raises ChdbError (a RuntimeError) with ClickHouse's message
-            message = str(exc).strip()
-            match = _ERROR_CODE.search(message)
-            raise QueryError(message, int(match.group(1)) if match else 1002) from None
-        finally:
-            if applied:
-                _reset(conn, applied)
+    def _default_database_on_disk(conn: Any) -> None:
+        """clickhouse-local's ``default`` is an Overlay over the file system (``SELECT * FROM
+        '/etc/passwd'``); it is re-attached as the plain Atomic database it stores its tables in."""
+        row = bytes(conn.query("SELECT engine, uuid FROM system.databases WHERE name = 'default'", "TSV").bytes())
+        engine, _, db_uuid = row.decode().strip().partition("\t")
+        if engine == "Overlay":
+            conn.query("DETACH DATABASE default")
+            conn.query(f"ATTACH DATABASE default UUID '{db_uuid}' ENGINE = Atomic")
+
+    def close(self) -> None:
+        """Close every pooled handle, once the queries running on them have finished."""
+        for _ in range(self._count):
+            self._free.get().close()
+
+    def acquire(self) -> Any:
+        return self._free.get()
+
+    def release(self, conn: Any, dirty: bool) -> None:
+        if dirty:
+            try:
+                fresh = self.open()
+            except Exception:  # keep the old one rather than shrink the pool
+                log.exception("chdb_handle_reopen_failed")
+                fresh = conn
+            else:
+                conn.close()
+            conn = fresh
+        self._free.put(conn)
+
+    def spool(self, data: bytes | memoryview) -> str:
+        fd, path = tempfile.mkstemp(dir=self.tmp_dir, suffix=".data")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        return path
 
 
-def _reset(conn: Any, names: list[str]) -> None:
-    """Put a handle's settings back to their defaults after a query: one statement, or one per
-    setting if that fails, so a setting that cannot be reset does not keep the others."""
+@dataclass
+class _Session:
+    conn: Any
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    timeout_s: float = 60.0
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class _Sessions:
+    """``session_id`` → its own chDB handle, locked while a request uses it."""
+
+    def __init__(self, engine: _Engine, limits: ServerLimits) -> None:
+        self._engine = engine
+        self._limits = limits
+        self._lock = threading.Lock()
+        self._sessions: dict[str, _Session] = {}
+
+    def acquire(self, session_id: str, timeout_s: float, check: bool) -> _Session:
+        with self._lock:
+            self._expire()
+            session = self._sessions.get(session_id)
+            if session is None:
+                if check:
+                    raise _error(372, "SESSION_NOT_FOUND", f"Session {session_id} not found")
+                if len(self._sessions) >= self._limits.max_sessions:
+                    raise _error(202, "TOO_MANY_SIMULTANEOUS_QUERIES", "Too many open sessions")
+                session = _Session(self._engine.open(), timeout_s=timeout_s)
+                self._sessions[session_id] = session
+            if not session.lock.acquire(blocking=False):
+                raise _error(373, "SESSION_IS_LOCKED", f"Session {session_id} is locked by a concurrent client")
+            session.timeout_s = timeout_s
+            return session
+
+    def release(self, session: _Session) -> None:
+        session.last_used = time.monotonic()
+        session.lock.release()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for key, session in list(self._sessions.items()):
+            if now - session.last_used > session.timeout_s and session.lock.acquire(blocking=False):
+                del self._sessions[key]
+                session.conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            for session in self._sessions.values():
+                session.conn.close()
+            self._sessions.clear()
+
+
+def _counters(result: Any, ingested: bool) -> dict[str, int]:
+    return {
+        "read_rows": int(result.rows_read()),
+        "read_bytes": int(result.bytes_read()),
+        "written_rows": int(result.rows_written()) if not ingested else int(result.rows_read()),
+        "written_bytes": int(result.bytes_written()) if not ingested else int(result.bytes_read()),
+        "elapsed_ns": int(result.elapsed() * 1e9),
+    }
+
+
+def _engine_error(exc: Exception) -> QueryError:
+    message = str(exc).strip()
+    match = _ERROR_CODE.search(message)
+    return QueryError(message, int(match.group(1)) if match else 1002)
+
+
+@dataclass
+class _Request:
+    sql: str  # surrogateescape-decoded: the query's bytes exactly
+    fmt: str
+    params: dict[str, str]
+    settings: dict[str, str]
+    database: str
+    readonly: bool
+    infile: bytes | memoryview | None
+    externals: list[_External]
+    statement: Statement
+
+
+def _sql_bytes(sql: str) -> bytes:
+    return sql.encode("utf-8", "surrogateescape")
+
+
+def _execute(engine: _Engine, conn: Any, req: _Request, in_session: bool) -> tuple[bytes, dict[str, int]]:
+    """Run one request's statement on ``conn``; in a session, per-query settings are put back after."""
+    paths: list[str] = []
+    restore: dict[str, str] = {}
     try:
-        conn.query("SET " + ", ".join(f"{name} = DEFAULT" for name in names))
-        return
-    except Exception:
-        pass
-    for name in names:
-        try:
-            conn.query(f"SET {name} = DEFAULT")
-        except Exception:  # a setting that cannot be reset must not poison the handle
-            log.warning("setting_reset_failed name=%s", name)
+        if not in_session or req.database:
+            conn.query(f"USE `{req.database.replace('`', '')}`")
+        if req.settings:
+            if in_session:
+                names = ", ".join(_quote(n) for n in req.settings)
+                rows = bytes(
+                    conn.query(
+                        f"SELECT name, value FROM system.settings WHERE name IN ({names})", "JSONCompactEachRow"
+                    ).bytes()
+                )
+                restore = {name: value for name, value in (orjson.loads(line) for line in rows.splitlines() if line)}
+            # one statement: all of them apply, or (an unknown one) none
+            conn.query("SET " + ", ".join(f"{name} = {_quote(value)}" for name, value in req.settings.items()))
+        for ext in req.externals:
+            path = engine.spool(ext.data)
+            paths.append(path)
+            conn.query(f"CREATE TEMPORARY TABLE `{ext.name}` ({ext.structure}) ENGINE = Memory")
+            conn.query(f"INSERT INTO `{ext.name}` FROM INFILE {_quote(path)} FORMAT {ext.fmt}")
+        if req.readonly and not in_session and "readonly" not in req.settings:
+            conn.query("SET readonly = 2")  # as ClickHouse does for GET: reads, and settings for the query
+        sql = req.sql
+        ingested = False
+        if req.infile is not None:
+            path = engine.spool(req.infile)
+            paths.append(path)
+            head = _TRAILING_FORMAT.search(sql)
+            in_fmt = head.group(1) if head else req.fmt
+            stem = sql[: head.start()] if head else sql
+            structure = _INPUT_FUNCTION.search(stem)
+            if structure:
+                # INSERT ... SELECT ... FROM input('structure') FORMAT X: the body is input()'s data,
+                # staged in a temporary table (the user may not read files, so not through file()).
+                staging = f"_input_{uuid.uuid4().hex}"
+                conn.query(f"CREATE TEMPORARY TABLE {staging} ({_unquote(structure.group(1))}) ENGINE = Memory")
+                try:
+                    conn.query(f"INSERT INTO {staging} FROM INFILE {_quote(path)} FORMAT {in_fmt}")
+                    sql = stem[: structure.start()] + staging + stem[structure.end() :]
+                    result = _run(engine, conn, sql, req)
+                finally:
+                    conn.query(f"DROP TEMPORARY TABLE IF EXISTS {staging}")
+                return bytes(result.bytes() or b""), _counters(result, False)
+            sql = f"{stem.rstrip()}\nFROM INFILE {_quote(path)} FORMAT {in_fmt}"
+            ingested = True
+        result = _run(engine, conn, sql, req)
+        return bytes(result.bytes() or b""), _counters(result, ingested)
+    except QueryError:
+        raise
+    except Exception as exc:  # chDB raises ChdbError (a RuntimeError) with ClickHouse's message
+        raise _engine_error(exc) from None
+    finally:
+        for path in paths:
+            os.unlink(path)
+        for ext in req.externals if in_session else ():
+            try:
+                conn.query(f"DROP TEMPORARY TABLE IF EXISTS `{ext.name}`")
+            except Exception:
+                log.warning("external_table_drop_failed")
+        if restore:
+            try:
+                conn.query("SET " + ", ".join(f"{n} = {_quote(v)}" for n, v in restore.items()))
+            except Exception:
+                log.warning("session_settings_restore_failed count=%d", len(restore))
+
+
+def _unquote(literal: str) -> str:
+    """A ClickHouse string literal's value (``'a\\'b'`` → ``a'b``)."""
+    body = literal[1:-1]
+    return re.sub(r"\\(.)", lambda m: m.group(1), body).replace("''", "'")
+
+
+def _run(engine: _Engine, conn: Any, sql: str, req: _Request) -> Any:
+    if req.params:
+        with engine.params_lock:
+            return conn.query(_sql_bytes(sql), req.fmt, params=req.params)
+    return conn.query(_sql_bytes(sql), req.fmt)
+
+
+# --- HTTP ----------------------------------------------------------------------------------------
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -246,6 +537,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
 
     def setup(self) -> None:
+        self.timeout = self.server.limits.socket_timeout_s  # StreamRequestHandler applies it to the socket
         super().setup()
         # Without TCP_NODELAY, small request/response pairs wait on delayed ACKs.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -254,134 +546,318 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # our own access log below never includes query text
 
     def do_GET(self) -> None:
-        self._handle(b"")
+        self._serve(read_body=False)
 
     def do_POST(self) -> None:
-        try:
-            body = self._read_body()
-        except (ValueError, OSError):
-            self._send(400, b"Code: 1002. DB::Exception: malformed request body. (UNKNOWN_EXCEPTION)\n", {})
-            return
-        self._handle(body)
+        self._serve(read_body=True)
 
-    def _read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            parts = []
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    break
-                parts.append(self.rfile.read(size))
-                self.rfile.readline()
-            return b"".join(parts)
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
-
-    def _handle(self, body: bytes) -> None:
+    def _serve(self, read_body: bool) -> None:
         started = time.perf_counter()
-        url = urlsplit(self.path)
-        if url.path in ("/ping", "/") and not url.query and not body:
-            self._send(200, b"Ok.\n", {"Content-Type": "text/plain; charset=UTF-8"})
-            return
-        if url.path not in ("/", "/query"):
-            self._send(404, b"Code: 1002. DB::Exception: There is no handle for this path. (UNKNOWN_EXCEPTION)\n", {})
-            return
-        args = dict(parse_qsl(url.query, keep_blank_values=True))
-        query_id = args.get("query_id") or str(uuid.uuid4())
-        status, code = 200, 0
+        status, code, size_in, size_out = 200, 0, 0, 0
         try:
-            body = _decompress(body, self.headers.get("Content-Encoding", ""))
-            sql, infile = self._statement(args.get("query", ""), body)
-            trailing = _TRAILING_FORMAT.search(sql)
-            fmt = trailing.group(1) if trailing and infile is None else args.get("default_format", "TabSeparated")
-            params = {k[6:]: v for k, v in args.items() if k.startswith("param_")}
-            settings = {k: v for k, v in args.items() if k not in _TRANSPORT_ARGS and not k.startswith("param_")}
-            bad = [k for k in settings if not _SETTING_NAME.match(k)]
-            if bad:
-                raise QueryError(f"Code: 115. DB::Exception: Unknown setting '{bad[0]}'. (UNKNOWN_SETTING)", 115)
-            database = args.get("database") or self.headers.get("X-ClickHouse-Database") or "default"
-            result, counters = self.server.engine.run(
-                sql, fmt, params=params, settings=settings, database=database, infile=infile
-            )
-            summary = {k: str(v) for k, v in counters.items()}
-            summary.update(total_rows_to_read=summary["read_rows"], result_rows="0", result_bytes=str(len(result)))
-            headers = {
-                "Content-Type": "text/plain; charset=UTF-8"
-                if fmt.startswith(("TabSeparated", "TSV", "CSV"))
-                else "application/octet-stream",
-                "X-ClickHouse-Format": fmt,
-                "X-ClickHouse-Summary": orjson.dumps(summary).decode(),
-            }
+            refusal = self._refuse_browser()
+            if refusal is not None:
+                raise refusal
+            body = self._read_body() if read_body else b""
+            size_in = len(body)
+            result, headers = self._handle(body)
         except QueryError as exc:
-            status, code = 500, exc.code
+            status, code = exc.status, exc.code
+            if status == 413:
+                self.close_connection = True  # the rest of the body was not read
             result = (str(exc).rstrip() + "\n").encode()
             headers = {"Content-Type": "text/plain; charset=UTF-8", "X-ClickHouse-Exception-Code": str(code)}
-        except (ValueError, OSError, zlib.error) as exc:
-            status, code = 400, 1002
-            result = f"Code: 1002. DB::Exception: bad request: {type(exc).__name__}. (UNKNOWN_EXCEPTION)\n".encode()
-            headers = {"Content-Type": "text/plain; charset=UTF-8", "X-ClickHouse-Exception-Code": str(code)}
-        headers["X-ClickHouse-Query-Id"] = query_id
+            if getattr(exc, "query_id", None):
+                headers["X-ClickHouse-Query-Id"] = exc.query_id  # type: ignore[attr-defined]
+        size_out = len(result)
         self._send(status, result, headers)
         log.info(
             "http method=%s status=%d bytes_in=%d bytes_out=%d ms=%.1f code=%d",
             self.command,
             status,
-            len(body),
-            len(result),
+            size_in,
+            size_out,
             (time.perf_counter() - started) * 1000,
             code,
         )
 
+    def _refuse_browser(self) -> QueryError | None:
+        """A browser's request (any Origin) or a DNS-rebound one (a Host that is not loopback): 403."""
+        if self.headers.get("Origin") is not None:
+            return _error(497, "ACCESS_DENIED", "Requests with an Origin header (browsers) are refused", 403)
+        host = self.headers.get("Host")
+        if host is not None and not _LOOPBACK_HOST.match(host.strip()):
+            return _error(497, "ACCESS_DENIED", "Host must be 127.0.0.1, localhost or [::1]", 403)
+        return None
+
+    def _read_body(self) -> bytes:
+        limit = self.server.limits.max_body_bytes
+        too_big = _error(1002, "UNKNOWN_EXCEPTION", f"Request body exceeds the server's limit of {limit} bytes", 413)
+        try:
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                parts, total = [], 0
+                while True:
+                    size = int(self.rfile.readline(1024).split(b";")[0].strip(), 16)
+                    if size == 0:
+                        for _ in range(100):
+                            if self.rfile.readline(8192) in (b"\r\n", b"\n", b""):
+                                break
+                        break
+                    total += size
+                    if total > limit:
+                        raise too_big
+                    parts.append(self.rfile.read(size))
+                    self.rfile.readline(1024)
+                return b"".join(parts)
+            length = int(self.headers.get("Content-Length") or 0)
+        except (ValueError, OSError):
+            self.close_connection = True
+            raise _error(1002, "UNKNOWN_EXCEPTION", "malformed request body", 400) from None
+        if length < 0:
+            raise _error(1002, "UNKNOWN_EXCEPTION", "malformed request body", 400)
+        if length > limit:
+            raise too_big
+        return self.rfile.read(length) if length else b""
+
+    def _authenticate(self, args: dict[str, str]) -> None:
+        user = args.get("user")
+        password = args.get("password")
+        if user is None and password is None:
+            user = self.headers.get("X-ClickHouse-User")
+            password = self.headers.get("X-ClickHouse-Key")
+        if user is None and password is None:
+            auth = self.headers.get("Authorization", "")
+            if auth[:6].lower() == "basic ":
+                try:
+                    user, _, password = base64.b64decode(auth[6:].strip(), validate=True).decode().partition(":")
+                except (binascii.Error, UnicodeDecodeError):
+                    user, password = "", None
+        user = user or USER
+        expected = self.server.password.encode()
+        given = (password or "").encode("utf-8", "surrogateescape")
+        if not (
+            hmac.compare_digest(user.encode("utf-8", "surrogateescape"), USER.encode())
+            and hmac.compare_digest(given, expected)
+        ):
+            raise _error(
+                516,
+                "AUTHENTICATION_FAILED",
+                f"{_header_safe(user)[:64]}: Authentication failed: password is incorrect, "
+                "or there is no user with such name",
+                403,
+            )
+
+    def _handle(self, body: bytes) -> tuple[bytes, dict[str, str]]:
+        url = urlsplit(self.path)
+        if url.path in ("/ping", "/replicas_status") or (
+            url.path == "/" and not url.query and not body and self.command == "GET"
+        ):
+            return b"Ok.\n", {"Content-Type": "text/plain; charset=UTF-8"}
+        if url.path not in ("/", "/query"):
+            raise _error(1002, "UNKNOWN_EXCEPTION", "There is no handle for this path", 404)
+        args = dict(parse_qsl(url.query, keep_blank_values=True, errors="surrogateescape"))
+        self._authenticate(args)
+        query_id = args.get("query_id") or str(uuid.uuid4())
+        if _HEADER_UNSAFE.search(query_id) or len(query_id) > 256:
+            raise _error(36, "BAD_ARGUMENTS", "query_id must be at most 256 printable characters")
+        try:
+            return self._query(args, body, query_id)
+        except QueryError as exc:
+            exc.query_id = query_id  # type: ignore[attr-defined]
+            raise
+
+    def _query(self, args: dict[str, str], body: bytes, query_id: str) -> tuple[bytes, dict[str, str]]:
+        server = self.server
+        body = _decompress(body, self.headers.get("Content-Encoding", ""), server.limits.max_decompressed_bytes)
+        externals: list[_External] = []
+        content_type = self.headers.get("Content-Type", "")
+        if content_type.lower().startswith("multipart/form-data"):
+            fields, files = _multipart(content_type, body)
+            body = b""
+            args = {**args, **fields}
+            for name, data in files:
+                externals.append(self._external(args, name, data))
+        sql, infile = _statement(args.get("query", ""), body)
+        statement = _check(sql if infile is None else _TRAILING_FORMAT.sub("", sql))
+        readonly = self.command == "GET"
+        if readonly and statement.kind not in _READ_KINDS:
+            raise _error(164, "READONLY", "Cannot execute query in readonly mode: GET requests are read-only, use POST")
+        trailing = _TRAILING_FORMAT.search(sql)
+        fmt = trailing.group(1) if trailing and infile is None else args.get("default_format", "TabSeparated")
+        params = {k[6:]: v for k, v in args.items() if k.startswith("param_")}
+        external_args = {f"{e.name}_{suffix}" for e in externals for suffix in ("structure", "format", "types")}
+        settings = {
+            k: v
+            for k, v in args.items()
+            if k not in _TRANSPORT_ARGS and not k.startswith("param_") and k not in external_args
+        }
+        bad = [k for k in settings if not _SETTING_NAME.match(k)]
+        if bad:
+            raise _error(115, "UNKNOWN_SETTING", f"Unknown setting '{_header_safe(bad[0])[:64]}'")
+        database = args.get("database") or self.headers.get("X-ClickHouse-Database") or ""
+        session_id = args.get("session_id")
+        req = _Request(sql, fmt, params, settings, database, readonly, infile, externals, statement)
+        if session_id:
+            result, counters = self._in_session(session_id, args, req)
+        else:
+            req.database = req.database or "default"
+            conn = server.engine.acquire()
+            dirty = True
+            try:
+                result, counters = _execute(server.engine, conn, req, in_session=False)
+                dirty = (
+                    bool(settings or externals or readonly)
+                    or statement.temporary
+                    or statement.kind not in _STATELESS_KINDS
+                )
+            finally:
+                server.engine.release(conn, dirty)
+        summary = {k: str(v) for k, v in counters.items()}
+        summary.update(total_rows_to_read=summary["read_rows"], result_rows="0", result_bytes=str(len(result)))
+        headers = {
+            "Content-Type": "text/plain; charset=UTF-8"
+            if fmt.startswith(("TabSeparated", "TSV", "CSV"))
+            else "application/octet-stream",
+            "X-ClickHouse-Format": fmt,
+            "X-ClickHouse-Summary": orjson.dumps(summary).decode(),
+            "X-ClickHouse-Query-Id": query_id,
+        }
+        timezone = settings.get("session_timezone")
+        if timezone:
+            headers["X-ClickHouse-Timezone"] = timezone
+        if session_id:
+            headers["X-ClickHouse-Session-Id"] = session_id
+        return result, headers
+
+    def _in_session(self, session_id: str, args: dict[str, str], req: _Request) -> tuple[bytes, dict[str, int]]:
+        limits = self.server.limits
+        if _HEADER_UNSAFE.search(session_id) or len(session_id) > 256:
+            raise _error(36, "BAD_ARGUMENTS", "session_id must be at most 256 printable characters")
+        try:
+            timeout = float(args.get("session_timeout") or limits.default_session_timeout_s)
+        except ValueError:
+            raise _error(36, "BAD_ARGUMENTS", "session_timeout must be a number of seconds") from None
+        if not 0 <= timeout <= limits.max_session_timeout_s:
+            raise _error(36, "BAD_ARGUMENTS", f"session_timeout must be within 0..{limits.max_session_timeout_s:.0f}")
+        session = self.server.sessions.acquire(session_id, timeout, args.get("session_check") == "1")
+        try:
+            return _execute(self.server.engine, session.conn, req, in_session=True)
+        finally:
+            self.server.sessions.release(session)
+
     @staticmethod
-    def _statement(url_query: str, body: bytes) -> tuple[str, bytes | memoryview | None]:
-        """(SQL, insert data or None) from the URL query and the body, as ClickHouse combines them."""
-        if url_query and body:
-            if _IS_INSERT.match(url_query):
-                return url_query, body
-            return url_query + "\n" + body.decode("utf-8"), None
-        if url_query:
-            return url_query, None
-        inline = _INLINE_INSERT.match(body)
-        if inline and _NOT_SPACE.search(body, inline.end()):
-            return inline.group(1).decode("utf-8"), memoryview(body)[inline.end() :]  # the data, not a copy of it
-        return body.decode("utf-8"), None
+    def _external(args: dict[str, str], name: str, data: bytes) -> _External:
+        if not _IDENTIFIER.match(name):
+            raise _error(36, "BAD_ARGUMENTS", "an external table's name must be an identifier")
+        structure = args.get(f"{name}_structure")
+        if structure is None and args.get(f"{name}_types"):
+            types = args[f"{name}_types"].split(",")
+            structure = ", ".join(f"_{i + 1} {t.strip()}" for i, t in enumerate(types))
+        if not structure:
+            raise _error(36, "BAD_ARGUMENTS", f"external table {name}: {name}_structure is required")
+        _check(f"CREATE TEMPORARY TABLE t ({structure}) ENGINE = Memory")
+        fmt = args.get(f"{name}_format", "TabSeparated")
+        if not _IDENTIFIER.match(fmt):
+            raise _error(73, "UNKNOWN_FORMAT", "Unknown format")
+        return _External(name, structure, fmt, data)
 
     def _send(self, status: int, body: bytes, headers: dict[str, str]) -> None:
         self.send_response(status)
         self.send_header("X-ClickHouse-Server-Display-Name", "feedback-chdb")
-        self.send_header("X-ClickHouse-Timezone", "UTC")
+        headers.setdefault("X-ClickHouse-Timezone", "UTC")
         for name, value in headers.items():
-            self.send_header(name, value)
+            self.send_header(name, _header_safe(value))
         self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
+def _check(sql: str) -> Statement:
+    try:
+        return check_statement(sql)
+    except GuardError as exc:
+        raise QueryError(str(exc), exc.code) from None
+
+
+def _statement(url_query: str, body: bytes) -> tuple[str, bytes | memoryview | None]:
+    """(SQL, insert data or None) from the URL query and the body, as ClickHouse combines them.
+
+    The SQL is decoded with ``surrogateescape``: bytes that are not UTF-8 reach the engine unchanged."""
+    if url_query and body:
+        if _IS_INSERT.match(url_query):
+            return url_query, body
+        return url_query + "\n" + body.decode("utf-8", "surrogateescape"), None
+    if url_query:
+        return url_query, None
+    inline = _INLINE_INSERT.match(body)
+    if inline and _NOT_SPACE.search(body, inline.end()):
+        return inline.group(1).decode("utf-8", "surrogateescape"), memoryview(body)[inline.end() :]
+    return body.decode("utf-8", "surrogateescape"), None
+
+
+class _HTTPServer(HTTPServer):
+    """One thread per connection, at most ``limits.max_threads`` at once: when all are busy the
+    accept loop waits, and new connections queue in the kernel's listen backlog."""
+
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], engine: _Engine) -> None:
+    def __init__(self, address: tuple[str, int], engine: _Engine, password: str, limits: ServerLimits) -> None:
         self.engine = engine
+        self.password = password
+        self.limits = limits
+        self.sessions = _Sessions(engine, limits)
+        self._slots = threading.BoundedSemaphore(limits.max_threads)
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self._slots.acquire()
+        try:
+            thread = threading.Thread(target=self._serve_one, args=(request, client_address), daemon=True)
+            thread.start()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _serve_one(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.warning("http_connection_error", exc_info=True)
 
 
 class EmbeddedClickHouseServer:
     """chDB on ``data_dir`` served over ClickHouse's HTTP interface at ``host:port``.
 
     ``port=0`` picks a free port; read it back from :attr:`port` after :meth:`start`.
-    ``connections``: chDB handles, i.e. how many queries run at once (one per request).
+    ``connections``: chDB handles, i.e. how many sessionless queries run at once.
+    ``password``: the user ``default``'s password (clients must send it).
     """
 
-    def __init__(self, host: str, port: int, data_dir: Path, connections: int = 4) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        data_dir: Path,
+        connections: int = 4,
+        *,
+        password: str,
+        limits: ServerLimits | None = None,
+    ) -> None:
         self.host = host
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.limits = limits or ServerLimits()
         self._engine = _Engine(self.data_dir, connections)
-        self._httpd = _HTTPServer((host, port), self._engine)
+        self._httpd = _HTTPServer((host, port), self._engine, password, self.limits)
         self.port = int(self._httpd.server_address[1])
         self._thread: threading.Thread | None = None
 
@@ -401,6 +877,7 @@ class EmbeddedClickHouseServer:
         self._httpd.server_close()
         if self._thread is not None:
             self._thread.join(10)
+        self._httpd.sessions.close()
         self._engine.close()
 
     def __enter__(self) -> EmbeddedClickHouseServer:
@@ -412,19 +889,46 @@ class EmbeddedClickHouseServer:
         self.stop()
 
 
+def read_password_file(path: Path) -> str:
+    """The password in ``path``, which must be readable by its owner only. Raises ValueError."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ValueError(f"{path} must be readable by its owner only (mode 0600), not {mode:04o}")
+    password = path.read_text().strip()
+    if not password:
+        raise ValueError(f"{path} is empty")
+    return password
+
+
 def main(argv: list[str] | None = None) -> int:
     """Serve until SIGTERM or SIGINT; returns the process exit code."""
     parser = argparse.ArgumentParser(prog="python -m sinks.chdb_server", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--password-file", type=Path, required=True, help="the user default's password (mode 0600)")
     parser.add_argument("--connections", type=int, default=4, help="queries run at once (chDB handles)")
+    parser.add_argument("--max-body-bytes", type=int, default=ServerLimits.max_body_bytes)
+    parser.add_argument("--max-decompressed-bytes", type=int, default=ServerLimits.max_decompressed_bytes)
+    parser.add_argument("--max-threads", type=int, default=ServerLimits.max_threads)
     args = parser.parse_args(argv)
     os.environ["TZ"] = "UTC"
     time.tzset()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
     try:
-        server = EmbeddedClickHouseServer(args.host, args.port, args.data_dir, args.connections)
+        password = read_password_file(args.password_file)
+    except (OSError, ValueError) as exc:
+        log.error("bad password file error=%s", exc)
+        return 2
+    limits = ServerLimits(
+        max_body_bytes=args.max_body_bytes,
+        max_decompressed_bytes=args.max_decompressed_bytes,
+        max_threads=args.max_threads,
+    )
+    try:
+        server = EmbeddedClickHouseServer(
+            args.host, args.port, args.data_dir, args.connections, password=password, limits=limits
+        )
     except OSError as exc:
         log.error("cannot listen host=%s port=%d error=%s", args.host, args.port, exc.strerror)
         return 2

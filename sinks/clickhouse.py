@@ -131,7 +131,7 @@ def connect(settings: Settings, database: str | None = None) -> Client:
         return clickhouse_connect.get_client(
             dsn=settings.clickhouse_endpoint,
             username=settings.clickhouse_user,
-            password=settings.clickhouse_password,
+            password=settings.clickhouse_secret(),
             database=database or "default",
             compress="lz4",
             connect_timeout=5,

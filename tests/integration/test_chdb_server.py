@@ -19,6 +19,8 @@ from sinks.chdb_server import EmbeddedClickHouseServer
 
 pytestmark = pytest.mark.integration
 
+PASSWORD = "test-password-1"
+
 COLUMNS = ["id", "name", "kind", "ts", "score", "uid", "tags", "attrs"]
 DDL = """
 CREATE TABLE IF NOT EXISTS {db}.{table} (
@@ -30,12 +32,14 @@ CREATE TABLE IF NOT EXISTS {db}.{table} (
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedClickHouseServer]:
-    with EmbeddedClickHouseServer("127.0.0.1", 0, tmp_path_factory.mktemp("chdb")) as srv:
+    with EmbeddedClickHouseServer("127.0.0.1", 0, tmp_path_factory.mktemp("chdb"), password=PASSWORD) as srv:
         yield srv
 
 
 def _client(server: EmbeddedClickHouseServer, compress: bool | str = True, database: str = "default") -> Client:
-    return clickhouse_connect.get_client(host="127.0.0.1", port=server.port, compress=compress, database=database)
+    return clickhouse_connect.get_client(
+        host="127.0.0.1", port=server.port, compress=compress, database=database, password=PASSWORD
+    )
 
 
 def _rows(n: int, start: int = 0) -> list[list[object]]:
@@ -141,15 +145,15 @@ def test_same_dedup_token_twice_lands_once(server: EmbeddedClickHouseServer) -> 
 def test_curl_style_requests(server: EmbeddedClickHouseServer) -> None:
     client = _client(server)
     _table(client, "curl")
-    url = f"http://127.0.0.1:{server.port}/"
+    url = f"http://127.0.0.1:{server.port}/?user=default&password={PASSWORD}"
     body = b'INSERT INTO t.curl (id, name) FORMAT JSONEachRow\n{"id": 1, "name": "one"}\n{"id": 2, "name": "two"}\n'
     with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=10) as response:
         assert response.status == 200
     query = urllib.request.quote("SELECT id, name FROM t.curl ORDER BY id FORMAT JSONEachRow")
-    with urllib.request.urlopen(f"{url}?query={query}", timeout=10) as response:
+    with urllib.request.urlopen(f"{url}&query={query}", timeout=10) as response:
         assert response.read() == b'{"id":1,"name":"one"}\n{"id":2,"name":"two"}\n'
     with pytest.raises(urllib.error.HTTPError) as info:
-        urllib.request.urlopen(f"{url}?query=SELECT+nope", timeout=10)
+        urllib.request.urlopen(f"{url}&query=SELECT+nope", timeout=10)
     assert info.value.code == 500
     assert info.value.headers["X-ClickHouse-Exception-Code"] == "47"
 
@@ -159,7 +163,7 @@ WRITER = textwrap.dedent(
     import sys, clickhouse_connect
     from tests.integration.test_chdb_server import COLUMNS, _rows
     port, worker = int(sys.argv[1]), int(sys.argv[2])
-    client = clickhouse_connect.get_client(host="127.0.0.1", port=port, database="t")
+    client = clickhouse_connect.get_client(host="127.0.0.1", port=port, database="t", password=sys.argv[3])
     for batch in range(4):
         start = worker * 1_000_000 + batch * 5_000
         client.insert("concurrent", _rows(5_000, start), column_names=COLUMNS)
@@ -172,7 +176,9 @@ def test_concurrent_writers_from_several_processes(server: EmbeddedClickHouseSer
     client = _client(server)
     _table(client, "concurrent")
     root = Path(__file__).resolve().parents[2]
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(server.port), str(w)], cwd=root) for w in range(3)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WRITER, str(server.port), str(w), PASSWORD], cwd=root) for w in range(3)
+    ]
     for _ in range(20):  # a reader alongside the writers
         client.query("SELECT count() FROM t.concurrent")
     assert [p.wait(120) for p in procs] == [0, 0, 0]
@@ -185,7 +191,12 @@ def test_server_process_stops_on_sigterm_and_keeps_its_data(tmp_path: Path) -> N
     from tests.conftest import _free_port
 
     port = _free_port()
-    argv = [sys.executable, "-m", "sinks.chdb_server", "--port", str(port), "--data-dir", str(tmp_path)]
+    password_file = tmp_path / "password"
+    password_file.write_text(PASSWORD)
+    password_file.chmod(0o600)
+    data = tmp_path / "data"
+    argv = [sys.executable, "-m", "sinks.chdb_server", "--port", str(port), "--data-dir", str(data)]
+    argv += ["--password-file", str(password_file)]
     root = Path(__file__).resolve().parents[2]
 
     def run_once(statement: str) -> object:
@@ -199,7 +210,7 @@ def test_server_process_stops_on_sigterm_and_keeps_its_data(tmp_path: Path) -> N
                 import time
 
                 time.sleep(0.1)
-            return clickhouse_connect.get_client(host="127.0.0.1", port=port).command(statement)
+            return clickhouse_connect.get_client(host="127.0.0.1", port=port, password=PASSWORD).command(statement)
         finally:
             proc.terminate()
             assert proc.wait(20) == 0

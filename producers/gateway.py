@@ -69,16 +69,19 @@ def oversize(item: Any, limits: Limits) -> dict[str, str] | None:
     payload = item.get("payload") if isinstance(item, dict) else None
     if not isinstance(payload, dict):
         return None  # the schema check names what is wrong
-    extra = payload.get("extra")
-    fields = extra if isinstance(extra, dict) and set(payload) <= {*_TEXT_NAMES, "extra"} else payload
-    for name in _TEXT_NAMES:
-        value = payload.get(name)
-        if isinstance(value, str) and len(value) > limits.max_text_chars:
-            return {"field": f"payload.{name}", "rule": f"longer than {limits.max_text_chars} characters"}
     # JSON takes at most 6 bytes a character (\u escapes), ~32 a number or separator.
-    entries = [*fields.items(), *(payload.items() if fields is not payload else ())]
-    chars = sum(len(k) + (len(v) if isinstance(v, str) else 0) + 32 for k, v in entries if isinstance(k, str))
+    chars = 32 * len(payload)
+    for name, value in payload.items():
+        if isinstance(value, str):
+            if len(value) > limits.max_text_chars and name in _TEXT_NAMES:
+                return {"field": f"payload.{name}", "rule": f"longer than {limits.max_text_chars} characters"}
+            chars += len(value) + len(name)
+        elif isinstance(value, dict):  # the Avro form's map
+            chars += sum(len(k) + (len(v) if isinstance(v, str) else 0) + 32 for k, v in value.items())
     if chars * 6 > limits.max_payload_bytes:  # only then can the JSON be over the limit: measure it
+        fields = payload.get("extra") if set(payload) <= {*_TEXT_NAMES, "extra"} else payload
+        if not isinstance(fields, dict):
+            return None
         avro_form = {name: payload.get(name) for name in _TEXT_NAMES}
         avro_form["extra"] = {k: v for k, v in fields.items() if k not in _TEXT_NAMES}
         try:

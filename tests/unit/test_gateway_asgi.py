@@ -16,9 +16,11 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.settings import Settings
-from producers.gateway import create_gateway
+from producers.gateway import create_gateway, oversize
 from schemas.serde import AvroSerde
 
 TOKEN = "unit-token-0123456789-abcdefghijklmnop"
@@ -394,3 +396,31 @@ def test_tokens_shorter_than_32_characters_refuse_to_start() -> None:
         create_gateway(Settings(internal_tokens=f"{TOKEN},short-0123456789"), publisher=FakePublisher())  # type: ignore[arg-type]
     assert "short-0123456789" not in str(caught.value)
     create_gateway(Settings(internal_tokens="x" * 32), publisher=FakePublisher())  # type: ignore[arg-type]
+
+
+_strings = st.text(alphabet=st.sampled_from('ab\x00\u00e9\u65e5"\\\n'), max_size=700)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    flat=st.dictionaries(
+        st.sampled_from(["text", "comment", "corrected_response", "note", "k", "rating"]),
+        st.none() | st.integers(-(2**63), 2**63 - 1) | _strings,
+        max_size=6,
+    )
+)
+def test_oversize_agrees_with_the_gates_size_rules(flat: dict[str, Any]) -> None:
+    """What the gateway refuses before redaction is exactly what the gate would refuse for size."""
+    from schemas.models import Payload
+    from stream_processors.validate import Limits
+
+    limits = Limits(max_payload_bytes=1500, max_text_chars=400)
+    texts = {"text", "comment", "corrected_response"}
+    if any(k in texts and v is not None and not isinstance(v, str) for k, v in flat.items()):
+        return  # the schema refuses it anyway
+    avro = Payload.model_validate(flat).to_avro()
+    too_long = any(isinstance(avro[name], str) and len(avro[name]) > 400 for name in texts)
+    too_big = len(orjson.dumps(avro)) > 1500
+    problem = oversize({"payload": flat}, limits)
+    assert (problem is not None) == (too_long or too_big)
+    assert oversize({"payload": avro}, limits) == problem

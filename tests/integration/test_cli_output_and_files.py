@@ -124,10 +124,11 @@ def _clean_run(settings: Settings, *args: str) -> str:
         (("stats",), ["src[/b]\\x1b]0;title\\x07"]),
         (("reputation",), ["rep[/b] [red]x[/red]"]),
         (("bias",), ["dir[/b]"]),
+        (("bias", "watch", "--max-seconds", "3"), ["dir[/b] [red]x[/red] \\x1b]8;;http://evil\\x07link"]),
         (("triage",), ["tri-1", "type veto [/b]"]),
         (("dlq", "list", "--since", "1h"), ["ValueError: [/b] [red]x[/red]"]),
     ],
-    ids=["list", "stats", "reputation", "bias", "triage", "dlq-list"],
+    ids=["list", "stats", "reputation", "bias", "bias-watch", "triage", "dlq-list"],
 )
 def test_commands_print_hostile_event_text_escaped(hostile: Hostile, args: tuple[str, ...], shown: list[str]) -> None:
     output = _clean_run(hostile.settings, *args)

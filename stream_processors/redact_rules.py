@@ -35,10 +35,10 @@ class Rule(NamedTuple):
     name: str  # names the rule in tests and figures
 
 
-# Words that, just before a number, say it is a reference, not PII. Each is a whole word:
-# "Petrov: 123-45-6789" is not "v: 123-45-6789".
+# Words that, just before a number, say it is a reference, not PII. Each is a whole word
+# (Chinese or Japanese may touch it): "Petrov: 123-45-6789" is not "v: 123-45-6789".
 _NOT_PII_CONTEXT = re.compile(
-    r"(?i)\b(?:isbn(?:-1[03])?|order|invoice|tracking|ticket|ref(?:erence)?|version|ver\.|v|sku|build|serial"
+    r"(?i)(?<![a-z0-9_])(?:isbn(?:-1[03])?|order|invoice|tracking|ticket|ref(?:erence)?|version|ver\.|v|sku|build|serial"
     r"|case|confirmation|booking|po|epoch|timestamp|ts|issue|pr|bug)"
     r"\W{0,3}(?:no\.?|number|num|id|#)?\W{0,3}$"
 )
@@ -93,8 +93,19 @@ def _ipv6(m: re.Match[str], _text: str) -> bool:
         return False
 
 
-def _not_reference(m: re.Match[str], text: str) -> bool:
+def _ipv4(m: re.Match[str], text: str) -> bool:
+    """An address that says something of someone: not 0.0.0.0, loopback, broadcast or multicast."""
+    first = m.group().split(".", 1)[0]
+    if first in ("0", "127") or int(first) >= 224:
+        return False
     return not context_says_not_pii(text, m.start())
+
+
+def _ssn_screen(t: str) -> bool:
+    if t.isascii():
+        low = t.lower()
+        return "ssn" in low or "social security" in low
+    return _SSN_WORD(t) is not None
 
 
 def _ssn(m: re.Match[str], text: str) -> bool:
@@ -103,10 +114,20 @@ def _ssn(m: re.Match[str], text: str) -> bool:
     return valid and not context_says_not_pii(text, m.start())
 
 
+_EXTENSION = re.compile(r"(?i)\s*(?:x|ext\.?|extension)\s*\d+$")
+
+
 def _phone(m: re.Match[str], text: str) -> bool:
-    digits = _NON_DIGIT.sub("", m.group())
-    # National numbers (leading 0) have 9-12 digits; longer runs are account or reference numbers.
-    low, high = (9, 12) if m.group().startswith(("0", "(0")) else (7, 15)
+    number = _EXTENSION.sub("", m.group())
+    digits = _NON_DIGIT.sub("", number)
+    # National numbers (leading 0) have 9-12 digits, 00 and a country code 10-17; longer runs
+    # are account or reference numbers.
+    if number.startswith("00"):
+        low, high = 10, 17
+    elif number.startswith(("0", "(0")):
+        low, high = 9, 12
+    else:
+        low, high = 7, 15
     return low <= len(digits) <= high and not context_says_not_pii(text, m.start())
 
 
@@ -126,15 +147,23 @@ def _aws_secret(m: re.Match[str], text: str) -> bool:
 
 
 # After a number: no word character, and no '.', '-' or ' ' that continues it with another digit.
-_END = r"(?![\w]|[.\-]\d| \d)"
+# A word character of a script written with spaces between words: a number may touch
+# Chinese, Japanese or Korean text ("電話は03-1234-5678です"), not a Latin word.
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f"
+_WB = rf"[^\W{_CJK}]"
+# After a number: no word character, and no '.', '-' or ' ' that continues it with another digit.
+_END = rf"(?!{_WB}|[.\-]\d| \d)"
 # Just after a number's first digit: it starts the number (no word, '+', '.', '-' or '/'
 # before it, nor a digit and a separator).
-_DIGIT_START = r"(?<![\w+.\-/]\d)(?<!\d[\s.-]\d)"
+_DIGIT_START = rf"(?<!(?:{_WB}|[+.\-/])\d)(?<!\d[\s.-]\d)"
+# A phone extension: "x123", " ext. 12".
+_EXT = r"(?:\s{0,2}(?:x|ext\.?|extension)\s{0,2}\d{1,6})?"
 # Screens of the case-insensitive rules: on ASCII text, plain substring tests of its lower
 # case (several times faster than a (?i) search); otherwise the (?i) search itself, since
 # (?i) also matches letters that lower() leaves alone ("\u017f" matches "s").
 _BEARER = re.compile(r"(?i)bearer|authorization").search  # the TOKEN rule's lookbehind words
 _KEYWORD = re.compile(r"(?i)pass|pwd|secret|key|token").search
+_SSN_WORD = re.compile(r"(?i)ssn|social security").search
 _AT_OR_DOT = re.compile(r"(?i)[\s\[({<](?:at|dot)[\s\])}>]").search
 _AT_OR_DOT_LOWER = re.compile(r"[\s\[({<](?:at|dot)[\s\])}>]").search
 
@@ -154,6 +183,8 @@ def _keyword_screen(t: str) -> bool:
 
 
 def _at_or_dot_screen(t: str) -> bool:
+    if "@" in t:
+        return True
     if t.isascii():
         return _AT_OR_DOT_LOWER(t.lower()) is not None
     return _AT_OR_DOT(t) is not None
@@ -167,12 +198,12 @@ def _uppercase_ascii(t: str) -> bool:
 # Word characters, with the combining marks \w leaves out (Devanagari vowel signs, accents).
 _W = r"\w\u0300-\u036f\u0900-\u0dff\u0e00-\u0e7f"
 # Separators of an obfuscated address: " dot ", "[dot]", "(dot)"; " at ", "[at]", "(at)".
-_SPELLED_DOT = r"(?:\s{0,2}[\[({<]\s{0,2}dot\s{0,2}[\])}>]\s{0,2}|\s{1,3}dot\s{1,3})"
+_SPELLED_DOT = r"(?:\s{0,2}[\[({<]\s{0,2}dot\s{0,2}[\])}>]\s{0,2}|\s{1,3}dot\s{1,3}|\s{1,2}\.\s{1,2})"
 _BRACKET_AT = r"(?:\s{0,2}[\[({<]\s{0,2}at\s{0,2}[\])}>]\s{0,2})"
 _ANY_DOT = rf"(?:{_SPELLED_DOT}|\.)"
 _TLDS = (
     r"(?:com|org|net|edu|gov|mil|int|info|biz|io|ai|app|dev|me|co|uk|de|fr|es|it|nl|be|ch|at|se|no|dk|fi"
-    r"|pl|pt|ie|cz|ru|ua|jp|cn|kr|in|br|mx|ar|au|nz|ca|us|za|sg|hk|tw|il|tr)(?![\w-])"
+    r"|pl|pt|ie|cz|ru|ua|jp|cn|kr|in|br|mx|ar|au|nz|ca|us|za|sg|hk|tw|il|tr)(?![A-Za-z0-9_-])"
 )
 # "we met at the dot com bubble": a domain is not an article or a pronoun.
 _NOT_A_WORD = r"(?!(?:the|a|an|my|our|your|his|her|their|this|that|its|one|some|any)\b)"
@@ -193,7 +224,8 @@ RULES: tuple[Rule, ...] = (
         "SECRET",
         # The whole block, header to footer; a block cut short is redacted to the end of its body.
         re.compile(
-            r"-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY-----(?:[A-Za-z0-9+/=\s:,.]|-(?!----))*+"
+            # The body may be JSON-escaped ("\\n" between lines).
+            r"-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY-----(?:[A-Za-z0-9+/=\s:,.\\]|-(?!----))*+"
             r"(?:-----END[A-Z0-9 ]{0,40}PRIVATE KEY-----)?"
         ),
         None,
@@ -203,7 +235,7 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "JWT",
-        re.compile(r"(?<![\w-])eyJ[A-Za-z0-9_-]{5,}+\.eyJ[A-Za-z0-9_-]{5,}+\.[A-Za-z0-9_-]++"),
+        re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{5,}+\.eyJ[A-Za-z0-9_-]{5,}+\.[A-Za-z0-9_-]++"),
         None,
         False,
         lambda t: "eyJ" in t,
@@ -267,7 +299,7 @@ RULES: tuple[Rule, ...] = (
         "SECRET",
         # password=..., "api_key": "...", client_secret: ... — the value goes, the key stays.
         re.compile(
-            r"(?i)\b(?:password|passwd|passphrase|pwd|secret|client[_-]?secret|api[_-]?key|apikey|api[_-]?secret"
+            r"(?i)(?<![a-z0-9_])(?:password|passwd|passphrase|pwd|secret|client[_-]?secret|api[_-]?key|apikey|api[_-]?secret"
             r"|access[_-]?key|access[_-]?token|auth[_-]?token|refresh[_-]?token|secret[_-]?key|private[_-]?key"
             r"|aws_secret_access_key|token)[\"']?\s{0,3}[=:]\s{0,3}[\"']?(?P<v>[^\s\"',;&]{6,256}+)"
         ),
@@ -311,18 +343,32 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "IBAN",
-        re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b"),
+        re.compile(r"(?<![A-Za-z0-9_])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?(?![A-Za-z0-9_])"),
         lambda m, _t: _iban_ok(m.group()),
         True,
         _uppercase_ascii,
         "iban",
     ),
-    Rule("CARD", re.compile(r"(?<![\w.])(?<!\d[ -])(?:\d[ -]?){12,18}\d" + _END), _card, True, None, "card"),
-    Rule("SSN", re.compile(r"(?<![\w-])\d{3}-\d{2}-\d{4}(?![\w-])"), _ssn, True, lambda t: "-" in t, "ssn"),
+    Rule("CARD", re.compile(rf"(?<!(?:{_WB}|\.))(?<!\d[ -])(?:\d[ -]?){{12,18}}\d" + _END), _card, True, None, "card"),
+    Rule(
+        "SSN", re.compile(rf"(?<!(?:{_WB}|-))\d{{3}}-\d{{2}}-\d{{4}}(?!{_WB}|-)"), _ssn, True, lambda t: "-" in t, "ssn"
+    ),
+    Rule(
+        "SSN",
+        # Named as one: "SSN 123 45 6789", "social security number: 123456789".
+        re.compile(
+            r"(?i)(?<![a-z0-9_])(?:ssn|social security(?: number| no\.?)?)\W{0,5}(?:(?:is|was)\s{1,3})?"
+            r"(?P<v>\d{3}[- ]?\d{2}[- ]?\d{4})(?!\d)"
+        ),
+        None,
+        True,
+        _ssn_screen,
+        "ssn_named",
+    ),
     # At least two ':' ({2,7} of them), hex digits optional: no \d needed.
     Rule(
         "IP",
-        re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])"),
+        re.compile(rf"(?<!(?:{_WB}|:))(?:[0-9A-Fa-f]{{0,4}}:){{2,7}}[0-9A-Fa-f]{{0,4}}(?!{_WB}|:)"),
         _ipv6,
         False,
         lambda t: t.count(":") > 1,
@@ -330,8 +376,12 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "IP",
-        re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)" + _END),
-        _not_reference,
+        re.compile(
+            rf"(?<!(?:{_WB}|\.))(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){{3}}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+            + _END
+            + r"(?!-[A-Za-z])"  # 1.2.3.4-beta is a version
+        ),
+        _ipv4,
         True,
         lambda t: "." in t,
         "ipv4",
@@ -342,14 +392,22 @@ RULES: tuple[Rule, ...] = (
             # Each branch starts with the character it needs and looks behind it from there: the
             # engine then skips, in C, every position where no branch can start.
             # +1 (415) 555-0132, +44 7700 900123, +33 (0)1 23 45 67 89, +14155550132
-            r"\+(?<![\w+]\+)\d{1,3}(?:[\s.-]?\(\d{0,4}\))?[\s.-]?\d{1,14}+(?:[\s.-]\d{1,10}+){0,6}(?!\w)"
+            rf"\+(?<!(?:{_WB}|\+)\+)\d{{1,3}}(?:[\s.-]?\(\d{{0,4}}\))?[\s.-]?\d{{1,14}}+(?:[\s.-]\d{{1,10}}+){{0,6}}"
+            + _EXT
+            + rf"(?!{_WB})"
             # (415) 555-0132, (11) 91234-5678, (02) 9876 5432
-            r"|\((?<![\w+]\()(?<!\d[\s.-]\()\d{2,5}\)[\s.-]?\d{3,5}[\s.-]?\d{3,4}" + _END + "|"
+            + rf"|\((?<!(?:{_WB}|\+)\()(?<!\d[\s.-]\()\d{{2,5}}\)[\s.-]?\d{{3,5}}[\s.-]?\d{{3,4}}"
+            + _EXT
+            + _END
+            + "|"
             r"\d" + _DIGIT_START + r"(?:"
             r"(?<=1)[\s.-]?\(\d{2,5}\)[\s.-]?\d{3,5}[\s.-]?\d{3,4}"  # 1 (800) 555-0199
-            r"|(?<=1)[\s.-]?[2-9]\d{2}[\s.-]?\d{3}[\s.-]?\d{4}"  # 1-800-555-0199
-            r"|(?<=[2-9])\d{2}[\s.-]?\d{3}[\s.-]?\d{4}"  # 415 555 0132, 415-555-0132, 4155550132
-            r"|(?<=[6-9])\d{4}[\s-]\d{5}"  # 98765 43210 (IN)
+            # 1-800-555-0199; 415 555 0132, 415-555-0132 x12, 4155550132
+            r"|(?<=1)[\s.-]?[2-9]\d{2}[\s.-]?\d{3}[\s.-]?\d{4}"
+            + _EXT
+            + r"|(?<=[2-9])\d{2}[\s.-]?\d{3}[\s.-]?\d{4}"
+            + _EXT
+            + r"|(?<=[6-9])\d{4}[\s-]\d{5}"  # 98765 43210 (IN)
             r"|(?<=1)[3-9]\d[\s-]\d{4}[\s-]\d{4}"  # 138 0013 8000 (CN)
             r"|(?<=[6-9])\d{2}(?: \d{2}){3}"  # 612 34 56 78 (ES)
             # 030 1234 5678, 07700 900123, 01 23 45 67 89, 03-1234-5678, 030/1234567, 07700900123
@@ -357,7 +415,7 @@ RULES: tuple[Rule, ...] = (
             r")"
             + _END
             # (030) 1234 5678
-            + r"|\((?<![\w+.\-/]\()(?<!\d[\s.-]\()0\d{1,4}\)(?:[\s./-]{1,2}\d{2,8}+){0,5}"
+            + rf"|\((?<!(?:{_WB}|[+.\-/])\()(?<!\d[\s.-]\()0\d{{1,4}}\)(?:[\s./-]{{1,2}}\d{{2,8}}+){{0,5}}"
             + _END
         ),
         _phone,

@@ -40,6 +40,8 @@ CONTEXTS = (
     "{x}", "contact: {x}", "my details are {x}, thanks", "({x})", "Igor Petrov: {x}", "see {x}.",
     "Ivanov {x} again", "reach me on {x} tomorrow", "the model printed {x} in its answer",
     "\"{x}\"", "note:\n{x}\nend", "Prev {x}", "value={x};", "— {x} —", "réponse: {x}", "電話 {x} まで",
+    # no spaces around it in Chinese and Japanese; brackets, a scheme, a full stop
+    "電話番号は{x}です", "联系{x}谢谢", "<{x}>", "[{x}]", "'{x}'", "Tel.: {x}", "{x}.", "ask {x}?", "{x}\t|",
 )  # fmt: skip
 
 
@@ -55,7 +57,8 @@ DOMAINS = ["example.com", "mail.example.org", "corp.example.co.uk", "example.de"
 
 def email() -> list[str]:
     sep = _rng.choice([".", "_", "-", "+", ""])
-    return [f"{_rng.choice(FIRST)}{sep}{_rng.choice(LAST)}{_rng.randint(0, 99)}@{_rng.choice(DOMAINS)}"]
+    address = f"{_rng.choice(FIRST)}{sep}{_rng.choice(LAST)}{_rng.randint(0, 99)}@{_rng.choice(DOMAINS)}"
+    return [_rng.choice([address, address, address.upper(), "mailto:" + address, address.replace("@", "+news@")])]
 
 
 def email_intl() -> list[str]:
@@ -74,7 +77,8 @@ def email_obfuscated() -> list[str]:
         f"{user} dot {last} at {dom} dot {tld}", f"{user} [at] {dom} [dot] {tld.replace(' dot ', ' [dot] ')}",
         f"{user}(at){dom}(dot){tld.replace(' dot ', '(dot)')}", f"{user}.{last} [at] {dom}.{tld.replace(' dot ', '.')}",
         f"{user} AT {dom} DOT {tld.upper()}", f"{user}@{dom} dot {tld}", f"{user} {{at}} {dom} {{dot}} com",
-        f"{user}_{last} at {dom} dot {tld}",
+        f"{user}_{last} at {dom} dot {tld}", f"{user} @ {dom} . com", f"{user}[at]{dom}.{tld.replace(' dot ', '.')}",
+        f"{user} [ at ] {dom} [ dot ] org",
     ])  # fmt: skip
     return [form]
 
@@ -83,7 +87,9 @@ def phone_us() -> list[str]:
     a, b, c = nz(3), d(3), d(4)
     return [_rng.choice([f"{a} {b} {c}", f"{a}{b}{c}", f"{a}-{b}-{c}", f"{a}.{b}.{c}", f"({a}) {b}-{c}",
                          f"1-800-{b}-{c}", f"+1 ({a}) {b}-{c}", f"+1 {a} {b} {c}", f"+1{a}{b}{c}",
-                         f"1 ({a}) {b}-{c}", f"+1-{a}-{b}-{c}"])]  # fmt: skip
+                         f"1 ({a}) {b}-{c}", f"+1-{a}-{b}-{c}", f"tel:+1{a}{b}{c}", f"({a}){b}-{c}",
+                         f"+1.{a}.{b}.{c}", f"{a}-{b}-{c} x{_rng.randint(1, 9999)}",
+                         f"{a}.{b}.{c} ext. {_rng.randint(1, 999)}"])]  # fmt: skip
 
 
 def phone_uk() -> list[str]:
@@ -104,6 +110,8 @@ def phone_uk() -> list[str]:
 
 
 def phone_de() -> list[str]:
+    if _rng.random() < 0.2:
+        return [_rng.choice([f"0049 30 {d(8)}", f"+49-30-{d(8)}", f"+49 (0) 151 {d(8)}"])]
     return [
         _rng.choice(
             [
@@ -230,9 +238,16 @@ def ssn() -> list[str]:
     return [f"{_rng.randint(1, 665):03d}-{_rng.randint(1, 99):02d}-{_rng.randint(1, 9999):04d}"]
 
 
+def ssn_named() -> list[str]:
+    a, g, n = f"{_rng.randint(1, 665):03d}", f"{_rng.randint(1, 99):02d}", f"{_rng.randint(1, 9999):04d}"
+    number = _rng.choice([f"{a} {g} {n}", f"{a}{g}{n}", f"{a}-{g}-{n}"])
+    return [number, _rng.choice(["SSN {x}", "ssn: {x}", "my SSN is {x}", "Social Security number {x}"])]
+
+
 def ip() -> list[str]:
-    if _rng.random() < 0.5:
-        return [".".join(str(_rng.randint(1, 254)) for _ in range(4))]
+    if _rng.random() < 0.5:  # unicast: multicast, loopback and 0.0.0.0 say nothing of anyone
+        first = _rng.choice([n for n in range(1, 224) if n != 127])
+        return [".".join([str(first), *(str(_rng.randint(0, 254)) for _ in range(3))])]
     return [_rng.choice(["2001:db8::", "fe80::", "2001:0db8:85a3::"]) + f"{_rng.randint(1, 65535):x}"]
 
 
@@ -296,7 +311,8 @@ POSITIVES = {
     "email": email, "email_intl": email_intl, "email_obfuscated": email_obfuscated, "phone_us": phone_us,
     "phone_uk": phone_uk, "phone_de": phone_de, "phone_fr": phone_fr, "phone_in": phone_in, "phone_br": phone_br,
     "phone_jp": phone_jp, "phone_au": phone_au, "phone_other": phone_other, "card": card, "iban": iban,
-    "ssn": ssn, "ip": ip, "jwt": jwt, "bearer": bearer, "pem": pem, "cloud_key": cloud_key, "vcs_token": vcs_token,
+    "ssn": ssn, "ssn_named": ssn_named, "ip": ip, "jwt": jwt, "bearer": bearer, "pem": pem, "cloud_key": cloud_key,
+    "vcs_token": vcs_token,
     "slack": slack, "stripe": stripe, "conn_string": conn_string, "keyword_secret": keyword_secret,
 }  # fmt: skip
 
@@ -306,6 +322,9 @@ def positive(family: str) -> dict[str, object]:
     text = values[0]
     if family == "bearer":
         text = _rng.choice(["Authorization: Bearer {x}", "bearer {x}", "use Bearer {x} for it"]).format(x=text)
+    elif family == "ssn_named":
+        text = placed(values[1].format(x=text))
+        values = values[:1]
     elif family in ("conn_string", "keyword_secret"):
         text = _rng.choice(["{x}", "DATABASE_URL={x}", "config: {x} (prod)", "it leaked {x}"]).format(x=text)
     else:
@@ -403,6 +422,61 @@ def lookalike() -> tuple[str, str]:
                 "python -m pip install foo==1.2.3",
                 "pk and sk columns",
                 "user:group 1000:1000",
+            ]
+        ),
+        "misc": _rng.choice(
+            [
+                "+1 for this idea",
+                "rated 4.5/5",
+                "Python 3.11.7",
+                "node v18.17.1",
+                "CVE-2024-3094",
+                "RFC 9110",
+                "error code 0x80070005",
+                "PR #12345",
+                "issue 4821",
+                "build 20241022.1",
+                "1,234,567 rows",
+                "epoch 1700000000",
+                "lat 37.7749, long -122.4194",
+                "port 8080",
+                "zip 94103-1234",
+                "task-force meeting",
+                "desk_lamp",
+                "at 5pm at the cafe",
+                "1.2.3.4-beta",
+                "chapter 3.2.1",
+                "12/31/2024 11:59 PM",
+                "a 1080p video at 60fps",
+                "ticket #123-456-7890",
+                "tracking 1Z999AA10123456784",
+                "o3-mini-2025-01-31",
+                "gpt-4.1-nano",
+                "v2.0.0-rc.1",
+                "Windows 10 22H2",
+                "ID: 1234567",
+                "approx 3,500,000",
+                "3-4 days",
+                "version 10.0.19045.3803",
+                "order 2024-0001-55",
+                "1 000 000 €",
+                "the 415 area code",
+                "ratio 16:9",
+                "+5 points",
+                "0.0.0.0 binds all",
+                "127.0.0.1 is local",
+                "key insight",
+                "the password field is empty",
+                "token limit 4096",
+                "isbn:9780306406157",
+                "DOI 10.1000/182",
+                "arXiv:2301.12345",
+                "HTTP/1.1 200 OK",
+                "the ssn field is optional",
+                "at the dot",
+                "meet me @ noon",
+                "score 98.6%",
+                "2 + 2 = 4",
             ]
         ),
         "code": _rng.choice(

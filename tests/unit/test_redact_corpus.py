@@ -24,7 +24,7 @@ POSITIVE = [row for row in ROWS if row["pii"]]
 LOOKALIKE = [row for row in ROWS if not row["pii"]]
 FAMILIES = {
     "email", "email_intl", "email_obfuscated", "phone_us", "phone_uk", "phone_de", "phone_fr", "phone_in",
-    "phone_br", "phone_jp", "phone_au", "phone_other", "card", "iban", "ssn", "ip", "jwt", "bearer", "pem",
+    "phone_br", "phone_jp", "phone_au", "phone_other", "card", "iban", "ssn", "ssn_named", "ip", "jwt", "bearer", "pem",
     "cloud_key", "vcs_token", "slack", "stripe", "conn_string", "keyword_secret",
 }  # fmt: skip
 
@@ -61,6 +61,7 @@ def test_the_corpus_covers_every_family_and_is_not_small() -> None:
         "lookalike_sha",
         "lookalike_model",
         "lookalike_prose",
+        "lookalike_misc",
     }
 
 

@@ -104,3 +104,29 @@ def test_the_text_guard_drops_every_free_text_key_unless_text_is_allowed() -> No
     assert guard_text(clean, allow_text=False) == (clean, False)
     # track() sends prompt and response snapshots only when text is allowed: the same keys here.
     assert {"prompt", "response", "output", "completion", "text"} <= TEXT_KEYS
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        ("電話番号は03-1234-5678です", "電話番号は[PHONE]です"),  # CJK touches the number
+        ("联系13812345678谢谢", "联系[PHONE]谢谢"),
+        ('{"k": "-----BEGIN PRIVATE KEY-----\\nMIIEvQIB+/=\\n-----END PRIVATE KEY-----"}', '{"k": "[SECRET]"}'),
+        ("call 415-555-0132 x123 now", "call [PHONE] now"),
+        ("0049 30 12345678", "[PHONE]"),
+        ("my SSN is 123 45 6789", "my SSN is [SSN]"),
+        ("social security number: 123456789", "social security number: [SSN]"),
+        ("john @ example . com", "[EMAIL]"),
+        ("mysql://root:p%40ss!w0rd@10.0.0.5/db", "mysql://[SECRET]@[IP]/db"),
+    ],
+)
+def test_harder_forms(text: str, redacted: str) -> None:
+    assert redact_text(text) == redacted
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["127.0.0.1 is local", "0.0.0.0 binds all", "1.2.3.4-beta", "電話番号はorder id: 7126834208です", "the ssn field"],
+)
+def test_harder_lookalikes(text: str) -> None:
+    assert redact_text(text) == text

@@ -424,3 +424,29 @@ def test_oversize_agrees_with_the_gates_size_rules(flat: dict[str, Any]) -> None
     problem = oversize({"payload": flat}, limits)
     assert (problem is not None) == (too_long or too_big)
     assert oversize({"payload": avro}, limits) == problem
+
+
+def test_a_large_body_is_redacted_in_a_thread_the_same_way(monkeypatch: Any) -> None:
+    import producers.gateway as gateway_module
+
+    threads: list[str] = []
+    real = gateway_module.redact_text
+
+    def recording(text: str) -> str:
+        import threading
+
+        threads.append(threading.current_thread().name)
+        return real(text)
+
+    monkeypatch.setattr(gateway_module, "redact_text", recording)
+    sent = FakePublisher()
+    app = _gateway(sent)
+    items = [{**EVENT, "user_id": f"u{i}", "payload": {"comment": f"mail a{i}@b.io " + "x" * 500}} for i in range(20)]
+    for _ in range(2):  # a fresh event loop each time: the thread limiter serves both
+        answer = call(app, "/internal/feedback/batch", JSON, [orjson.dumps(items)])
+        assert answer is not None and [r["status"] for r in answer.json()["results"]] == [202] * 20
+    small = call(app, "/internal/feedback", JSON, [orjson.dumps({**EVENT, "payload": {"comment": "c a@b.io"}})])
+    assert small is not None and small.status == 202
+    comments = [AvroSerde().decode(value)["payload"]["comment"] for _, value in sent.sent]
+    assert comments == ["mail [EMAIL] " + "x" * 500] * 40 + ["c [EMAIL]"]
+    assert threads[-1] == "MainThread" and "MainThread" not in threads[:-1]  # only the small body on the loop

@@ -196,7 +196,7 @@ def _uppercase_ascii(t: str) -> bool:
 
 
 # Word characters, with the combining marks \w leaves out (Devanagari vowel signs, accents).
-_W = r"\w\u0300-\u036f\u0900-\u0dff\u0e00-\u0e7f"
+_W = r"\w\u0300-\u036f\u0591-\u05c7\u064b-\u065f\u0670\u0900-\u0dff\u0e00-\u0e7f"
 # Separators of an obfuscated address: " dot ", "[dot]", "(dot)"; " at ", "[at]", "(at)".
 _SPELLED_DOT = r"(?:\s{0,2}[\[({<]\s{0,2}dot\s{0,2}[\])}>]\s{0,2}|\s{1,3}dot\s{1,3}|\s{1,2}\.\s{1,2})"
 _BRACKET_AT = r"(?:\s{0,2}[\[({<]\s{0,2}at\s{0,2}[\])}>]\s{0,2})"
@@ -301,7 +301,8 @@ RULES: tuple[Rule, ...] = (
         re.compile(
             r"(?i)(?<![a-z0-9_])(?:password|passwd|passphrase|pwd|secret|client[_-]?secret|api[_-]?key|apikey|api[_-]?secret"
             r"|access[_-]?key|access[_-]?token|auth[_-]?token|refresh[_-]?token|secret[_-]?key|private[_-]?key"
-            r"|aws_secret_access_key|token)[\"']?\s{0,3}[=:]\s{0,3}[\"']?(?P<v>[^\s\"',;&]{6,256}+)"
+            r"|aws_secret_access_key|token)[\"']?\s{0,3}[=:]\s{0,3}[\"']?"
+            r"(?!\[[A-Z]{2,6}\])(?P<v>[^\s\"',;&]{6,256}+)"  # not a placeholder already
         ),
         None,
         False,

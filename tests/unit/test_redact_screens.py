@@ -169,3 +169,13 @@ def test_screened_rules_still_find_their_pii() -> None:
     }
     for text, redacted in cases.items():
         assert redact_text(text) == redacted == reference_redact_text(text)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=texts | matches)
+def test_redacting_twice_changes_and_counts_nothing_more(text: str) -> None:
+    """The export checks redacted text again: a placeholder is never found a second time."""
+    once = redact_text(text)
+    counts: Counter[str] = Counter()
+    assert redact_text(once, counts) == once
+    assert counts == Counter()

@@ -49,7 +49,7 @@ TEXT_KEYS = frozenset(
         "text", "prompt", "response", "output", "completion", "answer", "input", "query", "question",
         "message", "content", "transcript", "system", "system_prompt", "user_message", "assistant_message",
         "prompt_text", "response_text", "output_text", "completion_text", "interaction_prompt",
-        "interaction_response", "raw_text", "body", "conversation", "chat", "messages", "context",
+        "interaction_response", "raw_text", "conversation", "chat", "messages", "context",
     }
 )  # fmt: skip
 

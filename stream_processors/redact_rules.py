@@ -156,6 +156,8 @@ _END = rf"(?!{_WB}|[.\-]\d| \d)"
 # Just after a number's first digit: it starts the number (no word, '+', '.', '-' or '/'
 # before it, nor a digit and a separator).
 _DIGIT_START = rf"(?<!(?:{_WB}|[+.\-/])\d)(?<!\d[\s.-]\d)"
+# The same, except that a number and a space may come before.
+_LOOSE_DIGIT_START = rf"(?<!(?:{_WB}|[+.\-/])\d)(?<!\d[.-]\d)"
 # A phone extension: "x123", " ext. 12".
 _EXT = r"(?:\s{0,2}(?:x|ext\.?|extension)\s{0,2}\d{1,6})?"
 # Screens of the case-insensitive rules: on ASCII text, plain substring tests of its lower
@@ -401,10 +403,18 @@ RULES: tuple[Rule, ...] = (
             + _EXT
             + _END
             + "|"
+            # The NANP forms with every separator are specific enough to follow another number
+            # ("order 123456 1-800-555-0199"): 1-800-555-0199, 1 (800) 555-0199, 415 555 0132 x12.
+            + r"\d"
+            + _LOOSE_DIGIT_START
+            + r"(?:"
+            r"(?<=1)[\s.-]?\(\d{2,5}\)[\s.-]?\d{3,5}[\s.-]?\d{3,4}"
+            r"|(?<=1)[\s.-][2-9]\d{2}[\s.-]\d{3}[\s.-]\d{4}"
+            r"|(?<=[2-9])\d{2}[\s.-]\d{3}[\s.-]\d{4}"
+            r")" + _EXT + _END + "|"
+            # The rest only where no number comes just before: 18005550199, 4155550132, 415555-0132
             r"\d" + _DIGIT_START + r"(?:"
-            r"(?<=1)[\s.-]?\(\d{2,5}\)[\s.-]?\d{3,5}[\s.-]?\d{3,4}"  # 1 (800) 555-0199
-            # 1-800-555-0199; 415 555 0132, 415-555-0132 x12, 4155550132
-            r"|(?<=1)[\s.-]?[2-9]\d{2}[\s.-]?\d{3}[\s.-]?\d{4}"
+            r"(?<=1)[\s.-]?[2-9]\d{2}[\s.-]?\d{3}[\s.-]?\d{4}"
             + _EXT
             + r"|(?<=[2-9])\d{2}[\s.-]?\d{3}[\s.-]?\d{4}"
             + _EXT

@@ -497,9 +497,22 @@ def lookalike() -> tuple[str, str]:
     return family, placed(choices[family])
 
 
+_MIXABLE = [f for f in POSITIVES if f not in ("pem", "conn_string", "keyword_secret", "bearer", "ssn_named")]
+
+
+def mixed() -> dict[str, object]:
+    """Two or three values of different families in one text, with look-alikes between them."""
+    families = _rng.sample(_MIXABLE, _rng.randint(2, 3))
+    values = [POSITIVES[f]()[0] for f in families]
+    filler = ["and", "or call", "— version 1.2.3 —", "on 2024-08-06,", "order #123456", "then", "\n"]
+    text = f" {_rng.choice(filler)} ".join(values)
+    return {"family": "mixed", "text": placed(text), "pii": values}
+
+
 def corpus() -> list[dict[str, object]]:
     _rng.seed(20261202)
     rows = [positive(family) for family in POSITIVES for _ in range(PER_FAMILY)]
+    rows += [mixed() for _ in range(PER_FAMILY * 2)]
     for _ in range(PER_FAMILY * 30):
         family, text = lookalike()
         rows.append({"family": "lookalike_" + family, "text": text, "pii": []})

@@ -25,7 +25,7 @@ LOOKALIKE = [row for row in ROWS if not row["pii"]]
 FAMILIES = {
     "email", "email_intl", "email_obfuscated", "phone_us", "phone_uk", "phone_de", "phone_fr", "phone_in",
     "phone_br", "phone_jp", "phone_au", "phone_other", "card", "iban", "ssn", "ssn_named", "ip", "jwt", "bearer", "pem",
-    "cloud_key", "vcs_token", "slack", "stripe", "conn_string", "keyword_secret",
+    "cloud_key", "vcs_token", "slack", "stripe", "conn_string", "keyword_secret", "mixed",
 }  # fmt: skip
 
 

@@ -117,6 +117,8 @@ _HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: Statement kinds a GET may run (ClickHouse's readonly: reads, and settings for the query).
 _READ_KINDS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN", "SET", "USE", "CHECK"})
+#: Statement kinds that produce a result (and so a format), even an empty one.
+_RESULT_KINDS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN", "CHECK"})
 #: Statement kinds that leave nothing on the handle that ran them.
 _STATELESS_KINDS = frozenset(
     {"SELECT", "WITH", "INSERT", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN", "CREATE", "DROP", "ALTER",
@@ -718,10 +720,11 @@ class _Handler(BaseHTTPRequestHandler):
             "Content-Type": "text/plain; charset=UTF-8"
             if fmt.startswith(("TabSeparated", "TSV", "CSV"))
             else "application/octet-stream",
-            "X-ClickHouse-Format": fmt,
             "X-ClickHouse-Summary": orjson.dumps(summary).decode(),
             "X-ClickHouse-Query-Id": query_id,
         }
+        if result or statement.kind in _RESULT_KINDS:  # as ClickHouse: only a statement with a result has a format
+            headers["X-ClickHouse-Format"] = fmt
         timezone = settings.get("session_timezone")
         if timezone:
             headers["X-ClickHouse-Timezone"] = timezone
@@ -911,6 +914,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-body-bytes", type=int, default=ServerLimits.max_body_bytes)
     parser.add_argument("--max-decompressed-bytes", type=int, default=ServerLimits.max_decompressed_bytes)
     parser.add_argument("--max-threads", type=int, default=ServerLimits.max_threads)
+    parser.add_argument("--socket-timeout", type=float, default=ServerLimits.socket_timeout_s)
     args = parser.parse_args(argv)
     os.environ["TZ"] = "UTC"
     time.tzset()
@@ -924,6 +928,7 @@ def main(argv: list[str] | None = None) -> int:
         max_body_bytes=args.max_body_bytes,
         max_decompressed_bytes=args.max_decompressed_bytes,
         max_threads=args.max_threads,
+        socket_timeout_s=args.socket_timeout,
     )
     try:
         server = EmbeddedClickHouseServer(

@@ -1,0 +1,118 @@
+"""The embedded ClickHouse server's statement guard: what the lexer refuses, and what it lets through."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sinks.chdb_guard import GuardError, check_statement, tokenize, write_engine_config
+from sinks.migrations import MIGRATIONS
+
+# Each must be refused by the lexer itself (the engine's grants refuse more: see the integration corpus).
+REFUSED = [
+    "SELECT 1 INTO OUTFILE '/tmp/x'",
+    "select 1 into outfile '/tmp/x' format TSV",
+    "SELECT 1 INTO/**/OUTFILE '/tmp/x'",
+    "SELECT 1 INTO\n\tOUTFILE\n'/tmp/x'",
+    "INSERT INTO t FROM INFILE '/etc/passwd' FORMAT RawBLOB",
+    "INSERT INTO t FROM infile '/etc/passwd'",
+    "SELECT 1; SELECT 2",
+    "SELECT 1;SET max_threads = 1",
+    "SELECT 1 ; -- a comment\n DROP DATABASE x",
+    "SELECT * FROM file('/proc/self/environ', 'RawBLOB')",
+    "SELECT * FROM FILE ('/etc/passwd')",
+    "SELECT * FROM fIlE/**/('/etc/passwd')",
+    "SELECT * FROM `file`('/etc/passwd')",
+    "SELECT * FROM \"file\"('/etc/passwd')",
+    "SELECT * FROM (SELECT * FROM (SELECT * FROM file('/etc/passwd')))",
+    "SELECT (SELECT count() FROM url('http://example.com', RawBLOB))",
+    "CREATE VIEW v AS SELECT * FROM file('/etc/passwd', 'RawBLOB')",
+    "INSERT INTO FUNCTION file('/tmp/x', 'TSV') SELECT 1",
+    "SELECT * FROM remote('127.0.0.1', system.one)",
+    "SELECT * FROM remoteSecure('127.0.0.1', system.one)",
+    "SELECT * FROM s3('http://127.0.0.1/b/k', 'RawBLOB')",
+    "SELECT * FROM mysql('h:3306', 'db', 't', 'u', 'p')",
+    "SELECT * FROM postgresql('h:5432', 'db', 't', 'u', 'p')",
+    "SELECT * FROM executable('cat', 'TSV', 'x String')",
+    "SELECT * FROM Python(os)",
+    "SELECT * FROM cluster('c', system.one)",
+    "SELECT * FROM azureBlobStorage('http://h', 'c', 'b')",
+    "SELECT * FROM hdfs('hdfs://h/x', 'RawBLOB')",
+    "SELECT * FROM odbc('dsn', 't')",
+    "SELECT * FROM jdbc('dsn', 't')",
+    "SELECT * FROM sqlite('/tmp/x.db', 't')",
+    "CREATE TABLE t (a String) ENGINE = MergeTree ORDER BY a SETTINGS disk = disk(type = 'web', endpoint = 'http://h/')",
+    "ATTACH TABLE t FROM '/etc/' (a String) ENGINE = MergeTree ORDER BY a",
+    "SELECT 1 # a MySQL comment",
+    "SELECT 1 /* unterminated",
+    "SELECT '/* unterminated string",
+    "SELECT `unterminated identifier",
+    "SELECT $$ unterminated heredoc",
+    "SELECT 1 /* a /* nested */ comment */",
+    "",
+    "   -- only a comment",
+]
+
+# Legit statements: the lexer must let them through unchanged.
+ALLOWED = [
+    "SELECT 1",
+    "SELECT 1;",
+    "SELECT 'file(' AS s, \"into outfile\" AS q, `url(` FROM system.one",
+    "SELECT 'a\\'; SELECT 2' AS s",
+    "SELECT 'a'';SELECT 2' AS s",
+    "SELECT $$ ; INTO OUTFILE file() $$ AS s",
+    "SELECT 1 -- ; INTO OUTFILE\n",
+    "SELECT 1 /* ; file() */",
+    "SELECT t.file(1) FROM t",  # a dotted name is not the table function
+    "SELECT profile_file, url_path FROM t WHERE file_name = 'x'",
+    "SELECT * FROM input('a String')",
+    "INSERT INTO t (a) SELECT a FROM input('a String') FORMAT Avro",
+    "SET max_threads = 1",
+    "SELECT {id:UInt64} AS x",
+    "SELECT 0x1F, 1e5, .5, 1_000",
+    "SELECT 'ünïcödé' AS s",
+]
+
+
+@pytest.mark.parametrize("sql", REFUSED)
+def test_the_guard_refuses_each_bypass_attempt(sql: str) -> None:
+    with pytest.raises(GuardError) as info:
+        check_statement(sql)
+    assert info.value.code in (62, 497)
+    assert str(info.value).startswith(f"Code: {info.value.code}. DB::Exception: ")
+
+
+@pytest.mark.parametrize("sql", ALLOWED)
+def test_the_guard_lets_legit_statements_through(sql: str) -> None:
+    check_statement(sql)
+
+
+def test_every_migration_passes_the_guard() -> None:
+    from sinks.migrations import _render
+
+    statements = [_render(s, "feedback") for m in MIGRATIONS for s in m.statements]
+    assert len(statements) > 5
+    for statement in statements:
+        check_statement(statement)
+
+
+def test_statement_kind_and_temporary_flag() -> None:
+    assert check_statement("  (SELECT 1)").kind == "SELECT"
+    assert check_statement("set max_threads = 1").kind == "SET"
+    assert check_statement("CREATE TEMPORARY TABLE x (a UInt8)").temporary
+    assert not check_statement("CREATE TABLE x (a UInt8) ENGINE = Memory").temporary
+
+
+def test_tokens_cover_the_text_exactly() -> None:
+    sql = "SELECT 'a''b', `c`, $t$x$t$, 1.5 /* c */ -- d\n FROM t"
+    assert "".join(t.text for t in tokenize(sql)) == sql
+
+
+def test_engine_config_grants_no_sources_and_pins_file_settings(tmp_path: Path) -> None:
+    config = write_engine_config(tmp_path / "cfg", tmp_path / "data")
+    users = (tmp_path / "cfg" / "users.xml").read_text()
+    assert "SOURCES" not in users and "READ ON" not in users and "SYSTEM" not in users
+    assert "TABLE ENGINE ON File" not in users and "TABLE ENGINE ON URL" not in users
+    assert "<format_template_row><const/></format_template_row>" in users
+    assert f"<user_files_path>{tmp_path / 'data' / 'user_files'}/</user_files_path>" in config.read_text()

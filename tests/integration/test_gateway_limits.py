@@ -112,8 +112,8 @@ def test_an_oversized_field_is_refused_and_a_slow_batch_does_not_stall_healthz(s
     assert batch_s > 1.5, batch_s
     # Redacted on the event loop, the first probe waited for the whole batch (4 s here); in a
     # thread, probes take ~50 ms, and a rare one up to ~1 s while the machine is busy.
-    assert len(waits) > 3 and max(waits) < min(2.0, batch_s / 2), (waits, batch_s)
-    assert refused_s < min(2.0, batch_s / 2), (refused_s, batch_s)
+    assert len(waits) > 3 and max(waits) < min(3.0, batch_s / 2), (waits, batch_s)
+    assert refused_s < min(3.0, batch_s / 2), (refused_s, batch_s)
     landed = [record for _, record in _raw(settings)]
     assert len(landed) == 300 and all(r["user_id"] != "x" for r in landed)  # the refused event never reached Kafka
 

@@ -29,6 +29,7 @@ after a crash changes nothing twice.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import os
@@ -88,7 +89,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 1000  # Kafka messages per batch (an envelope is one message of up to 1000 events)
 WITHIN_S = 0.02  # a partial batch is handled after this long (end-to-end latency)
-FLUSH_EVENTS = 20_000  # a batch of envelopes is flushed every this many events, to bound its memory
+FLUSH_EVENTS = 5_000  # a batch of envelopes is flushed every this many events, to bound its memory
 SWEEP_S = 1.0  # the dedup and interaction sweeps look at SWEEP_SCAN entries this often
 SWEEP_SCAN = 20_000
 REPUBLISH_S = 60.0
@@ -165,8 +166,9 @@ def create_app(
         "broker_session_timeout": settings.kafka_session_timeout_s,
         "broker_heartbeat_interval": max(1.0, settings.kafka_session_timeout_s / 10),
         # Messages buffered per agent: an envelope holds up to 1,000 events, so this bounds the memory a
-        # backlog can take (16,384 envelopes of ~40-200 KB could hold gigabytes).
-        "stream_buffer_maxsize": 2_048,
+        # backlog can take (16,384 envelopes of ~40-200 KB could hold gigabytes). Single-event
+        # messages still fill a take_events batch of BATCH from it.
+        "stream_buffer_maxsize": 512,
     }
     conf.update(overrides)
     if settings.table_store == "rocksdb":
@@ -665,6 +667,26 @@ def create_app(
     return fa
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def bound_malloc() -> bool:
+    """Keep freed memory from piling up in the process (glibc only; False elsewhere).
+
+    A batch allocates and frees hundreds of megabytes of short-lived buffers (envelope values,
+    decoded events, librdkafka copies). glibc raises its mmap threshold each time a large block is
+    freed, so later large blocks come from the heap and their memory is kept, fragmented, after
+    the batch: in the million-key run the worker's RSS was 700 MB while its live memory was
+    about 330 MB. A fixed 128 KiB threshold (glibc's initial one) returns large blocks to the OS
+    when they are freed, and a 16 MiB trim threshold gives back the heap's free top sooner.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024) and libc.mallopt(_M_TRIM_THRESHOLD, 16 << 20))
+    except (OSError, AttributeError):  # not glibc: its allocator keeps its own defaults
+        return False
+
+
 def run_worker(settings: Settings) -> None:
     """Run the worker until SIGTERM/SIGINT (blocking)."""
     fa = create_app(settings)
@@ -678,5 +700,6 @@ def run_worker(settings: Settings) -> None:
     # collections run less often.
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD, 20, 50)
+    bound_malloc()
     worker = faust.Worker(fa.app, loglevel=settings.log_level, quiet=True)
     worker.execute_from_commandline()

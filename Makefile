@@ -9,7 +9,7 @@ LOCK   := requirements.lock
 JARS   := $(LIBS)/.fetched
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test unit integration bench up down status lint clean lock audit
+.PHONY: setup demo test unit integration bench up down status lint clean lock audit test-compat
 
 # Exactly the locked versions, each checked against its hash (pip too: it is in the lock); then
 # the project itself, built with the locked setuptools (no build isolation: nothing unlocked is
@@ -62,6 +62,12 @@ integration: setup
 # appends to benchmarks/results/bench.jsonl. BENCH_ARGS, e.g. "--stages worker,latency --json".
 bench: setup
 	$(BIN)/feedback bench $(BENCH_ARGS)
+
+# clickhouse-connect's own integration suite against the embedded ClickHouse server, nice'd
+# (tests/compat/run_clickhouse_connect_suite.py; ~10 min, so not in `make test`). Needs a
+# clickhouse-connect checkout in .local/compat/clickhouse-connect (cloned when the network allows).
+test-compat: setup
+	$(BIN)/python tests/compat/run_clickhouse_connect_suite.py $(COMPAT_ARGS)
 
 up: setup
 	$(BIN)/feedback up

@@ -834,7 +834,13 @@ class _HTTPServer(HTTPServer):
             self._slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        log.warning("http_connection_error", exc_info=True)
+        import sys
+
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError | TimeoutError):  # a client that went away: not ours to report
+            log.debug("http_connection_closed error=%s", type(exc).__name__)
+            return
+        log.warning("http_connection_error error=%s", type(exc).__name__, exc_info=True)
 
 
 class EmbeddedClickHouseServer:

@@ -65,7 +65,7 @@ from schemas.models import FeedbackEvent
 from schemas.serde import AvroSerde
 from schemas.topics import Topics
 
-TOKEN = "bench-token-0123456789"
+TOKEN = "bench-token-0123456789abcdefghijklmnop"
 
 
 def _events(n: int, offset: int = 0) -> list[dict[str, Any]]:

@@ -141,7 +141,7 @@ class Settings(BaseSettings):
     allow_text: bool = Field(
         default=False,
         validation_alias=AliasChoices("FEEDBACK_ALLOW_TEXT", "ALLOW_TEXT"),
-        description="Keep payload.text (ALLOW_TEXT is accepted too). Off: the text is dropped and the event says so.",
+        description="Keep free text: payload.text and free-text map keys such as prompt/response (ALLOW_TEXT is accepted too). Off: they are dropped and the event says so.",
     )
     rate_limit_per_minute: float = Field(default=60.0, gt=0, description="Token-bucket rate per subject.")
     rate_limit_burst: float | None = Field(default=None, ge=1, description="Bucket size; unset: the per-minute rate.")

@@ -21,7 +21,7 @@ from pipeline.errors import InvalidEvent
 from stream_processors.dedup import dedup_key
 from stream_processors.normalize import normalize
 from stream_processors.ratelimit import BucketState, RateLimit, take_token
-from stream_processors.redact import pseudonymize, redact_payload
+from stream_processors.redact import guard_text, pseudonymize, redact_event
 from stream_processors.sample import keep, sample_rate_for
 from stream_processors.validate import Limits, validate
 
@@ -137,11 +137,8 @@ def gate_step(
     new_seen = seen if seen is not None and seen.offset == offset else SeenEntry(now_s + config.dedup_window_s, offset)
 
     counts: Counter[str] = Counter()
-    event["payload"] = redact_payload(event["payload"], counts)
-    text_dropped = False
-    if not config.allow_text and event["payload"].get("text") is not None:
-        event["payload"] = {**event["payload"], "text": None}
-        text_dropped = True
+    event = redact_event(event, counts, pseudonym_key=config.pseudonym_key)
+    event["payload"], text_dropped = guard_text(event["payload"], config.allow_text)
     if config.pseudonym_key is not None and event.get("user_id"):
         event["user_id"] = pseudonymize(event["user_id"], config.pseudonym_key)
     event["client_ip"] = None  # used for rate limiting only; never stored downstream in clear

@@ -136,7 +136,7 @@ class ServerLimits:
     max_decompressed_bytes: int = 2 << 30  # the body after Content-Encoding
     socket_timeout_s: float = 120.0  # one read or write on a connection; idle keep-alives close after it
     max_threads: int = 64  # connections served at once; more wait in the listen backlog
-    max_sessions: int = 64  # open session_id handles
+    max_sessions: int = 256  # open session_id handles; past it the least recently used idle one is closed
     default_session_timeout_s: float = 60.0
     max_session_timeout_s: float = 3600.0
 
@@ -389,7 +389,7 @@ class _Sessions:
             if session is None:
                 if check:
                     raise _error(372, "SESSION_NOT_FOUND", f"Session {session_id} not found")
-                if len(self._sessions) >= self._limits.max_sessions:
+                if len(self._sessions) >= self._limits.max_sessions and not self._evict_idlest():
                     raise _error(202, "TOO_MANY_SIMULTANEOUS_QUERIES", "Too many open sessions")
                 session = _Session(self._engine.open(), timeout_s=timeout_s)
                 self._sessions[session_id] = session
@@ -401,6 +401,16 @@ class _Sessions:
     def release(self, session: _Session) -> None:
         session.last_used = time.monotonic()
         session.lock.release()
+
+    def _evict_idlest(self) -> bool:
+        """Close the least recently used session no request holds (clients such as clickhouse-connect
+        open one per client object); False when every session is busy."""
+        for key, session in sorted(self._sessions.items(), key=lambda kv: kv[1].last_used):
+            if session.lock.acquire(blocking=False):
+                del self._sessions[key]
+                session.conn.close()
+                return True
+        return False
 
     def _expire(self) -> None:
         now = time.monotonic()

@@ -312,7 +312,7 @@ def create_app(
             return
         pos = position(msg.offset, index)
         subject = subject_key(record, config.pseudonym_key)
-        key = dedup_key(record)
+        key = dedup_key(record, config.hash_key)
         result = gate_step(
             record, offset=pos, now=now, config=config,
             subject_state=subject_from_json(subjects.get(subject, partition)),
@@ -325,7 +325,7 @@ def create_app(
             seen.set(key, seen_to_json(result.seen, partition), partition)
         route = route_gate(
             record, result, topic=msg.topic, partition=partition, offset=msg.offset, position=pos,
-            envelope=envelope, now=now, rules=rules,
+            envelope=envelope, now=now, rules=rules, hash_key=config.hash_key,
         )  # fmt: skip
         tally = batch.tally
         for kind, count in result.redactions.items():

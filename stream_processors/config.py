@@ -16,20 +16,26 @@ from stream_processors.state_steps import BiasConfig
 from stream_processors.triage import TriageRules
 from stream_processors.validate import Limits
 
-__all__ = ["bias_config", "gate_config", "pseudonym_key", "reputation_policy", "triage_rules"]
+__all__ = ["bias_config", "gate_config", "hash_key", "pseudonym_key", "reputation_policy", "triage_rules"]
 
 PSEUDONYM_KEY_FILE = "pseudonym.key"
 
 
 def pseudonym_key(settings: Settings) -> bytes | None:
-    """The HMAC key for user_id pseudonyms; None when pseudonymization is off.
-
-    With the local stack and no key set, a random key is generated once and kept in
-    ``state_dir`` (mode 0600), so pseudonyms stay stable across restarts. Against a
-    real cluster the key must be set: workers on different machines must agree.
-    """
+    """The HMAC key for user_id pseudonyms; None when pseudonymization is off (see :func:`hash_key`)."""
     if not settings.pseudonymize_user_id:
         return None
+    return hash_key(settings)
+
+
+def hash_key(settings: Settings) -> bytes:
+    """The worker's secret HMAC key: user_id pseudonyms, the stored content hashes and the dedup
+    table's keys are all keyed with it, so no stored value is a plain hash of raw content or ids.
+
+    With the local stack and no key set, a random key is generated once and kept in
+    ``state_dir`` (mode 0600), so pseudonyms and hashes stay stable across restarts. Against a
+    real cluster the key must be set: workers on different machines must agree.
+    """
     if settings.pseudonym_key is not None:
         key = settings.pseudonym_key.get_secret_value().encode()
         if len(key) < 16:
@@ -37,8 +43,8 @@ def pseudonym_key(settings: Settings) -> bytes | None:
         return key
     if not settings.uses_local_kafka:
         raise ConfigError(
-            "FEEDBACK_PSEUDONYM_KEY: required with an external Kafka cluster so every worker derives the same "
-            "pseudonyms (or set FEEDBACK_PSEUDONYMIZE_USER_ID=false)"
+            "FEEDBACK_PSEUDONYM_KEY: required with an external Kafka cluster, so every worker derives the same "
+            "pseudonyms, stored content hashes and dedup keys"
         )
     return _local_key(Path(settings.state_dir) / PSEUDONYM_KEY_FILE)
 
@@ -78,6 +84,7 @@ def gate_config(settings: Settings) -> GateConfig:
         sample_rates=dict(settings.sample_rates),
         allow_text=settings.allow_text,
         pseudonym_key=pseudonym_key(settings),
+        hash_key=hash_key(settings),
     )
 
 

@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
-__all__ = ["EXPLICIT_SIGNALS", "dedup_key", "seen_step"]
+__all__ = ["EXPLICIT_SIGNALS", "dedup_key", "keyed_hash", "seen_step"]
 
 #: Signals a person gives once per interaction; a second one for the same interaction is a duplicate.
 EXPLICIT_SIGNALS = frozenset({"thumbs", "rating", "correction", "task_success", "quality_score"})
 
 
-def dedup_key(event: dict[str, Any]) -> str:
-    """idempotency_key, else (interaction_id, type) for explicit signals, else the content hash."""
+def dedup_key(event: dict[str, Any], key: bytes) -> str:
+    """idempotency_key, else (interaction_id, type) for explicit signals, else the content hash;
+    keyed with ``key`` (HMAC-SHA256, 128 bits kept), so the dedup table and its changelog never
+    hold an idempotency key, an interaction id or a hash of unredacted content in clear. The
+    first character says which rule applied (``k``, ``i`` or ``h``)."""
     if event.get("idempotency_key"):
-        return f"k:{event['source']}:{event['idempotency_key']}"
-    if event.get("interaction_id") and event["type"] in EXPLICIT_SIGNALS:
-        return f"i:{event['interaction_id']}:{event['type']}"
-    return f"h:{event['hash']}"
+        text = f"k:{event['source']}:{event['idempotency_key']}"
+    elif event.get("interaction_id") and event["type"] in EXPLICIT_SIGNALS:
+        text = f"i:{event['interaction_id']}:{event['type']}"
+    else:
+        text = f"h:{event['hash']}"
+    return text[:2] + hmac.digest(key, text.encode(), "sha256")[:16].hex()
+
+
+def keyed_hash(content_hash: str, key: bytes) -> str:
+    """The ``hash`` stored after the gate: an HMAC-SHA256 (hex) of the producer's content hash.
+
+    The producer's hash is SHA-256 over the raw event, PII and dropped text included, so anyone
+    could test a guessed email or phone number against it. Keyed, equal contents still get
+    equal stored hashes, but no guess can be checked without the worker's key."""
+    return hmac.digest(key, b"content:" + content_hash.encode(), "sha256").hex()
 
 
 def seen_step(expires_at: float | None, now_s: float, window_s: float) -> tuple[float | None, bool]:

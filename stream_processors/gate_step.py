@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pipeline.errors import InvalidEvent
-from stream_processors.dedup import dedup_key
+from stream_processors.dedup import dedup_key, keyed_hash
 from stream_processors.normalize import normalize
 from stream_processors.ratelimit import BucketState, RateLimit, take_token
 from stream_processors.redact import guard_text, pseudonymize, redact_event
@@ -49,6 +49,7 @@ class GateConfig:
     sample_rates: Mapping[str, float] = dataclasses.field(default_factory=dict)
     allow_text: bool = False
     pseudonym_key: bytes | None = None  # None: user_id kept as sent
+    hash_key: bytes = b""  # keys the stored hash and dedup keys (config.hash_key); tests may leave it empty
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ def gate_step(
     except InvalidEvent as exc:
         return GateResult("rejected", reason="invalid", field=exc.field, rule=exc.rule, subject=subject)
 
-    key = dedup_key(event)
+    key = dedup_key(event, config.hash_key)
     if seen is not None and now_s < seen.expires_s and seen.offset != offset:
         return GateResult("duplicate", subject=subject, dedup_key=key)
 
@@ -142,6 +143,7 @@ def gate_step(
     if config.pseudonym_key is not None and event.get("user_id"):
         event["user_id"] = pseudonymize(event["user_id"], config.pseudonym_key)
     event["client_ip"] = None  # used for rate limiting only; never stored downstream in clear
+    event["hash"] = keyed_hash(str(event.get("hash") or ""), config.hash_key)  # see dedup.keyed_hash
     event["text_dropped"] = text_dropped
 
     rate = sample_rate_for(event["type"], config.sample_rates)
@@ -156,16 +158,18 @@ def gate_step(
 
 
 def rejection_record(
-    record: Mapping[str, Any], result: GateResult, *, topic: str, partition: int, offset: int, now: datetime
+    record: Mapping[str, Any], result: GateResult, *, topic: str, partition: int, offset: int, now: datetime,
+    hash_key: bytes = b"",
 ) -> dict[str, Any]:
-    """A ``rejected_v1`` record: reason and metadata, never the payload or personal data."""
+    """A ``rejected_v1`` record: reason and metadata, never the payload or personal data (its
+    ``hash`` is keyed like a clean event's)."""
     ts = record.get("ts")
     return {
         "event_id": str(record.get("event_id", "")),
         "source": str(record.get("source", "")),
         "type": str(record.get("type", "")),
         "ts": ts if isinstance(ts, datetime) else None,
-        "hash": str(record.get("hash", "")),
+        "hash": keyed_hash(str(record.get("hash", "")), hash_key),
         "reason": result.reason,
         "field": result.field,
         "rule": result.rule[:300],

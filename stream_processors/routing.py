@@ -74,6 +74,7 @@ def route_gate(
     now: datetime,
     rules: TriageRules,
     enrich: bool = True,
+    hash_key: bytes = b"",
 ) -> GateRoute:
     """Route one decided event. ``offset`` is the raw message's, ``position`` the event's
     (:func:`schemas.envelope.position`); ``envelope``: the event came in an envelope, so its
@@ -104,7 +105,8 @@ def route_gate(
     reason = "duplicate" if result.outcome == "duplicate" else result.reason
     rejected = GateResult(result.outcome, reason=reason, field=result.field, rule=result.rule)
     row = rejection_record(
-        record, rejected, topic=topic, partition=partition, offset=position if envelope else offset, now=now
+        record, rejected, topic=topic, partition=partition, offset=position if envelope else offset, now=now,
+        hash_key=hash_key,
     )
     return GateRoute("rejected", source.encode(), rejection=row, outcome=outcome, reason=reason)
 

@@ -11,10 +11,13 @@ from pipeline.kafka_admin import ensure_topics, topic_message_counts
 from pipeline.settings import Settings
 from producers.producer import FeedbackProducer
 from producers.synthetic import generate_events
+from schemas.hashing import compute_hash
+from schemas.models import FeedbackEvent
 from schemas.serde import AvroSerde
 from schemas.topics import Topics
 from sinks.clickhouse import connect
-from stream_processors.config import pseudonym_key
+from stream_processors.config import hash_key, pseudonym_key
+from stream_processors.dedup import keyed_hash
 from stream_processors.redact import pseudonymize
 from tests.integration.pipeline_procs import pipeline_process, wait_for
 
@@ -35,6 +38,12 @@ def _final_count(settings: Settings, table: str = "feedback_events") -> int:
 def test_ten_thousand_events_land_exactly_once_and_poison_goes_to_the_dlq(isolated: Settings, tmp_path: Path) -> None:
     ensure_topics(isolated)
     events = list(generate_events(N_EVENTS, seed=11))
+    # One event whose comment holds an email: its stored row must not let a guess be checked.
+    planted = FeedbackEvent.model_validate({
+        "source": "dream_ui", "type": "thumbs", "user_id": "u-planted",
+        "payload": {"direction": "down", "comment": "write to jane.roe@example.com"},
+    })  # fmt: skip
+    events[100] = planted
     with FeedbackProducer(isolated) as producer:
         # Poison in the middle of the stream: the events after it must still land.
         producer.send_many(events[: N_EVENTS // 2])
@@ -75,8 +84,9 @@ def test_ten_thousand_events_land_exactly_once_and_poison_goes_to_the_dlq(isolat
     # Delivered once, not merely deduplicated at read time.
     assert int(client.command(f"SELECT count() FROM `{db}`.feedback_events")) == N_EVENTS
 
-    # The content survives the trip: hashes and fields match what was produced.
+    # The content survives the trip: hashes (keyed) and fields match what was produced.
     by_id = {e.event_id: e for e in events}
+    secret = hash_key(isolated)
     key = pseudonym_key(isolated)
     assert key is not None and events[0].user_id is not None
     sample = client.query(
@@ -85,7 +95,7 @@ def test_ten_thousand_events_land_exactly_once_and_poison_goes_to_the_dlq(isolat
     for event_id, digest, source, type_, severity, user_id, model_version in sample:
         e = by_id[event_id]
         assert (digest, source, type_, severity, user_id, model_version) == (
-            e.hash,
+            keyed_hash(e.hash, secret),
             e.source,
             e.type,
             e.severity.value,
@@ -102,8 +112,25 @@ def test_ten_thousand_events_land_exactly_once_and_poison_goes_to_the_dlq(isolat
     assert {line["event_id"] for line in lines} == expected
     assert all("client_ip" not in line for line in lines)
     for line in lines[:50]:
-        assert line["hash"] == by_id[line["event_id"]].hash
+        assert line["hash"] == keyed_hash(by_id[line["event_id"]].hash, secret)
         assert f"feedback-{line['ts'][:10]}.jsonl" in {p.name for p in isolated.path.glob("*.jsonl")}
+
+    # An attacker with the stored row of the planted event guesses the email behind [EMAIL]:
+    # rebuilding the raw event around each guess and hashing it as the producer does finds the
+    # producer's hash for the true guess, but nothing stored matches any guess.
+    ((stored_hash, comment),) = client.query(
+        f"SELECT hash, payload_comment FROM `{db}`.feedback_events FINAL WHERE event_id = %(id)s",
+        parameters={"id": planted.event_id},
+    ).result_rows
+    assert comment == "write to [EMAIL]"
+    guesses = {}
+    for candidate in ("jane@example.com", "jane.roe@example.com", "j.roe@example.com", "jane.roe@example.org"):
+        raw = planted.model_dump(mode="json")
+        raw["payload"]["comment"] = f"write to {candidate}"
+        guesses[candidate] = compute_hash(FeedbackEvent.model_validate(raw))
+    assert guesses["jane.roe@example.com"] == planted.hash  # the guess works against an unkeyed hash
+    stored = {stored_hash} | {line["hash"] for line in lines if line["event_id"] == planted.event_id}
+    assert stored == {keyed_hash(planted.hash, secret)} and not stored & set(guesses.values())
 
     # The DLQ holds each poison message with its stage, reason and original bytes.
     dlq = AvroSerde("dead_letter_v1")

@@ -21,6 +21,7 @@ from schemas.state_records import decode_bias, decode_reputation
 from schemas.topics import Topics
 from stream_processors.app import FeedbackApp, create_app
 from stream_processors.outputs import CapturedOutputs
+from stream_processors.dedup import dedup_key
 from stream_processors.redact import pseudonymize
 
 T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
@@ -221,7 +222,7 @@ def test_gate_applies_every_rule_and_counts_it(tmp_path: Path) -> None:
     bob = h.table("subjects")[pseudonymize("bob", KEY.encode())]  # keyed by pseudonym, never the id in clear
     # Positions: the raw offset << 16 (single-event messages are item 0).
     assert bob["bucket"][0] < 1 and bob["offset"] == position(9) and bob["limited"] == [position(o) for o in (7, 8, 9)]
-    assert "i:i-1:thumbs" in h.table("seen")
+    assert dedup_key({"interaction_id": "i-1", "type": "thumbs"}, KEY.encode()) in h.table("seen")
 
 
 def test_sampling_drops_by_type_and_counts(tmp_path: Path) -> None:

@@ -8,11 +8,12 @@ from typing import Any
 from schemas import FeedbackEvent
 from stream_processors.gate_step import GateConfig, GateResult, SubjectState, gate_step, rejection_record
 from stream_processors.ratelimit import RateLimit
+from stream_processors.dedup import keyed_hash
 from stream_processors.redact import pseudonymize
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 KEY = b"test-key"
-CONFIG = GateConfig(pseudonym_key=KEY)
+CONFIG = GateConfig(pseudonym_key=KEY, hash_key=KEY)
 
 
 def _record(**kw: Any) -> dict[str, Any]:
@@ -35,7 +36,7 @@ class Runner:
         from stream_processors.dedup import dedup_key
         from stream_processors.gate_step import subject_of
 
-        key = dedup_key(record)
+        key = dedup_key(record, self.config.hash_key)
         result = gate_step(
             record, offset=offset, now=now, config=self.config,
             subject_state=self.subjects.get(subject_of(record)), seen=self.seen.get(key),
@@ -63,7 +64,8 @@ def test_clean_event_is_normalized_redacted_guarded_and_pseudonymized() -> None:
     assert event["user_id"] == pseudonymize("alice", KEY)
     assert event["client_ip"] is None
     assert event["sample_rate"] == 1.0
-    assert event["hash"] == record["hash"]  # identity of the original content is kept
+    # Keyed: equal contents keep equal hashes, but a guess at the raw content cannot be checked.
+    assert event["hash"] == keyed_hash(record["hash"], CONFIG.hash_key) != record["hash"]
     assert result.redactions["EMAIL"] == 1
 
 
@@ -127,6 +129,7 @@ def test_sampling_is_per_type_and_spares_vetoes_and_safety() -> None:
 def test_rejection_record_has_metadata_but_no_payload_or_user() -> None:
     record = _record(user_id="carol", payload={"direction": "up", "comment": "secret words"})
     result = Runner(GateConfig(rate_limit=RateLimit(rate_per_s=0, burst=0))).run(record)
-    rejected = rejection_record(record, result, topic="feedback.raw.v1", partition=1, offset=5, now=NOW)
+    rejected = rejection_record(record, result, topic="feedback.raw.v1", partition=1, offset=5, now=NOW, hash_key=KEY)
+    assert rejected["hash"] == keyed_hash(record["hash"], KEY) != record["hash"]
     assert rejected["reason"] == "rate_limited" and rejected["event_id"] == record["event_id"]
     assert "carol" not in repr(rejected) and "secret" not in repr(rejected)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hmac
+
 from collections import Counter
 
 import pytest
@@ -81,12 +83,20 @@ def test_vetoes_and_safety_are_never_sampled_away() -> None:
 # --- dedup ---------------------------------------------------------------------
 
 
-def test_dedup_key_precedence() -> None:
+def test_dedup_key_precedence_and_keying() -> None:
     base = {"source": "s", "type": "thumbs", "hash": "h1", "interaction_id": None, "idempotency_key": None}
-    assert dedup_key({**base, "idempotency_key": "k", "interaction_id": "i"}) == "k:s:k"
-    assert dedup_key({**base, "interaction_id": "i"}) == "i:i:thumbs"
-    assert dedup_key({**base, "type": "latency", "interaction_id": "i"}) == "h:h1"
-    assert dedup_key(base) == "h:h1"
+    key = b"k" * 32
+
+    def keyed(text: str) -> str:
+        return text[:2] + hmac.digest(key, text.encode(), "sha256")[:16].hex()
+
+    assert dedup_key({**base, "idempotency_key": "k", "interaction_id": "i"}, key) == keyed("k:s:k")
+    assert dedup_key({**base, "interaction_id": "i"}, key) == keyed("i:i:thumbs")
+    assert dedup_key({**base, "type": "latency", "interaction_id": "i"}, key) == keyed("h:h1")
+    assert dedup_key(base, key) == keyed("h:h1")
+    # Another key, another dedup key: nothing in the table can be recomputed without the key.
+    assert dedup_key(base, b"x" * 32) != dedup_key(base, key)
+    assert "h1" not in dedup_key(base, key)
 
 
 def test_seen_window() -> None:

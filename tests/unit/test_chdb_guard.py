@@ -48,8 +48,8 @@ REFUSED = [
     "SELECT 1 /* unterminated",
     "SELECT '/* unterminated string",
     "SELECT `unterminated identifier",
-    "SELECT $$ unterminated heredoc",
-    "SELECT 1 /* a /* nested */ comment */",
+    "SELECT 1 /* a /* not nested */ file('/etc/passwd') */",
+    "SELECT $$ not a heredoc, file('/etc/passwd')",
     "",
     "   -- only a comment",
 ]
@@ -72,6 +72,9 @@ ALLOWED = [
     "SELECT {id:UInt64} AS x",
     "SELECT 0x1F, 1e5, .5, 1_000",
     "SELECT 'ünïcödé' AS s",
+    "SELECT 1 /* a /* b */",
+    "SELECT $tag$ file('x') $tag$, $ab$$ab$ AS s",
+    "SELECT a$b, $1 FROM t",
 ]
 
 

@@ -614,3 +614,18 @@ def test_the_launcher_generates_a_private_password_and_scrubs_the_environment(
         assert os.stat(chosen.clickhouse_password_file).st_mode & 0o777 == 0o600
     finally:
         launcher.stop()
+
+
+def test_past_the_session_cap_the_least_recently_used_idle_session_is_closed(server: EmbeddedClickHouseServer) -> None:
+    cap = server.limits.max_sessions
+    assert _http(server, query={"session_id": "cap-0"}, body=b"SET max_threads = 1")[0] == 200
+    for i in range(1, cap + 1):  # clickhouse-connect opens one session per client object
+        assert _http(server, query={"session_id": f"cap-{i}"}, body=b"SELECT 1")[0] == 200
+    # cap-0 was the idlest: closed, so a session_check finds it gone; the newest is still there
+    assert (
+        _http(server, query={"session_id": "cap-0", "session_check": "1"}, body=b"SELECT 1")[1].get(
+            "x-clickhouse-exception-code"
+        )
+        == "372"
+    )
+    assert _http(server, query={"session_id": f"cap-{cap}", "session_check": "1"}, body=b"SELECT 1")[0] == 200

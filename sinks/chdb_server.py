@@ -371,6 +371,7 @@ class _Session:
     lock: threading.Lock = field(default_factory=threading.Lock)
     timeout_s: float = 60.0
     last_used: float = field(default_factory=time.monotonic)
+    database: str = "default"  # changed by USE only: a request's `database` argument is for that request
 
 
 class _Sessions:
@@ -526,6 +527,13 @@ def _execute(engine: _Engine, conn: Any, req: _Request, in_session: bool) -> tup
                 conn.query("SET " + ", ".join(f"{n} = {_quote(v)}" for n, v in restore.items()))
             except Exception:
                 log.warning("session_settings_restore_failed count=%d", len(restore))
+
+
+def _current_database(conn: Any, fallback: str) -> str:
+    try:
+        return bytes(conn.query("SELECT currentDatabase()", "TSVRaw").bytes()).decode().strip() or fallback
+    except Exception:
+        return fallback
 
 
 def _unquote(literal: str) -> str:
@@ -754,7 +762,11 @@ class _Handler(BaseHTTPRequestHandler):
             raise _error(36, "BAD_ARGUMENTS", f"session_timeout must be within 0..{limits.max_session_timeout_s:.0f}")
         session = self.server.sessions.acquire(session_id, timeout, args.get("session_check") == "1")
         try:
-            return _execute(self.server.engine, session.conn, req, in_session=True)
+            req.database = req.database or session.database
+            result = _execute(self.server.engine, session.conn, req, in_session=True)
+            if req.statement.kind == "USE":
+                session.database = _current_database(session.conn, session.database)
+            return result
         finally:
             self.server.sessions.release(session)
 

@@ -486,6 +486,12 @@ def test_sessions_keep_their_state_to_themselves(server: EmbeddedClickHouseServe
     # a per-query setting inside a session applies to that query only
     assert _http(server, query={**a, "max_threads": "2"}, body=b"SELECT getSetting('max_threads')")[2] == b"2\n"
     assert _http(server, query=a, body=b"SELECT getSetting('max_threads')")[2] == b"1\n"
+    # USE stays in the session; a request's database argument is for that request only
+    assert _http(server, query={**a, "database": "system"}, body=b"SELECT currentDatabase()")[2] == b"system\n"
+    assert _http(server, query=a, body=b"SELECT currentDatabase()")[2] == b"default\n"
+    assert _http(server, query=a, body=b"USE system")[0] == 200
+    assert _http(server, query=a, body=b"SELECT currentDatabase()")[2] == b"system\n"
+    assert _http(server, query=b, body=b"SELECT currentDatabase()")[2] == b"default\n"
     # clickhouse-connect's own sessions work the same way
     one, two = _client(server, session_id="cc-one"), _client(server, session_id="cc-two")
     one.command("SET max_threads = 1")

@@ -149,6 +149,12 @@ class Settings(BaseSettings):
         default_factory=dict, description='Per-source events per minute, JSON: {"oracle": 600}.'
     )
     dedup_window_s: float = Field(default=24 * 3600.0, gt=0, description="How long a dedup key is remembered.")
+    rate_limit_idle_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="A rate-limit bucket untouched this long (by event time; at least its full refill time) "
+        "is swept from the table.",
+    )
     interaction_ttl_s: float = Field(
         default=7 * 24 * 3600.0,
         gt=0,

@@ -79,6 +79,7 @@ from stream_processors.state_steps import (
     seen_from_json,
     seen_to_json,
     subject_from_json,
+    subject_idle,
     subject_to_json,
 )
 from stream_processors.triage import triage_apply
@@ -130,6 +131,7 @@ class FeedbackApp:
     tables: dict[str, StateTable] = field(default_factory=dict)
     agents: dict[str, Any] = field(default_factory=dict)
     handlers: dict[str, Callable[[list[EventT]], None]] = field(default_factory=dict)  # an agent's batch step
+    sweeps: dict[str, Callable[[float], None]] = field(default_factory=dict)  # a sweep step at a time (s)
     publish_state: Callable[..., None] | None = None
 
 
@@ -289,6 +291,10 @@ def create_app(
                 metrics.lag.labels(name, str(partition)).set(max(0, high - offset - 1))
 
     # --- the gate ---------------------------------------------------------------
+    # Rate-limit keys: the pseudonym key when user ids are pseudonymized, else the hash key.
+    subject_secret = config.pseudonym_key if config.pseudonym_key is not None else config.hash_key
+    slowest = min([config.rate_limit, *config.source_limits.values()], key=lambda r: r.rate_per_s)
+    idle_s = max(settings.rate_limit_idle_s, slowest.burst / max(slowest.rate_per_s, 1e-9))
     ttl_s = settings.interaction_ttl_s
     clean_name, enrich_name, rejected_name = topics.clean, topics.enrich, topics.rejected
 
@@ -311,7 +317,7 @@ def create_app(
             to_dlq("decode", event, exc.reason, body if envelope else None, index if envelope else None)
             return
         pos = position(msg.offset, index)
-        subject = subject_key(record, config.pseudonym_key)
+        subject = subject_key(record, subject_secret)
         key = dedup_key(record, config.hash_key)
         result = gate_step(
             record, offset=pos, now=now, config=config,
@@ -409,20 +415,29 @@ def create_app(
         if not key:
             return
         given = key.decode(errors="replace")
-        candidates = {given}
-        if config.pseudonym_key is not None:
-            candidates.add(pseudonymize(given, config.pseudonym_key))
+        candidates = {given, pseudonymize(given, subject_secret)}  # the id, or its pseudonym, as sent
         for candidate in candidates:
             if subjects.get(candidate, partition) is not None:
                 subjects.delete(candidate, partition)
                 metrics.erased.labels("subjects").inc()
 
-    @app.timer(interval=SWEEP_S)
-    async def sweep_seen() -> None:
+    def sweep_seen_at(now_s: float) -> None:
         """Tombstone dedup keys whose window has ended (an expired key is already ignored;
         this only keeps the table from growing)."""
-        now_s = time.time()
         sweep(seen, lambda value: value["expires_s"] <= now_s, "dedup_keys_expired")
+
+    def sweep_subjects_at(now_s: float) -> None:
+        """Tombstone rate-limit buckets idle for ``rate_limit_idle_s`` (at least a full refill):
+        a new event from that subject finds a full bucket either way."""
+        sweep(subjects, lambda value: subject_idle(value, now_s, idle_s), "rate_limit_buckets_idle")
+
+    fa.sweeps.update({"seen": sweep_seen_at, "subjects": sweep_subjects_at})
+
+    @app.timer(interval=SWEEP_S)
+    async def sweep_tables() -> None:
+        now_s = time.time()
+        sweep_seen_at(now_s)
+        sweep_subjects_at(now_s)
 
     cursors: dict[str, Any] = {}
 

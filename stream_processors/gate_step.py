@@ -89,13 +89,13 @@ def subject_of(record: Mapping[str, Any]) -> str:
     return str(record.get("user_id") or record.get("client_ip") or record["source"])
 
 
-def subject_key(record: Mapping[str, Any], pseudonym_key: bytes | None) -> str:
-    """The rate-limit table's key for ``record``'s subject: a user id is pseudonymized like the
-    stored ``user_id``, so the table and its changelog never hold the id in clear."""
-    user_id = record.get("user_id")
-    if user_id and pseudonym_key is not None:
-        return pseudonymize(str(user_id), pseudonym_key)
-    return subject_of(record)
+def subject_key(record: Mapping[str, Any], key: bytes | None) -> str:
+    """The rate-limit table's key for ``record``'s subject, keyed with ``key`` (the pseudonym
+    key, else the hash key): a user id becomes the same pseudonym as the stored ``user_id``, and a
+    client ip or source is keyed the same way, so neither the table nor its compacted changelog
+    holds a user id or an IP address in clear. ``None`` (unit tests only): the subject as is."""
+    subject = subject_of(record)
+    return subject if key is None else pseudonymize(subject, key)
 
 
 def gate_step(

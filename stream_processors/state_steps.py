@@ -38,6 +38,7 @@ __all__ = [
     "Throttle",
     "bias_apply",
     "bias_record",
+    "subject_idle",
     "reputation_apply",
     "reputation_record",
     "seen_from_json",
@@ -198,6 +199,13 @@ class Throttle:
 def subject_to_json(state: SubjectState) -> dict[str, Any]:
     bucket = None if state.bucket is None else [state.bucket.tokens, state.bucket.updated_s]
     return {"bucket": bucket, "offset": state.offset, "limited": list(state.limited)}
+
+
+def subject_idle(value: Mapping[str, Any], now_s: float, idle_s: float) -> bool:
+    """Whether a subjects-table entry can be swept: its bucket was last touched ``idle_s`` or more
+    before ``now_s`` (so it has long refilled and a new event finds what a missing entry gives)."""
+    bucket = value.get("bucket")
+    return bucket is not None and now_s - float(bucket[1]) >= idle_s
 
 
 def subject_from_json(value: Mapping[str, Any] | None) -> SubjectState | None:

@@ -443,3 +443,25 @@ def test_triage_queue_from_the_gate_to_labels_and_reputation(tmp_path: Path) -> 
     assert not before and oracle["observations"] == 3  # two gate outcomes + one noise label
     assert oracle["score"] == pytest.approx(0.5)  # 1, 1, then 0 with alpha 0.5
     assert oracle["applied"]["triage:0"] == position(3)
+
+
+def test_rate_limit_keys_hold_no_ip_or_user_id_and_idle_buckets_are_swept(tmp_path: Path) -> None:
+    h = Harness(tmp_path, rate_limit_idle_s=600.0)
+    msgs = [_event(0, client_ip="203.0.113.7"), _event(1, user_id="zoe"), _event(500, user_id="yan")]
+    asyncio.run(h.feed("gate", msgs, lambda: len(h.table("subjects")) >= 3))
+    keys = set(h.table("subjects"))
+    secret = KEY.encode()
+    assert keys == {pseudonymize(s, secret) for s in ("203.0.113.7", "zoe", "yan")}
+    changelog = h.fa.tables["subjects"].changelog
+    written = b"".join((k or b"") + (v or b"") for k, v, _ in h.outputs.sent[changelog])
+    assert b"203.0.113.7" not in written and b"zoe" not in written
+
+    # Event time T0+0 and T0+1 are 600 s idle at T0+601; yan (T0+500) is not: only the idle two go,
+    # as tombstones in the changelog.
+    h.fa.sweeps["subjects"]((T0 + timedelta(seconds=601)).timestamp())
+    assert set(h.table("subjects")) == {pseudonymize("yan", secret)}
+    tombstones = [k for k, v, _ in h.outputs.sent[changelog] if v is None]
+    assert len(tombstones) == 2
+    # A swept subject starts again from a full bucket.
+    asyncio.run(h.feed("gate", [_event(700, user_id="zoe")], lambda: len(h.table("subjects")) == 2))
+    assert h.table("subjects")[pseudonymize("zoe", secret)]["bucket"][0] == pytest.approx(4.0)

@@ -22,7 +22,7 @@ server never runs), more than one statement per request, chDB's ``Python()`` tab
 ad-hoc ``disk(...)`` definitions (a ``web`` disk fetches URLs), ``ATTACH ... FROM 'path'``, and, as
 a second line behind the grants, every table function that reaches files, URLs or other
 servers. Anything the lexer cannot read the way ClickHouse would (an unterminated string
-or comment, ``#``) is refused rather than guessed at.
+or comment, a stray ``#``) is refused rather than guessed at.
 """
 
 from __future__ import annotations
@@ -87,6 +87,27 @@ def _quoted_end(sql: str, start: int) -> int:
     )
 
 
+def _comment_end(sql: str, start: int) -> int:
+    """Index just past the block comment opening at ``start``. ClickHouse nests block comments
+    (``/* a /* b */ c */`` is one comment), so this does too: a lexer that stopped at the first
+    ``*/`` would read a quote inside the rest of the comment as the start of a string, and miss
+    code that ClickHouse runs after it."""
+    depth, i, n = 0, start, len(sql)
+    while i < n - 1:
+        pair = sql[i : i + 2]
+        if pair == "/*":
+            depth += 1
+            i += 2
+        elif pair == "*/":
+            depth -= 1
+            i += 2
+            if depth == 0:
+                return i
+        else:
+            i += 1
+    raise GuardError("Code: 62. DB::Exception: Syntax error: unterminated comment. (SYNTAX_ERROR)", 62)
+
+
 def _heredoc_end(sql: str, start: int) -> int:
     """As ClickHouse's lexer: ``$tag$ ... $tag$`` (the tag is whatever lies up to the next ``$``)
     is a heredoc when the same ``$tag$`` closes it; else 0 and the ``$`` is an ordinary character."""
@@ -100,7 +121,8 @@ def _heredoc_end(sql: str, start: int) -> int:
 
 def tokenize(sql: str) -> list[Token]:
     """ClickHouse SQL as tokens. Raises :class:`GuardError` (SYNTAX_ERROR) for text it cannot
-    read unambiguously: unterminated strings, identifiers or comments; ``#`` comments."""
+    read unambiguously: unterminated strings, identifiers or comments; a ``#`` that is not
+    ``# ``/``#!`` (an error in ClickHouse too)."""
     tokens: list[Token] = []
     i, n = 0, len(sql)
     while i < n:
@@ -116,15 +138,17 @@ def tokenize(sql: str) -> list[Token]:
             tokens.append(Token("comment", sql[i:end], i))
             i = end
         elif sql.startswith("/*", i):
-            end = sql.find("*/", i + 2)
-            if end < 0:
-                raise GuardError("Code: 62. DB::Exception: Syntax error: unterminated comment. (SYNTAX_ERROR)", 62)
-            # ClickHouse's lexer ends a comment at the first */ (no nesting), as here. Were it to
-            # nest, it would see less code than this lexer does, never more: still safe.
-            tokens.append(Token("comment", sql[i : end + 2], i))
-            i = end + 2
+            end = _comment_end(sql, i)
+            tokens.append(Token("comment", sql[i:end], i))
+            i = end
         elif c == "#":
-            raise GuardError("Code: 62. DB::Exception: Syntax error: '#' comments are refused. (SYNTAX_ERROR)", 62)
+            # ClickHouse reads "# " and "#!" as comments to the end of the line, any other # as an error.
+            if not sql.startswith(("# ", "#!"), i):
+                raise GuardError("Code: 62. DB::Exception: Syntax error: unrecognized token '#'. (SYNTAX_ERROR)", 62)
+            end = sql.find("\n", i)
+            end = n if end < 0 else end
+            tokens.append(Token("comment", sql[i:end], i))
+            i = end
         elif c in "'`\"":
             end = _quoted_end(sql, i)
             tokens.append(Token("string" if c == "'" else "quoted", sql[i:end], i))

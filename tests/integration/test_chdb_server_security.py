@@ -306,7 +306,8 @@ BYPASSES = [
     "SYSTEM DROP DNS CACHE",
     "BACKUP DATABASE sandbox TO File('{outside}/backup')",
     "SELECT 1; SELECT * FROM file('{secret}', 'RawBLOB')",
-    "SELECT 1 # comment\n",
+    "/* /* */ ' */ SELECT * FROM file('{secret}', 'RawBLOB') -- '",
+    "SELECT 1 # c\n, * FROM file('{secret}', 'RawBLOB')",
     "GRANT READ ON FILE TO default",
     "CREATE USER intruder",
 ]

@@ -44,11 +44,13 @@ REFUSED = [
     "SELECT * FROM sqlite('/tmp/x.db', 't')",
     "CREATE TABLE t (a String) ENGINE = MergeTree ORDER BY a SETTINGS disk = disk(type = 'web', endpoint = 'http://h/')",
     "ATTACH TABLE t FROM '/etc/' (a String) ENGINE = MergeTree ORDER BY a",
-    "SELECT 1 # a MySQL comment",
     "SELECT 1 /* unterminated",
     "SELECT '/* unterminated string",
     "SELECT `unterminated identifier",
-    "SELECT 1 /* a /* not nested */ file('/etc/passwd') */",
+    "/* /* */ ' */ SELECT * FROM file('/etc/passwd') -- '",  # comments nest in ClickHouse: the quote is comment
+    "SELECT 1 # c\n, * FROM file('/etc/passwd')",
+    "SELECT 1 #x",
+    "SELECT 1 /* a /* b */",  # still open: comments nest
     "SELECT $$ not a heredoc, file('/etc/passwd')",
     "",
     "   -- only a comment",
@@ -72,7 +74,9 @@ ALLOWED = [
     "SELECT {id:UInt64} AS x",
     "SELECT 0x1F, 1e5, .5, 1_000",
     "SELECT 'ünïcödé' AS s",
-    "SELECT 1 /* a /* b */",
+    "SELECT 1 /* a /* b */ , file() */",
+    "SELECT 1 # a MySQL comment, file()\n",
+    "SELECT 1 #! shebang-style comment\n",
     "SELECT $tag$ file('x') $tag$, $ab$$ab$ AS s",
     "SELECT a$b, $1 FROM t",
 ]

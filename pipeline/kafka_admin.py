@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic, ResourceType
 
 from pipeline.errors import StackError
 from pipeline.settings import Settings
@@ -14,6 +15,25 @@ from schemas.topics import Topics, TopicSpec
 __all__ = ["ensure_topics", "topic_message_counts"]
 
 log = logging.getLogger(__name__)
+
+
+def _set_retention(admin: AdminClient, topic: str, retention_ms: str, timeout: float) -> None:
+    """Give an existing topic ``retention_ms`` when it has another (dead letters created under an
+    older default or setting)."""
+    resource = ConfigResource(ResourceType.TOPIC, topic)
+    try:
+        current = admin.describe_configs([resource])[resource].result(timeout=timeout)
+        if current["retention.ms"].value == retention_ms:
+            return
+        change = ConfigResource(
+            ResourceType.TOPIC, topic,
+            incremental_configs=[ConfigEntry("retention.ms", retention_ms,
+                                             incremental_operation=AlterConfigOpType.SET)],
+        )  # fmt: skip
+        admin.incremental_alter_configs([change])[change].result(timeout=timeout)
+    except KafkaException as exc:
+        raise StackError(f"cannot set retention.ms of topic {topic}: {exc.args[0].str()}") from None
+    log.info("topic_retention_set topic=%s retention_ms=%s", topic, retention_ms)
 
 
 def ensure_topics(
@@ -31,6 +51,8 @@ def ensure_topics(
     """
     topics = topics or Topics(settings.topic_prefix)
     specs = dict(topics.specs())
+    dlq_retention = str(int(settings.dlq_retention_hours * 3_600_000))
+    specs[topics.dlq] = dataclasses.replace(specs[topics.dlq], retention_ms=int(dlq_retention))
     for name in compacted or ():
         specs[name] = TopicSpec(name, key="table key", value_schema=None, compacted=True)
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
@@ -51,6 +73,8 @@ def ensure_topics(
         if name not in existing
     ]
     created: list[str] = []
+    if topics.dlq in existing:
+        _set_retention(admin, topics.dlq, dlq_retention, timeout)
     if not wanted:
         return created
     for name, future in admin.create_topics(wanted, operation_timeout=timeout).items():

@@ -149,6 +149,12 @@ class Settings(BaseSettings):
         default_factory=dict, description='Per-source events per minute, JSON: {"oracle": 600}.'
     )
     dedup_window_s: float = Field(default=24 * 3600.0, gt=0, description="How long a dedup key is remembered.")
+    dlq_retention_hours: float = Field(
+        default=24.0,
+        gt=0,
+        description="How long dead letters stay in Kafka. They hold the raw, unredacted bytes, so by default "
+        "no longer than the raw topic (1 day). `feedback up` and the worker apply it to an existing topic too.",
+    )
     rate_limit_idle_s: float = Field(
         default=3600.0,
         gt=0,

@@ -51,7 +51,8 @@ TOPICS: dict[str, TopicSpec] = {
         ),
         TopicSpec("feedback.clean.v1", key="subject", value_schema="feedback_event_v1", retention_ms=7 * _DAY_MS),
         TopicSpec("feedback.rejected.v1", key="subject", value_schema=None, retention_ms=7 * _DAY_MS),
-        TopicSpec("feedback.dlq.v1", key="original key", value_schema="dead_letter_v1", retention_ms=14 * _DAY_MS),
+        # Dead letters hold raw bytes: as long as the raw topic by default (FEEDBACK_DLQ_RETENTION_HOURS).
+        TopicSpec("feedback.dlq.v1", key="original key", value_schema="dead_letter_v1", retention_ms=1 * _DAY_MS),
         # Internal: the gate's per-event decisions for the state agents (JSON, no payload).
         TopicSpec("feedback.outcomes.v1", key="source", value_schema=None, retention_ms=1 * _DAY_MS),
         TopicSpec("feedback.bias-input.v1", key="directive", value_schema=None, retention_ms=1 * _DAY_MS),

@@ -110,7 +110,7 @@ def test_topic_retention_lists_every_topic() -> None:
     for name in TOPICS:
         assert f"| `{name}` |" in table
     assert "| `feedback.raw.v1` | subject: user_id \\| client ip \\| source | delete | 1 day |" in table
-    assert "| `feedback.dlq.v1` | original key | delete | 14 days |" in table
+    assert "| `feedback.dlq.v1` | original key | delete | 1 day |" in table  # raw bytes: as long as raw
 
 
 DOC = "intro\n<!-- settings:begin -->\nold table\n<!-- settings:end -->\noutro\n"

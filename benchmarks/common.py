@@ -36,7 +36,11 @@ def stack(state: Path, **settings: Any) -> tuple[LocalStack, Settings]:
         **settings,
     )
     local = LocalStack(configured)
-    local.up()
+    try:
+        local.up()
+    except BaseException:  # a service that failed to start must not leave the others running
+        local.down()
+        raise
     return local, configured
 
 

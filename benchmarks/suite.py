@@ -20,6 +20,7 @@ import importlib.metadata
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -236,6 +237,7 @@ def print_table(result: dict[str, Any]) -> None:
 def run_and_report(opts: Options, *, as_json: bool = False) -> int:
     """Run, record, print (a table unless ``as_json``; always the JSON summary line last);
     the exit code: 1 if a stage failed."""
+    _exit_on_sigterm()
     result = run(opts)
     path = record(result) if opts.record else None
     if not as_json:
@@ -264,6 +266,12 @@ def parser(default_stages: tuple[str, ...] = DEFAULT_STAGES) -> argparse.Argumen
     p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/results/bench.jsonl")
     p.add_argument("--json", action="store_true", help="no table; only the JSON summary line")
     return p
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM ends the run through its ``finally`` blocks, which stop every process it started
+    (the broker, the embedded ClickHouse, workers and baselines): none outlives the benchmark."""
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
 
 
 def main(argv: list[str] | None = None, default_stages: tuple[str, ...] = DEFAULT_STAGES) -> None:

@@ -235,3 +235,25 @@ def test_workload_is_deterministic_distinct_and_valid() -> None:
     unique = list(events(2000, seed=4, duplicate_share=0))
     hashes = {r.hash for r in BulkEncoder(AvroSerde()).encode(unique, defaults={"source": "bench"})}
     assert len(hashes) == 2000  # no accidental duplicates by content
+
+
+def test_a_stack_that_fails_to_start_stops_what_it_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import benchmarks.common as common
+
+    calls: list[str] = []
+
+    class Failing:
+        def __init__(self, _settings: object) -> None:
+            pass
+
+        def up(self) -> None:
+            calls.append("up")  # Kafka started, then the embedded ClickHouse failed
+            raise RuntimeError("embedded ClickHouse exited during start-up")
+
+        def down(self) -> None:
+            calls.append("down")
+
+    monkeypatch.setattr(common, "LocalStack", Failing)
+    with pytest.raises(RuntimeError, match="embedded ClickHouse"):
+        common.stack(tmp_path / "stack")
+    assert calls == ["up", "down"]

@@ -299,11 +299,11 @@ class _Engine:
 
     chDB (4.x) runs queries on separate handles of the same data directory in parallel, each
     with its own session state (``USE``, ``SET``, temporary tables), so concurrent requests
-    each take a free handle. A handle a request may have changed (settings, ``SET``, ``USE``,
-    temporary tables) is closed and a fresh one takes its place (opening one costs ~2 ms), so
-    nothing a request does outlives it. Queries with ``{name:Type}`` parameters are run one at
-    a time across handles: libchdb does not promise to keep one handle's parameters from
-    another's while they run in parallel.
+    each take a free handle. A request's own settings are reset to their defaults after it; a
+    handle a request may have changed otherwise (``SET``, ``USE``, a GET's readonly, temporary
+    tables) is closed and a fresh one takes its place, so nothing a request does outlives it.
+    Queries with ``{name:Type}`` parameters are run one at a time across handles: libchdb does
+    not promise to keep one handle's parameters from another's while they run in parallel.
     """
 
     def __init__(self, data_dir: Path, connections: int = 4) -> None:
@@ -532,6 +532,18 @@ def _execute(engine: _Engine, conn: Any, req: _Request, in_session: bool) -> tup
                 log.warning("session_settings_restore_failed count=%d", len(restore))
 
 
+def _reset(conn: Any, names: list[str]) -> bool:
+    """Put a sessionless handle's settings back to the profile's defaults (and its UTC time zone);
+    False if that failed, and the handle must be replaced."""
+    try:
+        conn.query("SET " + ", ".join(f"{name} = DEFAULT" for name in names))
+        if "session_timezone" in names:
+            conn.query("SET session_timezone = 'UTC'")
+        return True
+    except Exception:
+        return False
+
+
 def _current_database(conn: Any, fallback: str) -> str:
     try:
         return bytes(conn.query("SELECT currentDatabase()", "TSVRaw").bytes()).decode().strip() or fallback
@@ -728,11 +740,11 @@ class _Handler(BaseHTTPRequestHandler):
             dirty = True
             try:
                 result, counters = _execute(server.engine, conn, req, in_session=False)
-                dirty = (
-                    bool(settings or externals or readonly)
-                    or statement.temporary
-                    or statement.kind not in _STATELESS_KINDS
-                )
+                dirty = bool(externals or readonly) or statement.temporary or statement.kind not in _STATELESS_KINDS
+                if settings and not dirty:
+                    # Only the request's own settings changed: put them back (cheaper than a new handle,
+                    # which waits for the queries running on the others: the sink's parallel inserts).
+                    dirty = not _reset(conn, list(settings))
             finally:
                 server.engine.release(conn, dirty)
         summary = {k: str(v) for k, v in counters.items()}

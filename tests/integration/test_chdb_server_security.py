@@ -505,24 +505,27 @@ def test_a_busy_session_is_locked_and_an_unknown_one_is_not_found(server: Embedd
     done = threading.Event()
 
     def hold() -> None:
-        _http(server, query=session, body=b"SELECT sleep(2)")
-        done.set()
+        try:
+            for _ in range(20):  # until its query ran: a probe below may hold the session at that moment
+                if _http(server, query=session, body=b"SELECT sleep(2)")[0] == 200:
+                    return
+        finally:
+            done.set()
 
     holder = threading.Thread(target=hold)
     holder.start()
     try:
-        deadline = time.monotonic() + 10
-        code = None
+        deadline = time.monotonic() + 60
+        locked = []
         while time.monotonic() < deadline and not done.is_set():
             _, headers, body = _http(server, query=session, body=b"SELECT 1")
-            code = headers.get("x-clickhouse-exception-code")
-            if code == "373":
-                break
+            if headers.get("x-clickhouse-exception-code") == "373":
+                locked.append(body)
             time.sleep(0.05)
-        assert code == "373"
-        assert b"(SESSION_IS_LOCKED)" in body
+        assert locked, "no request saw the session locked while it ran sleep(2)"
+        assert b"(SESSION_IS_LOCKED)" in locked[0]
     finally:
-        holder.join(20)
+        holder.join(60)
     assert _http(server, query=session, body=b"SELECT 1")[2] == b"1\n"  # free again
     _, headers, _ = _http(server, query={"session_id": "never-made", "session_check": "1"}, body=b"SELECT 1")
     assert headers["x-clickhouse-exception-code"] == "372"

@@ -74,6 +74,9 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
             safe(s.get("log_path") or s.get("log") or "-"),
         )
     Console().print(table)
+    for s in statuses:
+        if s.get("connect"):
+            Console().print(f"connect to {safe(s.get('name'))}: {safe(s.get('connect'))}")
 
 
 @app.command()

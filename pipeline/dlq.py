@@ -36,7 +36,10 @@ __all__ = [
     "Letter",
     "ReplayPlan",
     "newest_first",
+    "erased_filter",
+    "letter_subjects",
     "plan_replay",
+    "read_erasures",
     "read_letters",
     "replay",
     "select_letters",
@@ -171,14 +174,49 @@ class ReplayPlan:
         return max(counts.values(), default=0)
 
 
-def plan_replay(letters: Iterable[Letter], raw_topic: str) -> ReplayPlan:
+ERASED = "events of a user erased with `feedback forget`"
+
+
+def letter_subjects(letter: Letter) -> set[str]:
+    """The user ids (and the message key, the subject) a letter's raw bytes carry: a single event
+    or every item of an envelope. Bytes that do not decode give only the key."""
+    from schemas.envelope import is_envelope, unpack
+
+    found = {letter.key.decode(errors="replace")} if letter.key else set()
+    try:
+        bodies = unpack(letter.raw) if is_envelope(letter.raw) else [letter.raw]
+        serde = AvroSerde()
+        for body in bodies:
+            user_id = serde.decode(body).get("user_id")
+            if user_id:
+                found.add(str(user_id))
+    except (PoisonEvent, KeyError, TypeError, ValueError):
+        pass  # poison: only its key can tell whose it is
+    return found
+
+
+def erased_filter(erased: set[str], key: bytes) -> Callable[[Letter], bool]:
+    """Whether a letter holds an event of a user in ``erased`` (keyed pseudonyms read from
+    ``feedback.erasures.v1``; ``key``: the worker's hash key, see ``stream_processors.config``)."""
+    from stream_processors.redact import pseudonymize
+
+    def is_erased(letter: Letter) -> bool:
+        return any(s in erased or pseudonymize(s, key) in erased for s in letter_subjects(letter))
+
+    return is_erased
+
+
+def plan_replay(
+    letters: Iterable[Letter], raw_topic: str, erased: Callable[[Letter], bool] | None = None
+) -> ReplayPlan:
     """Which letters go back to ``raw_topic`` (the gate's input), oldest first.
 
     Only letters whose origin is ``raw_topic`` can be replayed: a letter from another
     topic (an outcome, an interaction, a clean event a sink refused) would not be read by
     the gate, and re-publishing it to its own topic would repeat state updates. Letters
-    without bytes (an empty message) have nothing to replay. The same message dead-lettered
-    twice (an agent retried after a crash) is sent once.
+    without bytes (an empty message) have nothing to replay. A letter holding an event of a
+    user erased since (``erased``, see :func:`erased_filter`) is never sent again. The same
+    message dead-lettered twice (an agent retried after a crash) is sent once.
     """
     send: list[Letter] = []
     skipped: Counter[str] = Counter()
@@ -191,6 +229,9 @@ def plan_replay(letters: Iterable[Letter], raw_topic: str) -> ReplayPlan:
             continue
         if not letter.raw:
             skipped["an empty message: no bytes to replay"] += 1
+            continue
+        if erased is not None and erased(letter):
+            skipped[ERASED] += 1
             continue
         identity = (letter.topic, letter.partition, letter.key, letter.raw)
         if identity in seen:
@@ -318,6 +359,45 @@ def _consume(
         if progress:
             progress(done, total)
     return letters, unreadable
+
+
+def read_erasures(settings: Settings, *, timeout: float = 10.0) -> set[str]:
+    """The keys of every erasure record on ``feedback.erasures.v1`` (keyed pseudonyms); empty
+    when the topic does not exist yet (nobody was ever erased)."""
+    import time
+
+    from confluent_kafka import KafkaException, TopicPartition
+
+    topic = Topics(settings.topic_prefix).erasures
+    consumer = _consumer(settings)
+    try:
+        try:
+            meta = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+            if meta is None or meta.error is not None or not meta.partitions:
+                return set()
+            bounds = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+                      for p in meta.partitions}  # fmt: skip
+        except KafkaException as exc:
+            raise StackError(f"cannot read {topic} at {settings.kafka_bootstrap}: {exc.args[0].str()}") from None
+        todo = {p: high for p, (low, high) in bounds.items() if low < high}
+        consumer.assign([TopicPartition(topic, p, bounds[p][0]) for p in todo])
+        keys: dict[bytes, bool] = {}
+        deadline = time.monotonic() + max(timeout, _QUIET_S)
+        while todo:
+            if time.monotonic() > deadline:
+                raise StackError(f"timed out reading {topic}: erasures unknown, so nothing is replayed")
+            for msg in consumer.consume(500, timeout=_POLL_S):
+                if msg.error():
+                    continue
+                keys[msg.key() or b""] = msg.value() is not None
+                if msg.offset() >= todo.get(msg.partition(), 0) - 1:
+                    todo.pop(msg.partition(), None)
+            for tp in consumer.position([TopicPartition(topic, p) for p in list(todo)]):
+                if tp.offset >= todo.get(tp.partition, 0):
+                    todo.pop(tp.partition, None)
+        return {k.decode(errors="replace") for k, present in keys.items() if present}
+    finally:
+        consumer.close()
 
 
 def replay(settings: Settings, letters: Sequence[Letter], *, timeout: float = 30.0) -> int:

@@ -25,6 +25,10 @@ each writer through the pipeline's own channels, in an order that leaves nothing
    ``forget`` itself under the writer lock when it does not.
 6. **Verify** by query and by scanning the files; print what was erased.
 
+First of all, a record keyed by the user's keyed pseudonym (never the id) goes to the
+compacted ``feedback.erasures.v1``: ``feedback dlq replay`` reads it and never sends a
+dead letter of that user back through the gate.
+
 Not erased, and said so: topics with time retention (raw, enrich, clean, rejected,
 dead letters) hold the user's events until they age out; ``feedback_daily`` holds only
 counts per source, type and day. Running ``forget`` again is harmless.
@@ -33,15 +37,19 @@ counts per source, type and day. Running ``forget`` again is harmless.
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
+from pipeline.errors import StackError
 from pipeline.settings import Settings
 from schemas.topics import TOPICS, Topics
 from schemas.triage_records import TriageCommand
@@ -71,6 +79,22 @@ class ForgetReport:
     @property
     def complete(self) -> bool:
         return not self.pending and not any(self.remaining.values())
+
+
+_PSEUDONYM = re.compile(r"u_[0-9a-f]{32}")
+
+
+def erasure_keys(settings: Settings, given: str) -> set[str]:
+    """The keys of the user's record on ``feedback.erasures.v1``: the keyed pseudonym of the id
+    as given (the form ``dlq replay`` derives from a letter), and the given value itself when it
+    is already a pseudonym (``--pseudonym``). Never an id in clear."""
+    from stream_processors.config import hash_key
+    from stream_processors.redact import pseudonymize
+
+    keys = {pseudonymize(given, hash_key(settings))}
+    if _PSEUDONYM.fullmatch(given):
+        keys.add(given)
+    return keys
 
 
 def user_ids(settings: Settings, user_id: str | None, pseudonym: str | None) -> set[str]:
@@ -194,6 +218,17 @@ def forget(
     deadline = time.monotonic() + wait_s
     kafka = _Kafka(settings)
     try:
+        # 0. remember the erasure (keyed), so `feedback dlq replay` never sends the user's events again
+        step("recording the erasure")
+        from pipeline.kafka_admin import ensure_topics
+
+        try:
+            ensure_topics(settings)  # the erasures topic of a deployment older than it
+        except StackError as exc:
+            raise StackError(f"{exc} Nothing was erased yet: run it again.") from None
+        erased_at = orjson.dumps({"erased_at": datetime.now(UTC).isoformat()})
+        kafka.send(topics.erasures, [(k.encode(), erased_at, None) for k in sorted(erasure_keys(settings, given))])
+
         # 1. drain: markers through the gate, then whatever is between the gate and the sinks
         step("erasure markers through the gate")
         # The id as given, to every partition: the gate finds the entry under the id or its pseudonym.

@@ -16,7 +16,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pipeline.cli_app import app, console
-from pipeline.dlq import DlqRead, Letter, newest_first, plan_replay, read_letters, replay, select_letters
+from pipeline.dlq import (
+    DlqRead,
+    Letter,
+    erased_filter,
+    newest_first,
+    plan_replay,
+    read_erasures,
+    read_letters,
+    replay,
+    select_letters,
+)
 from pipeline.errors import StackError
 from pipeline.logs import configure_logging
 from pipeline.query_cli import fail
@@ -168,8 +178,9 @@ def dlq_replay(
     Each letter whose origin is feedback.raw.v1 is re-published with its original bytes and
     key to the partition it came from; letters from other topics are skipped (and counted).
     Only letters dead-lettered before the replay started are read, so a message that fails
-    again becomes a new letter and is not replayed by the same run. Running it twice is safe:
-    the gate drops an event it already accepted (dedup window FEEDBACK_DEDUP_WINDOW_S).
+    again becomes a new letter and is not replayed by the same run. Letters holding events of
+    a user erased with `feedback forget` are skipped. Running it twice is safe: the gate drops
+    an event it already accepted (dedup window FEEDBACK_DEDUP_WINDOW_S).
     """
     started = datetime.now(UTC)
     start = _since(since, started)
@@ -178,7 +189,13 @@ def dlq_replay(
     raw_topic = Topics(settings.topic_prefix).raw
     read = _read(settings, start)
     chosen = select_letters(read.letters, since=start, before=started, stages=wanted)
-    plan = plan_replay(chosen, raw_topic)
+    from stream_processors.config import hash_key
+
+    try:
+        erased = erased_filter(read_erasures(settings), hash_key(settings))
+    except StackError as exc:
+        fail(str(exc))
+    plan = plan_replay(chosen, raw_topic, erased)
     scope = f" of stage {', '.join(wanted)}" if wanted else ""
     console.print(
         safe(f"{len(chosen)} letter(s){scope} dead-lettered since {start:%Y-%m-%d %H:%M} UTC "

@@ -59,6 +59,9 @@ TOPICS: dict[str, TopicSpec] = {
         TopicSpec("feedback.directive-bias.v1", key="directive", value_schema=None, compacted=True),
         TopicSpec("feedback.reputation.v1", key="source", value_schema=None, compacted=True),
         TopicSpec("feedback.triage.v1", key="triage id", value_schema=None, compacted=True),
+        # `feedback forget`: one record per erased user, keyed by the user's keyed pseudonym (never the
+        # id), kept for good (compacted) so `feedback dlq replay` never sends an erased user's events.
+        TopicSpec("feedback.erasures.v1", key="user pseudonym", value_schema=None, compacted=True),
         # Every change to the triage queue (enqueue, label, resolve), kept a year for the audit trail.
         TopicSpec("feedback.triage-commands.v1", key="triage id", value_schema=None, retention_ms=365 * _DAY_MS),
         # track(): the context of each interaction, for feedback that arrives later. Compacted
@@ -131,6 +134,10 @@ class Topics:
     @property
     def interactions(self) -> str:
         return self.name("feedback.interactions.v1")
+
+    @property
+    def erasures(self) -> str:
+        return self.name("feedback.erasures.v1")
 
     @property
     def enrich(self) -> str:

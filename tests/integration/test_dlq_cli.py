@@ -238,3 +238,35 @@ def test_missing_dlq_topic_says_how_to_create_it(isolated: Settings) -> None:
         f"error: topic {Topics(other.topic_prefix).dlq} does not exist at {other.kafka_bootstrap}; "
         "create the topics with `feedback topics`"
     )
+
+
+def test_replay_skips_the_letters_of_a_user_erased_since(isolated: Settings) -> None:
+    from datetime import UTC, datetime
+
+    from schemas.dead_letter import dead_letter
+    from sinks.clickhouse import connect
+    from sinks.migrations import migrate
+
+    ensure_topics(isolated)
+    migrate(connect(isolated), isolated)  # the tables `forget` erases from (no sink runs here)
+    topics = Topics(isolated.topic_prefix)
+    serde, letters = AvroSerde(), AvroSerde("dead_letter_v1")
+    producer = Producer({"bootstrap.servers": isolated.kafka_bootstrap})
+    for n, user in enumerate(("u-gone", "u-kept", "u-gone")):
+        event = FeedbackEvent.model_validate({"source": "dream_ui", "type": "thumbs", "user_id": user,
+                                              "payload": {"direction": "up"}})  # fmt: skip
+        letter = dead_letter(stage="gate", error="RuntimeError in gate", topic=topics.raw, partition=0, offset=n,
+                             key=user.encode(), raw=serde.encode(event.to_avro()), now=datetime.now(UTC))  # fmt: skip
+        producer.produce(topics.dlq, letters.encode(letter), user.encode())
+    producer.flush(30)
+
+    _ok(isolated, "forget", "--user-id", "u-gone", "--yes", "--no-drain")
+    # The erasure record names the user by keyed pseudonym only.
+    erasures = read_topic(isolated, topics.erasures)
+    assert len(erasures) == 1 and b"u-gone" not in (erasures[0][0] or b"") + (erasures[0][1] or b"")
+
+    out = _ok(isolated, "dlq", "replay", "--since", "1d").stderr  # the CLI reports on stderr
+    assert "skipped 2: events of a user erased with `feedback forget`" in out, out
+    assert "replayed 1 message(s)" in out, out
+    replayed = [serde.decode(v)["user_id"] for _, v in read_topic(isolated, topics.raw) if v is not None]
+    assert replayed == ["u-kept"]

@@ -115,3 +115,38 @@ def test_help_has_an_example(command: str) -> None:
     result = CliRunner().invoke(app, ["dlq", command, "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     assert f"feedback dlq {command}" in result.output and "Example" in result.output
+
+
+def test_replay_skips_letters_of_erased_users_by_key_or_by_content() -> None:
+    from datetime import UTC, datetime
+
+    from pipeline.dlq import ERASED, Letter, erased_filter, plan_replay
+    from schemas.envelope import pack_many
+    from schemas.models import FeedbackEvent
+    from schemas.serde import AvroSerde
+    from stream_processors.redact import pseudonymize
+
+    serde, key = AvroSerde(), b"h" * 32
+
+    def body(user: str) -> bytes:
+        event = FeedbackEvent.model_validate({"source": "s", "type": "thumbs", "user_id": user,
+                                              "payload": {"direction": "up"}})  # fmt: skip
+        return serde.encode(event.to_avro())
+
+    def letter(n: int, raw: bytes, msg_key: bytes | None) -> Letter:
+        return Letter(dlq_partition=0, dlq_offset=n, ts=datetime(2026, 1, 1, tzinfo=UTC), stage="gate",
+                      error="x", topic="raw", partition=0, offset=n, key=msg_key, raw=raw)  # fmt: skip
+
+    letters = [
+        letter(0, body("u-erased"), b"u-erased"),  # by key and content
+        letter(1, body("u-erased"), b"10.0.0.1"),  # by content only (keyed by another subject)
+        letter(2, b"\x00poison", b"u-erased"),  # undecodable: by key only
+        letter(3, next(pack_many([body("u-kept"), body("u-erased")]))[0], b"u-kept"),  # an envelope with one of theirs
+        letter(4, body("u-kept"), b"u-kept"),
+        letter(5, b"\x00poison", b"u-kept"),
+    ]
+    erased = {pseudonymize("u-erased", key)}  # what feedback.erasures.v1 holds: never the id
+    plan = plan_replay(letters, "raw", erased_filter(erased, key))
+    assert [lt.dlq_offset for lt in plan.send] == [4, 5] and plan.skipped[ERASED] == 4
+    # Without erasures every letter goes.
+    assert len(plan_replay(letters, "raw", erased_filter(set(), key)).send) == 6

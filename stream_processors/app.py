@@ -324,11 +324,6 @@ def create_app(
             subject_state=subject_from_json(subjects.get(subject, partition)),
             seen=seen_from_json(seen.get(key, partition)),
         )  # fmt: skip
-        if result.subject_state is not None:
-            # The partition too: an erasure marker may arrive on another partition (see forget_subject).
-            subjects.set(subject, {**subject_to_json(result.subject_state), "partition": partition}, partition)
-        if result.seen is not None and result.outcome in ("clean", "sampled_out"):
-            seen.set(key, seen_to_json(result.seen, partition), partition)
         route = route_gate(
             record, result, topic=msg.topic, partition=partition, offset=msg.offset, position=pos,
             envelope=envelope, now=now, rules=rules, hash_key=config.hash_key,
@@ -365,6 +360,13 @@ def create_app(
                 tally.add(metrics.duplicates)
         assert route.outcome is not None
         batch.outcomes.append(route.outcome)
+        # The state changes last: an event that failed on the way here is dead-lettered with no dedup
+        # key recorded and no token taken, so its replay (`feedback dlq replay`) is decided afresh.
+        if result.subject_state is not None:
+            # The partition too: an erasure marker may arrive on another partition (see forget_subject).
+            subjects.set(subject, {**subject_to_json(result.subject_state), "partition": partition}, partition)
+        if result.seen is not None and result.outcome in ("clean", "sampled_out"):
+            seen.set(key, seen_to_json(result.seen, partition), partition)
 
     def gate_flush(batch: GateBatch) -> None:
         if batch.enrich:

@@ -465,3 +465,33 @@ def test_rate_limit_keys_hold_no_ip_or_user_id_and_idle_buckets_are_swept(tmp_pa
     # A swept subject starts again from a full bucket.
     asyncio.run(h.feed("gate", [_event(700, user_id="zoe")], lambda: len(h.table("subjects")) == 2))
     assert h.table("subjects")[pseudonymize("zoe", secret)]["bucket"][0] == pytest.approx(4.0)
+
+
+def test_an_event_dead_lettered_in_the_gate_leaves_no_state_so_its_replay_lands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import stream_processors.app as app_module
+
+    h = Harness(tmp_path)
+    route_gate = app_module.route_gate
+
+    def failing(record: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if record.get("user_id") == "zed":
+            raise RuntimeError("a bug on the way to the outputs")
+        return route_gate(record, *args, **kwargs)
+
+    monkeypatch.setattr(app_module, "route_gate", failing)
+    msg = _event(0, user_id="zed", interaction_id="i-9", payload={"direction": "down"})
+    asyncio.run(h.feed("gate", [msg, _event(1, user_id="amy")], lambda: len(h.table("subjects")) >= 1))
+    assert len(h.sent[TOPICS.dlq]) == 1 and h.metric("feedback_dlq_total", stage="gate") == 1
+    secret = KEY.encode()
+    record = EVENTS.decode(msg[1])
+    # Nothing of zed's event was recorded: no dedup key, no token taken.
+    assert dedup_key(record, secret) not in h.table("seen")
+    assert pseudonymize("zed", secret) not in h.table("subjects")
+
+    # After the fix, the replayed letter (the same bytes, a new offset) is accepted, not a duplicate.
+    monkeypatch.setattr(app_module, "route_gate", route_gate)
+    asyncio.run(h.feed("gate", [msg], lambda: pseudonymize("zed", secret) in h.table("subjects")))
+    assert [e["event_id"] for e in h.clean() if e["interaction_id"] == "i-9"] == [record["event_id"]]
+    assert not [r for r in h.rejected() if r["event_id"] == record["event_id"]]

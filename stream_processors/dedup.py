@@ -5,21 +5,31 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
-__all__ = ["EXPLICIT_SIGNALS", "dedup_key", "keyed_hash", "seen_step"]
+__all__ = ["EXPLICIT_SIGNALS", "dedup_key", "keyed_hash", "rater", "seen_step"]
 
-#: Signals a person gives once per interaction; a second one for the same interaction is a duplicate.
+#: Signals a person gives once per interaction; a second one by the same rater is a duplicate.
 EXPLICIT_SIGNALS = frozenset({"thumbs", "rating", "correction", "task_success", "quality_score"})
 
 
+def rater(event: dict[str, Any]) -> str:
+    """Who gave an explicit signal: the user, else the session, else the client (ip, then source).
+    Two people rating one answer are two raters, so neither rating is a duplicate of the other."""
+    if event.get("user_id"):
+        return f"u={event['user_id']}"
+    if event.get("session_id"):
+        return f"s={event['session_id']}"
+    return f"c={event.get('client_ip') or event['source']}"
+
+
 def dedup_key(event: dict[str, Any], key: bytes) -> str:
-    """idempotency_key, else (interaction_id, type) for explicit signals, else the content hash;
+    """idempotency_key, else (interaction_id, rater, type) for explicit signals, else the content hash;
     keyed with ``key`` (HMAC-SHA256, 128 bits kept), so the dedup table and its changelog never
     hold an idempotency key, an interaction id or a hash of unredacted content in clear. The
     first character says which rule applied (``k``, ``i`` or ``h``)."""
     if event.get("idempotency_key"):
         text = f"k:{event['source']}:{event['idempotency_key']}"
     elif event.get("interaction_id") and event["type"] in EXPLICIT_SIGNALS:
-        text = f"i:{event['interaction_id']}:{event['type']}"
+        text = f"i:{event['interaction_id']}:{rater(event)}:{event['type']}"
     else:
         text = f"h:{event['hash']}"
     return text[:2] + hmac.digest(key, text.encode(), "sha256")[:16].hex()

@@ -222,7 +222,7 @@ def test_gate_applies_every_rule_and_counts_it(tmp_path: Path) -> None:
     bob = h.table("subjects")[pseudonymize("bob", KEY.encode())]  # keyed by pseudonym, never the id in clear
     # Positions: the raw offset << 16 (single-event messages are item 0).
     assert bob["bucket"][0] < 1 and bob["offset"] == position(9) and bob["limited"] == [position(o) for o in (7, 8, 9)]
-    assert dedup_key({"interaction_id": "i-1", "type": "thumbs"}, KEY.encode()) in h.table("seen")
+    assert dedup_key({"interaction_id": "i-1", "type": "thumbs", "user_id": "alice"}, KEY.encode()) in h.table("seen")
 
 
 def test_sampling_drops_by_type_and_counts(tmp_path: Path) -> None:

@@ -95,6 +95,17 @@ def test_duplicates_within_the_window_are_dropped() -> None:
     assert runner.run(_record(interaction_id="i-1", user_id="u", payload={"direction": "down"})).outcome == "duplicate"
 
 
+
+def test_a_second_rater_of_the_same_interaction_is_kept() -> None:
+    runner = Runner()
+    assert runner.run(_record(interaction_id="i-7", user_id="ann")).outcome == "clean"
+    assert runner.run(_record(interaction_id="i-7", user_id="bo")).outcome == "clean"  # another person
+    assert runner.run(_record(interaction_id="i-7", session_id="s-1")).outcome == "clean"  # a session, no user
+    assert runner.run(_record(interaction_id="i-7", session_id="s-2")).outcome == "clean"
+    assert runner.run(_record(interaction_id="i-7", user_id="bo", payload={"direction": "down"})).outcome == "duplicate"
+    assert runner.run(_record(interaction_id="i-7", session_id="s-1", tags=["x"])).outcome == "duplicate"
+
+
 def test_burst_from_one_user_is_rate_limited_and_others_are_not() -> None:
     runner = Runner(GateConfig(rate_limit=RateLimit.per_minute(60)))
     outcomes = [runner.run(_record(user_id="burst", tags=[f"e{i}"])).outcome for i in range(70)]

@@ -91,7 +91,13 @@ def test_dedup_key_precedence_and_keying() -> None:
         return text[:2] + hmac.digest(key, text.encode(), "sha256")[:16].hex()
 
     assert dedup_key({**base, "idempotency_key": "k", "interaction_id": "i"}, key) == keyed("k:s:k")
-    assert dedup_key({**base, "interaction_id": "i"}, key) == keyed("i:i:thumbs")
+    assert dedup_key({**base, "interaction_id": "i"}, key) == keyed("i:i:c=s:thumbs")  # rater: the client
+    # The rater is the user, else the session, else the client: two raters, two keys.
+    assert dedup_key({**base, "interaction_id": "i", "user_id": "u1"}, key) == keyed("i:i:u=u1:thumbs")
+    assert dedup_key({**base, "interaction_id": "i", "user_id": "u2"}, key) != keyed("i:i:u=u1:thumbs")
+    assert dedup_key({**base, "interaction_id": "i", "session_id": "s9"}, key) == keyed("i:i:s=s9:thumbs")
+    ip = {**base, "interaction_id": "i", "client_ip": "10.0.0.1"}
+    assert dedup_key(ip, key) == keyed("i:i:c=10.0.0.1:thumbs")
     assert dedup_key({**base, "type": "latency", "interaction_id": "i"}, key) == keyed("h:h1")
     assert dedup_key(base, key) == keyed("h:h1")
     # Another key, another dedup key: nothing in the table can be recomputed without the key.

@@ -501,7 +501,9 @@ def _execute(engine: _Engine, conn: Any, req: _Request, in_session: bool) -> tup
                 # INSERT ... SELECT ... FROM input('structure') FORMAT X: the body is input()'s data,
                 # staged in a temporary table (the user may not read files, so not through file()).
                 staging = f"_input_{uuid.uuid4().hex}"
-                conn.query(f"CREATE TEMPORARY TABLE {staging} ({_unquote(structure.group(1))}) ENGINE = Memory")
+                create = f"CREATE TEMPORARY TABLE {staging} ({_unquote(structure.group(1))}) ENGINE = Memory"
+                _check(create)  # the structure is the client's text, now SQL: the guard reads it too
+                conn.query(create)
                 try:
                     conn.query(f"INSERT INTO {staging} FROM INFILE {_quote(path)} FORMAT {in_fmt}")
                     sql = stem[: structure.start()] + staging + stem[structure.end() :]
@@ -730,6 +732,8 @@ class _Handler(BaseHTTPRequestHandler):
         if bad:
             raise _error(115, "UNKNOWN_SETTING", f"Unknown setting '{_header_safe(bad[0])[:64]}'")
         database = args.get("database") or self.headers.get("X-ClickHouse-Database") or ""
+        if "\\" in database or _HEADER_UNSAFE.search(database):
+            raise _error(36, "BAD_ARGUMENTS", "a database name may not hold a backslash or a control character")
         session_id = args.get("session_id")
         req = _Request(sql, fmt, params, settings, database, readonly, infile, externals, statement)
         if session_id:

@@ -309,6 +309,11 @@ BYPASSES = [
     "/* /* */ ' */ SELECT * FROM file('{secret}', 'RawBLOB') -- '",
     "SELECT 1 # c\n, * FROM file('{secret}', 'RawBLOB')",
     "GRANT READ ON FILE TO default",
+    # input()'s structure becomes SQL of the server's own: it is read by the guard too
+    "INSERT INTO sandbox.t SELECT s FROM input('s String) ENGINE = Memory; SELECT 1 INTO OUTFILE "
+    "''{outside}/x.txt'' --') FORMAT TSV\nabc\n",
+    "INSERT INTO sandbox.t SELECT s FROM input('s String) ENGINE = Memory AS SELECT * FROM "
+    "file(''{secret}'', ''RawBLOB'') --') FORMAT TSV\nabc\n",
     "CREATE USER intruder",
 ]
 

@@ -495,3 +495,17 @@ def test_an_event_dead_lettered_in_the_gate_leaves_no_state_so_its_replay_lands(
     asyncio.run(h.feed("gate", [msg], lambda: pseudonymize("zed", secret) in h.table("subjects")))
     assert [e["event_id"] for e in h.clean() if e["interaction_id"] == "i-9"] == [record["event_id"]]
     assert not [r for r in h.rejected() if r["event_id"] == record["event_id"]]
+
+
+def test_the_dedup_sweep_tombstones_keys_whose_window_ended(tmp_path: Path) -> None:
+    h = Harness(tmp_path, dedup_window_s=60.0, rate_limit_per_minute=1000)
+    msgs = [_event(float(i), user_id=f"w{i}", idempotency_key=f"k{i}") for i in range(30)]
+    asyncio.run(h.feed("gate", msgs, lambda: len(h.table("seen")) >= 30))
+    # At T0+75 the windows of the events at T0+0..T0+15 have ended (60 s each), the others' not.
+    h.fa.sweeps["seen"]((T0 + timedelta(seconds=75)).timestamp())
+    assert len(h.table("seen")) == 14
+    changelog = h.fa.tables["seen"].changelog
+    assert sum(1 for _, v, _ in h.outputs.sent[changelog] if v is None) == 16
+    # Once every window has ended the table is empty: it cannot grow past a window's worth of keys.
+    h.fa.sweeps["seen"]((T0 + timedelta(seconds=200)).timestamp())
+    assert h.table("seen") == {}

@@ -322,7 +322,7 @@ def create_app(
         result = gate_step(
             record, offset=pos, now=now, config=config,
             subject_state=subject_from_json(subjects.get(subject, partition)),
-            seen=seen_from_json(seen.get(key, partition)),
+            seen=seen_from_json(seen.get(key, partition)), dedup_key=key,
         )  # fmt: skip
         route = route_gate(
             record, result, topic=msg.topic, partition=partition, offset=msg.offset, position=pos,

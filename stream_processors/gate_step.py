@@ -18,7 +18,8 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pipeline.errors import InvalidEvent
-from stream_processors.dedup import dedup_key, keyed_hash
+from stream_processors.dedup import dedup_key as _dedup_key
+from stream_processors.dedup import keyed_hash
 from stream_processors.normalize import normalize
 from stream_processors.ratelimit import BucketState, RateLimit, take_token
 from stream_processors.redact import guard_text, pseudonymize, redact_event
@@ -106,8 +107,10 @@ def gate_step(
     config: GateConfig,
     subject_state: SubjectState | None,
     seen: SeenEntry | None,
+    dedup_key: str | None = None,
 ) -> GateResult:
-    """Decide one event. ``now`` is the message's timestamp, so a replay decides the same."""
+    """Decide one event. ``now`` is the message's timestamp, so a replay decides the same.
+    ``dedup_key``: the event's key as the caller looked ``seen`` up (computed here if None)."""
     now_s = now.timestamp()
     subject = subject_of(record)
     try:
@@ -116,7 +119,7 @@ def gate_step(
     except InvalidEvent as exc:
         return GateResult("rejected", reason="invalid", field=exc.field, rule=exc.rule, subject=subject)
 
-    key = dedup_key(event, config.hash_key)
+    key = dedup_key if dedup_key is not None else _dedup_key(event, config.hash_key)
     if seen is not None and now_s < seen.expires_s and seen.offset != offset:
         return GateResult("duplicate", subject=subject, dedup_key=key)
 

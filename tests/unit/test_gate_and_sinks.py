@@ -70,12 +70,13 @@ def test_topic_specs() -> None:
         "feedback.interactions.v1",
         "feedback.enrich.v1",
         "feedback.triage-commands.v1",
+        "feedback.erasures.v1",
     }
     assert TOPICS["feedback.interactions.v1"].config()["cleanup.policy"] == "compact,delete"
     raw = TOPICS["feedback.raw.v1"].config()
     assert int(raw["retention.ms"]) <= 24 * 3600 * 1000
     assert raw["cleanup.policy"] == "delete"
-    for name in ("feedback.directive-bias.v1", "feedback.reputation.v1", "feedback.triage.v1"):
+    for name in ("feedback.directive-bias.v1", "feedback.reputation.v1", "feedback.triage.v1", "feedback.erasures.v1"):
         assert TOPICS[name].config()["cleanup.policy"] == "compact"
     assert Topics("t1.").raw == "t1.feedback.raw.v1"
     with pytest.raises(KeyError):

@@ -35,9 +35,9 @@ __all__ = [
     "DlqRead",
     "Letter",
     "ReplayPlan",
-    "newest_first",
     "erased_filter",
     "letter_subjects",
+    "newest_first",
     "plan_replay",
     "read_erasures",
     "read_letters",
@@ -177,7 +177,7 @@ class ReplayPlan:
 ERASED = "events of a user erased with `feedback forget`"
 
 
-def letter_subjects(letter: Letter) -> set[str]:
+def letter_subjects(letter: Letter, serde: AvroSerde | None = None) -> set[str]:
     """The user ids (and the message key, the subject) a letter's raw bytes carry: a single event
     or every item of an envelope. Bytes that do not decode give only the key."""
     from schemas.envelope import is_envelope, unpack
@@ -185,7 +185,7 @@ def letter_subjects(letter: Letter) -> set[str]:
     found = {letter.key.decode(errors="replace")} if letter.key else set()
     try:
         bodies = unpack(letter.raw) if is_envelope(letter.raw) else [letter.raw]
-        serde = AvroSerde()
+        serde = serde or AvroSerde()
         for body in bodies:
             user_id = serde.decode(body).get("user_id")
             if user_id:
@@ -200,8 +200,10 @@ def erased_filter(erased: set[str], key: bytes) -> Callable[[Letter], bool]:
     ``feedback.erasures.v1``; ``key``: the worker's hash key, see ``stream_processors.config``)."""
     from stream_processors.redact import pseudonymize
 
+    serde = AvroSerde()  # one for every letter
+
     def is_erased(letter: Letter) -> bool:
-        return any(s in erased or pseudonymize(s, key) in erased for s in letter_subjects(letter))
+        return any(s in erased or pseudonymize(s, key) in erased for s in letter_subjects(letter, serde))
 
     return is_erased
 

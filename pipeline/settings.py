@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import secrets
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -141,7 +142,8 @@ class Settings(BaseSettings):
     allow_text: bool = Field(
         default=False,
         validation_alias=AliasChoices("FEEDBACK_ALLOW_TEXT", "ALLOW_TEXT"),
-        description="Keep free text: payload.text and free-text map keys such as prompt/response (ALLOW_TEXT is accepted too). Off: they are dropped and the event says so.",
+        description="Keep free text: payload.text and free-text map keys such as prompt/response "
+        "(ALLOW_TEXT is accepted too). Off: they are dropped and the event says so.",
     )
     rate_limit_per_minute: float = Field(default=60.0, gt=0, description="Token-bucket rate per subject.")
     rate_limit_burst: float | None = Field(default=None, ge=1, description="Bucket size; unset: the per-minute rate.")
@@ -287,17 +289,19 @@ class Settings(BaseSettings):
         """
         if self.clickhouse_password or not self.uses_embedded_clickhouse:
             return self.clickhouse_password
-        return _local_secret(self.clickhouse_password_file)
+        return local_secret(self.clickhouse_password_file, lambda: secrets.token_urlsafe(24))
 
 
-def _local_secret(path: Path) -> str:
-    """The secret in ``path``, created first if absent (0600, atomically: the first writer wins)."""
+def local_secret(path: Path, generate: Callable[[], str]) -> str:
+    """The secret in ``path``, created first from ``generate()`` if absent (0600, atomically:
+    the first writer wins, so concurrent processes agree). The ClickHouse password and the
+    worker's pseudonym/hash key both live in such files."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_urlsafe(24) + "\n")
+            fh.write(generate() + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         try:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 from datetime import timedelta
 from pathlib import Path
 
 from pipeline.errors import ConfigError
-from pipeline.settings import Settings
+from pipeline.settings import Settings, local_secret
 from stream_processors.gate_step import GateConfig
 from stream_processors.ratelimit import RateLimit
 from stream_processors.reputation import ReputationPolicy
@@ -50,22 +49,8 @@ def hash_key(settings: Settings) -> bytes:
 
 
 def _local_key(path: Path) -> bytes:
-    """Read the key file, creating it first if absent (atomically: concurrent processes agree)."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(secrets.token_hex(32).encode())
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, path)  # fails if another process won the race; then use theirs
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
-    return path.read_bytes().strip()
+    """Read the key file, creating it first if absent (see :func:`pipeline.settings.local_secret`)."""
+    return local_secret(path, lambda: secrets.token_hex(32)).encode()
 
 
 def gate_config(settings: Settings) -> GateConfig:

@@ -38,12 +38,12 @@ __all__ = [
     "Throttle",
     "bias_apply",
     "bias_record",
-    "subject_idle",
     "reputation_apply",
     "reputation_record",
     "seen_from_json",
     "seen_to_json",
     "subject_from_json",
+    "subject_idle",
     "subject_to_json",
 ]
 

@@ -20,8 +20,8 @@ from schemas.serde import AvroSerde
 from schemas.state_records import decode_bias, decode_reputation
 from schemas.topics import Topics
 from stream_processors.app import FeedbackApp, create_app
-from stream_processors.outputs import CapturedOutputs
 from stream_processors.dedup import dedup_key
+from stream_processors.outputs import CapturedOutputs
 from stream_processors.redact import pseudonymize
 
 T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)

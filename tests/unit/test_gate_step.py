@@ -6,9 +6,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from schemas import FeedbackEvent
+from stream_processors.dedup import keyed_hash
 from stream_processors.gate_step import GateConfig, GateResult, SubjectState, gate_step, rejection_record
 from stream_processors.ratelimit import RateLimit
-from stream_processors.dedup import keyed_hash
 from stream_processors.redact import pseudonymize
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)

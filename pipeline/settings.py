@@ -195,6 +195,17 @@ class Settings(BaseSettings):
     reputation_threshold: float = Field(default=0.5, ge=0, le=1)
     reputation_min_observations: int = Field(default=20, ge=1)
 
+    # --- rewards for model routers ---------------------------------------------
+    rewards_half_life_s: float = Field(
+        default=86_400.0, gt=0, description="An arm's reward evidence halves over this much event time."
+    )
+    rewards_prior_alpha: float = Field(default=1.0, gt=0, description="Every arm's Beta prior: pseudo-successes.")
+    rewards_prior_beta: float = Field(default=1.0, gt=0, description="Every arm's Beta prior: pseudo-failures.")
+    rewards_context_tags: list[str] = Field(
+        default_factory=list,
+        description='Tags that also make a context arm, JSON: ["math", "lang:*"] (a trailing * makes a prefix).',
+    )
+
     # --- the triage queue ----------------------------------------------------
     triage_types: list[str] = Field(
         default_factory=lambda: ["veto", "safety", "bad_output", "correction"],
@@ -243,6 +254,14 @@ class Settings(BaseSettings):
         for source, rate in value.items():
             if rate <= 0:
                 raise ValueError(f"rate for source {source!r} must be > 0, got {rate}")
+        return value
+
+    @field_validator("rewards_context_tags")
+    @classmethod
+    def _context_tags_are_names_or_prefixes(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if not entry.strip() or "*" in entry[:-1]:
+                raise ValueError(f"{entry!r}: each entry is a tag name, or a prefix ending in one '*' (e.g. lang:*)")
         return value
 
     def to_env(self) -> dict[str, str]:

@@ -58,6 +58,10 @@ TOPICS: dict[str, TopicSpec] = {
         TopicSpec("feedback.bias-input.v1", key="directive", value_schema=None, retention_ms=1 * _DAY_MS),
         TopicSpec("feedback.directive-bias.v1", key="directive", value_schema=None, compacted=True),
         TopicSpec("feedback.reputation.v1", key="source", value_schema=None, compacted=True),
+        # Internal: each clean event's reward items (JSON lists), one message per arm and batch.
+        TopicSpec("feedback.rewards-input.v1", key="arm", value_schema=None, retention_ms=1 * _DAY_MS),
+        # Reward statistics per arm (model_version|prompt_version[|tag]) for model routers.
+        TopicSpec("feedback.rewards.v1", key="arm", value_schema=None, compacted=True),
         TopicSpec("feedback.triage.v1", key="triage id", value_schema=None, compacted=True),
         # `feedback forget`: one record per erased user, keyed by the user's keyed pseudonym (never the
         # id), kept for good (compacted) so `feedback dlq replay` never sends an erased user's events.
@@ -122,6 +126,14 @@ class Topics:
     @property
     def reputation(self) -> str:
         return self.name("feedback.reputation.v1")
+
+    @property
+    def rewards_input(self) -> str:
+        return self.name("feedback.rewards-input.v1")
+
+    @property
+    def rewards(self) -> str:
+        return self.name("feedback.rewards.v1")
 
     @property
     def triage(self) -> str:

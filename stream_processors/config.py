@@ -11,11 +11,20 @@ from pipeline.settings import Settings, local_secret
 from stream_processors.gate_step import GateConfig
 from stream_processors.ratelimit import RateLimit
 from stream_processors.reputation import ReputationPolicy
+from stream_processors.rewards import RewardConfig
 from stream_processors.state_steps import BiasConfig
 from stream_processors.triage import TriageRules
 from stream_processors.validate import Limits
 
-__all__ = ["bias_config", "gate_config", "hash_key", "pseudonym_key", "reputation_policy", "triage_rules"]
+__all__ = [
+    "bias_config",
+    "gate_config",
+    "hash_key",
+    "pseudonym_key",
+    "reputation_policy",
+    "reward_config",
+    "triage_rules",
+]
 
 PSEUDONYM_KEY_FILE = "pseudonym.key"
 
@@ -95,4 +104,13 @@ def bias_config(settings: Settings) -> BiasConfig:
         half_life_s=settings.bias_half_life_s,
         directives=dict(settings.bias_directives),
         by_model_version=settings.bias_by_model_version,
+    )
+
+
+def reward_config(settings: Settings) -> RewardConfig:
+    return RewardConfig(
+        half_life_s=settings.rewards_half_life_s,
+        prior_alpha=settings.rewards_prior_alpha,
+        prior_beta=settings.rewards_prior_beta,
+        context_tags=tuple(settings.rewards_context_tags),
     )

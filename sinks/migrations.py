@@ -363,7 +363,10 @@ _ENGINE = re.compile(r"ENGINE = (Replacing|Summing|Aggregating|)MergeTree(?:\(([
 
 def for_cluster(statement: str, cluster: str) -> str:
     """The same DDL for a cluster: ``ON CLUSTER`` after the object name and Replicated engines
-    (ZooKeeper path per shard, database and table; replica from the server's macros)."""
+    (ZooKeeper path per shard, database and table; replica from the server's macros). An ``INSERT``
+    (a migration's backfill) is returned as it is: it runs on the node the client is connected to."""
+    if statement.lstrip().startswith("INSERT "):
+        return statement
     statement, n = _CREATE_HEAD.subn(lambda m: f"{m.group(1)} ON CLUSTER `{cluster}`", statement, count=1)
     if not n:
         raise ValueError(f"cannot place ON CLUSTER in: {statement.strip()[:60]}")
@@ -390,7 +393,10 @@ def distributed_tables(database: str, cluster: str) -> list[str]:
 
 
 #: Tables with a time-to-live, and the column it counts from.
-RETENTION = {"feedback_events": "ts", "rejected_events": "rejected_at", "dlq_events": "ts"}
+RETENTION = {
+    "feedback_events": "ts", "rejected_events": "rejected_at", "dlq_events": "ts",
+    "feedback_current": "ts",
+}  # fmt: skip
 _TTL = re.compile(r"\bTTL (.+?)(?: SETTINGS |$)")
 
 
@@ -525,5 +531,87 @@ MIGRATIONS += (
             "ALTER TABLE {db}.interaction_stats DROP COLUMN IF EXISTS last_type, DROP COLUMN IF EXISTS last_value",
         ),
         while_column={2: ("interaction_stats", "last_type")},
+    ),
+)
+
+# Revisions (docs/stream.md): a later explicit signal of the same type from the same rater on the
+# same interaction is kept and names the event it replaces in payload['supersedes'];
+# `feedback_current` keeps one row per opinion, its latest revision (ReplacingMergeTree(ts): the
+# newest ts wins a merge; readers say FINAL). A revision that arrived after a newer one carries
+# payload['superseded_by'] and never enters it. The rater is the stored (pseudonymized) user_id, else
+# the session, else the gate's keyed client pseudonym (payload['rater']); a user_id not in pseudonym
+# form (rows written with pseudonymization off, before the gate set payload['rater']) is never copied:
+# such a row gets rater '' and is its own opinion, like every event that is not an explicit signal.
+_EXPLICIT_SQL = "('correction', 'quality_score', 'rating', 'task_success', 'thumbs')"  # dedup.EXPLICIT_SIGNALS
+_RATER_SQL = (
+    "multiIf(payload['rater'] != '', payload['rater'], "
+    "match(ifNull(user_id, ''), '^u_[0-9a-f]{32}$'), assumeNotNull(user_id), "
+    "ifNull(user_id, '') != '', '', ifNull(session_id, ''))"
+)
+_OPINION_SQL = (
+    f"if(ifNull(interaction_id, '') != '' AND type IN {_EXPLICIT_SQL} AND rater != '', "
+    "concat(assumeNotNull(interaction_id), '|', rater, '|', toString(type)), event_id)"
+)
+_CURRENT_COLUMNS = (
+    "event_id, ts, source, type, severity, user_id, session_id, interaction_id, model_version, prompt_version, "
+    "value, confidence, sample_rate, text_dropped, propagation_weight, tags, idempotency_key, payload_text, "
+    "payload_comment, corrected_response, payload, hash, kafka_partition, kafka_offset, ingested_at"
+)
+_CURRENT_SELECT = (
+    f"SELECT {_CURRENT_COLUMNS}, {_RATER_SQL} AS rater, {_OPINION_SQL} AS opinion_key "
+    "FROM {db}.feedback_events WHERE payload['superseded_by'] = ''"
+)
+_SUPERSEDES = (
+    "supersedes Nullable(String) ALIAS nullIf(payload['supersedes'], '') "
+    "COMMENT 'the event_id of the revision this one replaces (docs/stream.md); NULL for a first opinion'"
+)
+MIGRATIONS += (
+    Migration(
+        20,
+        "feedback_current: the latest revision of each opinion",
+        (
+            f"ALTER TABLE {{db}}.feedback_events ADD COLUMN IF NOT EXISTS {_SUPERSEDES}",
+            f"""
+            CREATE TABLE IF NOT EXISTS {{db}}.feedback_current
+            (
+                event_id            String,
+                ts                  DateTime64(6, 'UTC'),
+                source              LowCardinality(String),
+                type                LowCardinality(String),
+                severity            LowCardinality(String),
+                user_id             Nullable(String),
+                session_id          Nullable(String),
+                interaction_id      Nullable(String),
+                model_version       LowCardinality(Nullable(String)),
+                prompt_version      LowCardinality(Nullable(String)),
+                value               Nullable(Float64),
+                confidence          Nullable(Float64),
+                sample_rate         Nullable(Float64),
+                text_dropped        Bool DEFAULT false,
+                propagation_weight  Nullable(Float64),
+                tags                Array(LowCardinality(String)),
+                idempotency_key     Nullable(String),
+                payload_text        Nullable(String),
+                payload_comment     Nullable(String),
+                corrected_response  Nullable(String),
+                payload             Map(String, String) COMMENT 'non-text payload values, JSON-encoded',
+                hash                String,
+                kafka_partition     UInt32,
+                kafka_offset        UInt64,
+                ingested_at         DateTime64(3, 'UTC') DEFAULT now64(3),
+                rater               String COMMENT 'pseudonymized user_id, else session_id, else client pseudonym',
+                opinion_key         String COMMENT 'interaction_id|rater|type for an explicit signal, else event_id',
+                {_SUPERSEDES}
+            )
+            ENGINE = ReplacingMergeTree(ts)
+            ORDER BY opinion_key
+            SETTINGS non_replicated_deduplication_window = 10000
+            """,
+            f"CREATE MATERIALIZED VIEW IF NOT EXISTS {{db}}.feedback_current_mv TO {{db}}.feedback_current AS "
+            f"{_CURRENT_SELECT}",
+            # Existing deployments: every event so far (a re-run adds rows that FINAL and merges collapse).
+            # On a cluster this runs on the node the sink connects to: its shard's events (docs/stream.md).
+            f"INSERT INTO {{db}}.feedback_current ({_CURRENT_COLUMNS}, rater, opinion_key) {_CURRENT_SELECT}",
+        ),
     ),
 )

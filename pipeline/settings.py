@@ -218,6 +218,13 @@ class Settings(BaseSettings):
         default_factory=lambda: ["noise"], description="Labels that count against the source's reputation."
     )
 
+    # --- insights and suggestions --------------------------------------------
+    suggest_text_hook: str | None = Field(
+        default=None,
+        description="`feedback suggest`: an importable callable, module:function, that gets the suggestions' "
+        "aggregates (never event text) and returns a summary. Unset: rules only.",
+    )
+
     # --- logging -----------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = False

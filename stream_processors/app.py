@@ -46,13 +46,15 @@ from faust.types import EventT
 from pipeline.errors import InvalidEvent, PoisonEvent
 from pipeline.kafka_admin import ensure_topics
 from pipeline.settings import Settings
+from producers.subscriber import CompactedTopicReader
 from schemas.dead_letter import dead_letter
 from schemas.envelope import is_envelope, position, unpack
+from schemas.reward_records import encode_reward, split_arm_key
 from schemas.serde import AvroSerde
-from schemas.state_records import encode_record
+from schemas.state_records import decode_reputation, encode_record
 from schemas.topics import Topics
 from schemas.triage_records import TriageCommand, TriageItem, decode_commands
-from stream_processors.config import bias_config, gate_config, reputation_policy, triage_rules
+from stream_processors.config import bias_config, gate_config, reputation_policy, reward_config, triage_rules
 from stream_processors.dedup import dedup_key
 from stream_processors.enrich import context_of, enrich, newer
 from stream_processors.faust_glue import StateTable, bound_rocksdb, json_table
@@ -60,6 +62,14 @@ from stream_processors.gate_step import gate_step, subject_key
 from stream_processors.metrics import GateMetrics, Tally
 from stream_processors.outputs import KafkaOutputs, Outputs, partition_for
 from stream_processors.redact import pseudonymize
+from stream_processors.rewards import (
+    RewardItem,
+    decode_items,
+    group_reward_items,
+    reward_items,
+    reward_record,
+    rewards_apply,
+)
 from stream_processors.routing import (
     clean_key,
     decode_list,
@@ -660,6 +670,131 @@ def create_app(
         # Compacted topics: republishing is idempotent, and it heals an update lost in a crash.
         publish_state(force=True)
 
+    # --- rewards for model routers (stream_processors.rewards) -------------------------
+    # ``reward-items``: a batch of clean events → each event's reward items (origin partition,
+    # position, reward, weight, time), one message per arm on feedback.rewards-input.v1 (keyed by
+    # arm, so an arm lives in one partition whichever worker read its events). ``rewards``: each
+    # arm's items folded into its table value, one table write per arm and batch, published to
+    # feedback.rewards.v1 at most once per key and publish interval, like directive bias.
+    reward_cfg = reward_config(settings)
+    clean_topic, rewards_input_topic = topic(topics.clean), topic(topics.rewards_input)
+    rewards = table("rewards")
+    fa.tables["rewards"] = rewards
+    rewards_out = Throttle(settings.bias_publish_interval_s)
+    rewards_where: dict[str, int] = {}  # arm → partition, for publishing
+    # The sources' reputation weights. The reputation table is partitioned by source across the
+    # workers, so each worker reads the whole of feedback.reputation.v1 (the published weights)
+    # instead; a source not heard of yet weighs 1, as a new source does in the reputation step.
+    source_weights: dict[str, float] = {}
+    weights_reader: list[CompactedTopicReader[Any]] = []
+
+    def note_weight(source: str, record: Any) -> None:
+        if record is None:
+            source_weights.pop(source, None)
+        else:
+            source_weights[source] = float(record.weight)
+
+    def reward_weights_batch(events: list[EventT]) -> None:
+        """Reputation records (feedback.reputation.v1 messages) into the weights (tests; the worker polls)."""
+        for event in events:
+            msg = event.message
+            note_weight((msg.key or b"").decode(), None if msg.value is None else decode_reputation(msg.value))
+
+    def poll_weights() -> None:
+        if not weights_reader:
+            weights_reader.append(CompactedTopicReader(settings, topics.reputation, decode_reputation, note_weight))
+        try:
+            for _ in range(10):  # at most 10,000 records a tick: catching up never stalls the agents
+                if len(weights_reader[0].poll(0.0, 1000)) < 1000:
+                    break
+        except Exception as exc:  # Kafka or the topic missing: keep the weights known so far
+            log.warning("reputation_weights_unavailable error=%s", type(exc).__name__)
+
+    def reward_item(event: EventT, body: bytes, index: int, found: list[tuple[str, RewardItem]]) -> None:
+        record = events_serde.decode(body)
+        msg = event.message
+        found += reward_items(
+            record, partition=msg.partition, position=position(msg.offset, index),
+            reputation_weight=source_weights.get(str(record["source"]), 1.0), config=reward_cfg,
+        )  # fmt: skip
+
+    def reward_items_batch(events: list[EventT]) -> None:
+        found: list[tuple[str, RewardItem]] = []
+        for event in events:
+            if event.message.value is None:
+                continue
+            items = items_of(event)
+            for index, body in enumerate(items or ()):
+                enveloped = items is not None and (len(items) > 1 or body is not event.message.value)
+                guarded(
+                    "reward-items", event, lambda: reward_item(event, body, index, found),  # noqa: B023
+                    raw=body if enveloped else None, index=index if enveloped else None,
+                )  # fmt: skip
+        for key, value in group_reward_items(found):
+            out.produce(topics.rewards_input, key, value)
+        flush()
+
+    @app.agent(clean_topic, name="reward-items")
+    async def reward_items_agent(stream: faust.StreamT) -> None:
+        await run(stream, reward_items_batch)
+
+    def rewards_collect(event: EventT, pending: dict[str, tuple[int, list[RewardItem]]]) -> None:
+        msg = event.message
+        key = (msg.key or b"").decode(errors="replace")
+        try:
+            split_arm_key(key)
+            items = decode_items(msg.value)
+        except ValueError as exc:
+            raise PoisonEvent(f"not a rewards-input message: {exc}") from None
+        pending.setdefault(key, (msg.partition, []))[1].extend(items)
+
+    def rewards_batch(events: list[EventT]) -> None:
+        pending: dict[str, tuple[int, list[RewardItem]]] = {}
+        for event in events:
+            guarded("rewards", event, lambda: rewards_collect(event, pending))  # noqa: B023
+        tally = Tally()
+        for key, (partition, arm_items) in pending.items():
+            new = rewards_apply(rewards.get(key, partition), arm_items, reward_cfg)
+            if new is None:
+                tally.add(metrics.state_replays, "rewards")
+                continue
+            rewards.set(key, {**new, "partition": partition}, partition)
+            rewards_out.mark(key)
+            rewards_where[key] = partition
+            tally.add(metrics.state_updates, "rewards")
+        flush(rewards)
+        tally.apply()
+
+    @app.agent(rewards_input_topic, name="rewards")
+    async def rewards_agent(stream: faust.StreamT) -> None:
+        await run(stream, rewards_batch)
+
+    def publish_rewards(force: bool = False) -> None:
+        if app.in_recovery or app.rebalancing:
+            return
+        values = dict(rewards.scan()) if force else {}
+        for key in rewards_out.due(time.monotonic(), force=force, known=list(values)):
+            value = values.get(key)
+            if value is None and key in rewards_where:
+                value = rewards.get(key, rewards_where[key])
+            if value is not None:
+                out.produce(topics.rewards, key.encode(), encode_reward(reward_record(key, value, reward_cfg)))
+                metrics.published.labels("rewards").inc()
+        out.poll()
+
+    def publish_all(force: bool = False) -> None:
+        publish_state(force)
+        publish_rewards(force)
+
+    @app.timer(interval=max(0.1, settings.bias_publish_interval_s))
+    async def publish_rewards_changed() -> None:
+        poll_weights()
+        publish_rewards()
+
+    @app.timer(interval=REPUBLISH_S)
+    async def republish_rewards() -> None:
+        publish_rewards(force=True)
+
     fa.agents.update(
         {
             "gate": gate,
@@ -668,6 +803,8 @@ def create_app(
             "interactions": interactions_agent,
             "enrich": enrich_agent,
             "triage": triage_agent,
+            "reward-items": reward_items_agent,
+            "rewards": rewards_agent,
         }
     )
     fa.handlers.update(
@@ -678,9 +815,12 @@ def create_app(
             "interactions": interactions_batch,
             "enrich": enrich_batch,
             "triage": triage_batch,
+            "reward-items": reward_items_batch,
+            "rewards": rewards_batch,
+            "reward-weights": reward_weights_batch,
         }
     )
-    fa.publish_state = publish_state
+    fa.publish_state = publish_all
     return fa
 
 

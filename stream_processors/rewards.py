@@ -27,6 +27,7 @@ Table values are plain JSON objects: ``{"a", "b", "t", "n", "applied"}``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -66,22 +67,29 @@ class RewardConfig:
     context_tags: tuple[str, ...] = ()
 
 
+@functools.lru_cache(maxsize=64)
+def _matcher(patterns: tuple[str, ...]) -> tuple[frozenset[str], tuple[str, ...]]:
+    names = frozenset(p for p in patterns if not p.endswith("*"))
+    return names, tuple(p[:-1] for p in patterns if p.endswith("*"))
+
+
 def context_tags(tags: Iterable[str], patterns: Sequence[str]) -> list[str]:
     """The event's tags that count as contexts under ``patterns``, distinct and sorted."""
     if not patterns:
         return []
-    names = {p for p in patterns if not p.endswith("*")}
-    prefixes = tuple(p[:-1] for p in patterns if p.endswith("*"))
+    names, prefixes = _matcher(tuple(patterns))
     return sorted({t for t in tags if t and (t in names or (prefixes and t.startswith(prefixes)))})
+
+
+def _unit(x: float | None) -> float:
+    if x is None:
+        return 1.0
+    return 0.0 if x < 0.0 else 1.0 if x > 1.0 else float(x)
 
 
 def reward_of(value: float) -> float:
     """``(value + 1) / 2``, the normalized value in [-1, 1] as a reward in [0, 1] (clamped)."""
-    return min(1.0, max(0.0, (float(value) + 1.0) / 2.0))
-
-
-def _unit(x: float | None) -> float:
-    return 1.0 if x is None else min(1.0, max(0.0, float(x)))
+    return _unit((value + 1.0) / 2.0)
 
 
 def event_weight(confidence: float | None, reputation_weight: float, propagation_weight: float | None) -> float:
@@ -91,6 +99,11 @@ def event_weight(confidence: float | None, reputation_weight: float, propagation
 
 def _event_s(ts: Any) -> float:
     return ts.timestamp() if isinstance(ts, datetime) else float(ts)
+
+
+@functools.lru_cache(maxsize=65_536)
+def _arm(model: str, prompt: str | None, tag: str | None) -> str:
+    return arm_key(model, prompt, tag)  # an arm's key is built once, not once per event
 
 
 def reward_items(
@@ -108,9 +121,11 @@ def reward_items(
         event_weight(record.get("confidence"), reputation_weight, record.get("propagation_weight")),
         _event_s(record["ts"]),
     )
-    arms = [arm_key(model, prompt)]
-    arms += [arm_key(model, prompt, tag) for tag in context_tags(record.get("tags") or (), config.context_tags)]
-    return [(arm, item) for arm in arms]
+    out = [(_arm(model, prompt, None), item)]
+    tags = record.get("tags")
+    if tags and config.context_tags:
+        out += [(_arm(model, prompt, tag), item) for tag in context_tags(tags, config.context_tags)]
+    return out
 
 
 def group_reward_items(items: Iterable[tuple[str, RewardItem]]) -> list[tuple[bytes, bytes]]:

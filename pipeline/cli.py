@@ -412,8 +412,8 @@ def main() -> None:
 
 import pipeline.ops_cli  # noqa: E402,F401  (registers dlq list/replay; it imports query_cli first)
 
-# Register forget, insights/suggest, list/report/export and triage/label/resolve.
-from pipeline import forget_cli, insights_cli, query_cli, triage_cli  # noqa: E402,F401
+# Register forget, insights/suggest, list/report/export, triage/label/resolve and rewards.
+from pipeline import forget_cli, insights_cli, query_cli, rewards_cli, triage_cli  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()

@@ -14,14 +14,27 @@ that steer by directive bias::
 It reads the topic from the beginning with no consumer-group state (every
 subscriber sees every key), keeps the latest record per key, and forgets a key
 on a tombstone.
+
+``RewardSubscriber`` is the client for model routers: each arm's reward posterior from
+``feedback.rewards.v1`` (see ``examples/router.py``)::
+
+    from producers.subscriber import RewardSubscriber
+
+    with RewardSubscriber(seed=7) as rewards:
+        rewards.snapshot()
+        arms = [("m-a", "p-1"), ("m-b", "p-1")]
+        while serving:
+            rewards.poll(0.0)
+            model, prompt, _ = rewards.sample(arms)   # Thompson sampling (or rewards.best(arms))
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Generic, TypeVar
 
@@ -29,6 +42,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 
 from pipeline.errors import StackError
 from pipeline.settings import Settings, get_settings
+from schemas.reward_records import Arm, RewardRecord, decode_reward
 from schemas.state_records import (
     BiasRecord,
     ReputationRecord,
@@ -39,7 +53,15 @@ from schemas.state_records import (
 from schemas.topics import Topics
 from schemas.triage_records import TriageItem, decode_item
 
-__all__ = ["BiasSubscriber", "CompactedTopicReader", "read_bias", "read_reputation", "read_triage"]
+__all__ = [
+    "BiasSubscriber",
+    "CompactedTopicReader",
+    "RewardSubscriber",
+    "read_bias",
+    "read_reputation",
+    "read_rewards",
+    "read_triage",
+]
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +221,97 @@ class BiasSubscriber:
         self.close()
 
 
+ArmLike = Arm | tuple[str, ...] | str
+
+
+class RewardSubscriber:
+    """Follows ``feedback.rewards.v1``: each arm's Beta posterior of the reward, for routers.
+
+    An arm is an :class:`~schemas.reward_records.Arm`, a tuple ``(model_version,
+    prompt_version?, tag?)`` or its topic key. Every read takes ``at`` (datetime or Unix
+    seconds; default now): the record decayed from its last update to that moment, so arms
+    last heard of at different times are compared at one time, and an arm that stops getting
+    feedback drifts back to the prior (more exploration). An arm never heard of is the prior.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        on_update: Callable[[RewardRecord], None] | None = None,
+        *,
+        seed: int | None = None,
+    ) -> None:
+        settings = settings or get_settings()
+
+        def notify(_key: str, record: RewardRecord | None) -> None:
+            if record is not None and on_update is not None:
+                on_update(record)
+
+        self.prior = (settings.rewards_prior_alpha, settings.rewards_prior_beta)
+        self.half_life_s = settings.rewards_half_life_s
+        self.rng = random.Random(seed)  # Thompson draws: the same seed, the same choices
+        self.reader = CompactedTopicReader(settings, Topics(settings.topic_prefix).rewards, decode_reward, notify)
+
+    @property
+    def records(self) -> dict[str, RewardRecord]:
+        return dict(self.reader.values)
+
+    def snapshot(self, timeout_s: float = 10.0) -> dict[str, RewardRecord]:
+        return self.reader.snapshot(timeout_s)
+
+    def poll(self, timeout_s: float = 1.0) -> list[RewardRecord]:
+        return self.reader.poll(timeout_s)
+
+    def record(self, arm: ArmLike, at: datetime | float | None = None) -> RewardRecord:
+        """The arm's posterior at ``at`` (the prior when the arm was never published)."""
+        key = Arm.of(arm)
+        record = self.reader.values.get(key.key)
+        if record is None:
+            alpha, beta = self.prior
+            return RewardRecord(*key, alpha, beta, alpha, beta, self.half_life_s, 0.0, 0)
+        return record.at(time.time() if at is None else at)
+
+    def mean(self, arm: ArmLike, at: datetime | float | None = None) -> float:
+        """The posterior mean reward of ``arm``, in [0, 1]."""
+        return self.record(arm, at).mean
+
+    def interval(self, arm: ArmLike, level: float = 0.95, at: datetime | float | None = None) -> tuple[float, float]:
+        """The central ``level`` interval of the arm's posterior (see :func:`~schemas.reward_records.beta_interval`)."""
+        return self.record(arm, at).interval(level)
+
+    def sample(
+        self, arms: Iterable[ArmLike], at: datetime | float | None = None, rng: random.Random | None = None
+    ) -> Arm:
+        """Thompson sampling: one draw from each arm's posterior; the arm with the highest draw
+        (a tie, which has probability zero, goes to the arm listed first). ``rng``: default the
+        subscriber's own (seeded with ``seed``)."""
+        rng = rng or self.rng
+        chosen = [Arm.of(a) for a in arms]
+        if not chosen:
+            raise ValueError("arms: give at least one arm to choose from")
+        records = [self.record(a, at) for a in chosen]
+        draws = [rng.betavariate(r.alpha, r.beta) for r in records]
+        return chosen[max(range(len(chosen)), key=lambda i: (draws[i], -i))]
+
+    def best(self, arms: Iterable[ArmLike], at: datetime | float | None = None) -> Arm:
+        """The arm with the highest posterior mean; on a tie, the one with more evidence
+        (weight), then the smallest arm key: the same choice whatever order ``arms`` come in."""
+        chosen = [Arm.of(a) for a in arms]
+        if not chosen:
+            raise ValueError("arms: give at least one arm to choose from")
+        records = {a: self.record(a, at) for a in chosen}
+        return min(chosen, key=lambda a: (-records[a].mean, -records[a].weight, a.key))
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self) -> RewardSubscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def _read_all(settings: Settings, topic: str, decode: Callable[[bytes], R], timeout_s: float) -> dict[str, R]:
     reader = CompactedTopicReader(settings, topic, decode)
     try:
@@ -215,6 +328,11 @@ def read_bias(settings: Settings, timeout_s: float = 10.0) -> dict[str, BiasReco
 def read_reputation(settings: Settings, timeout_s: float = 10.0) -> dict[str, ReputationRecord]:
     """Every source's latest reputation record."""
     return _read_all(settings, Topics(settings.topic_prefix).reputation, decode_reputation, timeout_s)
+
+
+def read_rewards(settings: Settings, timeout_s: float = 10.0) -> dict[str, RewardRecord]:
+    """Every arm's latest reward record, by arm key."""
+    return _read_all(settings, Topics(settings.topic_prefix).rewards, decode_reward, timeout_s)
 
 
 def read_triage(settings: Settings, timeout_s: float = 10.0) -> dict[str, TriageItem]:

@@ -19,12 +19,13 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
 __all__ = [
     "NORMAL_ABOVE",
+    "Arm",
     "RewardRecord",
     "arm_key",
     "beta_interval",
@@ -65,6 +66,25 @@ def split_arm_key(key: str) -> tuple[str, str | None, str | None]:
     model, prompt = _unescape(parts[0]), _unescape(parts[1]) or None
     tag = _unescape(parts[2]) or None if len(parts) == 3 else None
     return model, prompt, tag
+
+
+class Arm(NamedTuple):
+    """What a router chooses between: a model version, a prompt version, optionally a context tag."""
+
+    model_version: str
+    prompt_version: str | None = None
+    tag: str | None = None
+
+    @property
+    def key(self) -> str:
+        return arm_key(self.model_version, self.prompt_version, self.tag)
+
+    @classmethod
+    def of(cls, arm: Arm | tuple[str, ...] | str) -> Arm:
+        """An arm from an :class:`Arm`, a tuple ``(model, prompt?, tag?)`` or a topic key."""
+        if isinstance(arm, str):
+            return cls(*split_arm_key(arm))
+        return cls(*arm)
 
 
 # --- the Beta distribution, without SciPy --------------------------------------------

@@ -14,6 +14,11 @@ the interaction's snapshot (already redacted by the gate):
 Events without both turns are counted (``no_content``) and left out. Every text written is
 run through :func:`stream_processors.redact.redact_text` again, and near-duplicate
 conversations are dropped (character shingles, MinHash LSH candidates, exact Jaccard check).
+
+Opinions come from the table the caller names (``feedback_current FINAL``: the latest revision
+of each, so a changed vote exports once, as it now stands). Filters: time, sources, types, a
+value range (``min_value`` / ``max_value``), and minimum prompt and response lengths (in
+characters, of the turns above; an event without them is then left out).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from stream_processors.redact import redact_text
 __all__ = [
     "COLUMNS",
     "CONTENT_KEYS",
+    "SCORE_BUCKETS",
     "ExportFilters",
     "ExportResult",
     "NearDuplicateFilter",
@@ -46,8 +52,10 @@ __all__ = [
     "dedup",
     "export_events",
     "jsonl_record",
+    "long_enough",
     "promptfoo_case",
     "recheck_pii",
+    "score_bucket",
     "training_example",
 ]
 
@@ -148,18 +156,18 @@ def promptfoo_case(
 ) -> tuple[dict[str, Any] | None, bool]:
     """A promptfoo test case from a rated output, and whether the PII re-check changed it.
 
-    The prompt becomes ``vars.prompt``. A well-rated output (value >= ``min_value``) or a
-    human correction is what a good answer should resemble (``similar``); a badly rated one
-    (value <= -``min_value``) is what it should not (``not-similar``). Anything in between,
-    or an event without a conversation, gives None.
+    The prompt becomes ``vars.prompt``. A well-rated output (value >= ``min_value`` and above 0)
+    or a human correction is what a good answer should resemble (``similar``); a badly rated one
+    (value <= -``min_value`` and below 0) is what it should not (``not-similar``). Anything in
+    between (a value of 0 always), or an event without a conversation, gives None.
     """
     messages = conversation(row)
     value = row.get("value")
     if messages is None or value is None:
         return None, False
-    if row["type"] == "correction" or value >= min_value:
+    if row["type"] == "correction" or (value >= min_value and value > 0):
         kind = "similar"
-    elif value <= -min_value:
+    elif value <= -min_value and value < 0:
         kind = "not-similar"
     else:
         return None, False
@@ -282,14 +290,28 @@ def _conversation_text(item: dict[str, Any]) -> str:
 # --- the export ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ExportFilters:
-    """What ``feedback export`` selects: ``since <= ts < until`` and, for training, ``value >= min_value``."""
+    """What ``feedback export`` selects: ``since <= ts < until``, ``min_value <= value <= max_value``
+    (a None bound is open), the sources and types (empty: all), and minimum prompt and response
+    lengths. ``band`` is promptfoo's: ``value >= band`` is ``similar``, ``value <= -band``
+    ``not-similar`` (the CLI uses 0.7 without a value range, else 0: the range decides)."""
 
     since: datetime
     until: datetime
-    min_value: float = 0.7
+    min_value: float | None = 0.7
     sources: tuple[str, ...] = ()
     corrections: bool = False
     dedup_threshold: float = 0.85
+    types: tuple[str, ...] = ()
+    max_value: float | None = None
+    min_prompt_chars: int = 0
+    min_response_chars: int = 0
+    band: float = 0.7
+
+    def __post_init__(self) -> None:
+        if self.min_value is not None and self.max_value is not None and self.min_value > self.max_value:
+            raise ValueError(f"min_value {self.min_value:g} is above max_value {self.max_value:g}")
+        if self.min_prompt_chars < 0 or self.min_response_chars < 0:
+            raise ValueError("minimum prompt and response lengths must be 0 or more")
 
 
 @dataclass
@@ -304,11 +326,16 @@ class ExportResult:
     pii_changed: int = 0
     pii_kinds: Counter[str] = field(default_factory=Counter)
     duplicates_removed: int = 0
+    too_short: int = 0
     written: int = 0
     first_ts: str | None = None
     last_ts: str | None = None
     by_source: Counter[str] = field(default_factory=Counter)
     by_model: Counter[str] = field(default_factory=Counter)
+    by_source_model: Counter[tuple[str, str]] = field(default_factory=Counter)
+    scores: Counter[str] = field(default_factory=Counter)
+    value_sum: float = 0.0
+    rated: int = 0
 
 
 def _where(fmt: Format, filters: ExportFilters) -> tuple[str, dict[str, Any]]:
@@ -317,13 +344,31 @@ def _where(fmt: Format, filters: ExportFilters) -> tuple[str, dict[str, Any]]:
     if filters.sources:
         clauses.append("source IN {sources:Array(String)}")
         params["sources"] = list(filters.sources)
-    if fmt == "training":
-        positive = "value >= {min_value:Float64}"
-        clauses.append(f"({positive} OR type = 'correction')" if filters.corrections else positive)
+    if filters.types:
+        clauses.append("type IN {types:Array(String)}")
+        params["types"] = list(filters.types)
+    if filters.min_value is not None:
+        low = "value >= {min_value:Float64}"
+        corrections = fmt == "training" and filters.corrections
+        clauses.append(f"({low} OR type = 'correction')" if corrections else low)
         params["min_value"] = filters.min_value
-    elif fmt == "promptfoo":
+    if filters.max_value is not None:
+        clauses.append("value <= {max_value:Float64}")
+        params["max_value"] = filters.max_value
+    if fmt == "promptfoo":
         clauses.append("value IS NOT NULL")
     return " AND ".join(clauses), params
+
+
+def long_enough(row: dict[str, Any], filters: ExportFilters) -> bool:
+    """Whether the event's prompt and response are at least the minimum lengths (always, without one)."""
+    if not filters.min_prompt_chars and not filters.min_response_chars:
+        return True
+    messages = conversation(row)
+    if messages is None:
+        return False
+    turns = {m["role"]: m["content"] for m in messages}
+    return len(turns["user"]) >= filters.min_prompt_chars and len(turns["assistant"]) >= filters.min_response_chars
 
 
 def _rows(client: Any, table: str, fmt: Format, filters: ExportFilters) -> tuple[int, Iterator[dict[str, Any]]]:
@@ -371,6 +416,9 @@ def export_events(
             if advance and i % 500 == 0:
                 advance(500)
             if fmt == "jsonl":
+                if not long_enough(row, filters):
+                    result.too_short += 1
+                    continue
                 record, changed = jsonl_record(row, result.pii_kinds)
                 assert jsonl_out is not None
                 jsonl_out.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
@@ -380,12 +428,15 @@ def export_events(
             if fmt == "training":
                 item, changed = training_example(row, pii)
             else:
-                item, changed = promptfoo_case(row, filters.min_value, pii)
+                item, changed = promptfoo_case(row, filters.band, pii)
                 if item is None and conversation(row) is not None:
                     result.neutral += 1
                     continue
             if item is None:
                 result.no_content += 1
+                continue
+            if not long_enough(row, filters):
+                result.too_short += 1
                 continue
             item["_row"], item["_changed"], item["_pii"] = row, changed, pii
             items.append(item)
@@ -407,8 +458,15 @@ def export_events(
 def _count(result: ExportResult, row: dict[str, Any], changed: bool) -> None:
     result.written += 1
     result.pii_changed += changed
+    model = row.get("model_version") or "(none)"
     result.by_source[row["source"]] += 1
-    result.by_model[row.get("model_version") or "(none)"] += 1
+    result.by_model[model] += 1
+    result.by_source_model[(row["source"], model)] += 1
+    value = row.get("value")
+    result.scores[score_bucket(value)] += 1
+    if value is not None:
+        result.rated += 1
+        result.value_sum += value
     ts = _iso(row["ts"])
     result.first_ts = min(result.first_ts or ts, ts)
     result.last_ts = max(result.last_ts or ts, ts)
@@ -430,6 +488,51 @@ def _write_items(fmt: Format, output: Path, items: list[dict[str, Any]]) -> None
 
 
 # --- the data card ---------------------------------------------------------------------------
+#: The score distribution's buckets, in the card's order.
+SCORE_BUCKETS = ("-1 ≤ value < -0.5", "-0.5 ≤ value < 0", "value = 0", "0 < value < 0.5", "0.5 ≤ value ≤ 1",
+                 "no value")  # fmt: skip
+
+
+def score_bucket(value: float | None) -> str:
+    """The :data:`SCORE_BUCKETS` entry a value falls in."""
+    if value is None:
+        return SCORE_BUCKETS[5]
+    if value == 0:
+        return SCORE_BUCKETS[2]
+    if value < 0:
+        return SCORE_BUCKETS[0] if value < -0.5 else SCORE_BUCKETS[1]
+    return SCORE_BUCKETS[3] if value < 0.5 else SCORE_BUCKETS[4]
+
+
+def _filter_lines(f: ExportFilters, fmt: str) -> list[str]:
+    lines = [f"- Types: {', '.join(f.types) if f.types else 'all'}"]
+    low = "" if f.min_value is None else f"value ≥ {f.min_value:g}"
+    high = "" if f.max_value is None else f"value ≤ {f.max_value:g}"
+    if low or high:
+        extra = (
+            "; corrections included (corrected_response as the answer)" if fmt == "training" and f.corrections else ""
+        )
+        lines.append(f"- Quality filter: {' and '.join(x for x in (low, high) if x)}{extra}")
+    if fmt == "promptfoo":
+        if f.band > 0:
+            lines.append(f"- Rated outputs: value ≥ {f.band:g} → `similar`, value ≤ {-f.band:g} → `not-similar`")
+        else:
+            lines.append("- Rated outputs: value above 0 → `similar`, below 0 → `not-similar`")
+    if f.min_prompt_chars or f.min_response_chars:
+        lines.append(f"- Minimum lengths: prompt {f.min_prompt_chars}, response {f.min_response_chars} characters")
+    return lines
+
+
+def _distribution_lines(result: ExportResult) -> list[str]:
+    mean = f"{result.value_sum / result.rated:.3f}" if result.rated else "-"
+    lines = ["", "## Score distribution", "", f"Mean value of the records written: {mean}.", "",
+             "| value | records |", "|---|---|"]  # fmt: skip
+    lines += [f"| {b} | {result.scores.get(b, 0)} |" for b in SCORE_BUCKETS]
+    lines += ["", "## By source and model version", "", "| source | model version | records |", "|---|---|---|"]
+    lines += [f"| {src} | {model} | {n} |" for (src, model), n in sorted(result.by_source_model.items())]
+    return lines
+
+
 _SCHEMAS = {
     "training": '{"messages": [{"role": "system"?, ...}, {"role": "user", "content": "..."}, '
     '{"role": "assistant", "content": "..."}], "metadata": {"event_id", "interaction_id", "source", "type", '
@@ -451,12 +554,8 @@ def data_card(result: ExportResult) -> str:
         f"- Time filter: {_iso(f.since)} ≤ ts < {_iso(f.until)}",
         f"- Events in the data: {result.first_ts or '-'} to {result.last_ts or '-'}",
         f"- Sources: {', '.join(f.sources) if f.sources else 'all'}",
+        *_filter_lines(f, result.format),
     ]
-    if result.format == "training":
-        extra = "; corrections included (corrected_response as the answer)" if f.corrections else ""
-        lines.append(f"- Quality filter: value ≥ {f.min_value:g}{extra}")
-    elif result.format == "promptfoo":
-        lines.append(f"- Rated outputs: value ≥ {f.min_value:g} → `similar`, value ≤ {-f.min_value:g} → `not-similar`")
     lines += [
         "",
         "## Counts",
@@ -476,6 +575,8 @@ def data_card(result: ExportResult) -> str:
             f"| near-duplicates removed (Jaccard ≥ {f.dedup_threshold:g} on 5-character shingles) "
             f"| {result.duplicates_removed} |",
         ]
+    if f.min_prompt_chars or f.min_response_chars:
+        lines.append(f"| prompt or response shorter than the minimum (left out) | {result.too_short} |")
     kinds = ", ".join(f"{k}: {n}" for k, n in sorted(result.pii_kinds.items())) or "none"
     lines += [
         f"| records changed by the PII re-check | {result.pii_changed} ({kinds}) |",
@@ -488,6 +589,7 @@ def data_card(result: ExportResult) -> str:
         "## By model version",
         "",
         *[f"- {k}: {n}" for k, n in sorted(result.by_model.items())],
+        *_distribution_lines(result),
         "",
         "## Content",
         "",

@@ -18,8 +18,8 @@ from rich.table import Table
 
 from pipeline.cli_app import app, console, print_json
 from pipeline.cli_app import settings as load_settings
-from pipeline.insights import ALL, DIMENSIONS, Group, Insights, analyse, parse_dimension, t_interval, wilson
-from pipeline.insights_query import fetch_groups, opinions_table, reputation_weights
+from pipeline.insights import DIMENSIONS, Group, Insights, parse_dimension, t_interval, wilson
+from pipeline.insights_query import load_insights
 from pipeline.private_files import make_private_dirs
 from pipeline.query_cli import clickhouse_client, fail
 from pipeline.since import parse_time
@@ -64,11 +64,10 @@ def run_insights(days: int, min_samples: int, by: list[str] | None, until: str |
     window = _window(days, until)
     settings = load_settings()
     with clickhouse_client(settings) as client:
-        table = opinions_table(client, settings.clickhouse_database, settings.clickhouse_cluster)
-        reputation = reputation_weights(client, settings.clickhouse_database)
-        groups = fetch_groups(client, table, window.previous_start, window.start, window.end, reputation)
-    chosen = [g for g in groups if g.dimension in dims or g.dimension == ALL]
-    return analyse(chosen, min_samples=min_samples), window, table
+        found, table = load_insights(client, settings.clickhouse_database, settings.clickhouse_cluster,
+                                     window.previous_start, window.start, window.end, dimensions=dims,
+                                     min_samples=min_samples)  # fmt: skip
+    return found, window, table
 
 
 def decline_registry(insights: Insights) -> CollectorRegistry:

@@ -20,10 +20,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pipeline.insights import ALL, PAIRS, SINGLE, Group, Sums
+from pipeline.insights import ALL, PAIRS, SINGLE, Group, Insights, Sums, analyse
 from pipeline.since import to_micros
 
-__all__ = ["fetch_groups", "opinions_table", "reputation_weights"]
+__all__ = ["fetch_groups", "load_insights", "opinions_table", "reputation_weights"]
 
 
 def opinions_table(client: Any, database: str, cluster: str | None = None) -> str:
@@ -115,3 +115,22 @@ def fetch_groups(
         sums = Sums(int(n), float(w), float(w2), float(wx), float(wx2), float(wpos))
         cells.setdefault((str(dim), tuple(str(k) for k in key)), {})[bool(is_current)] = sums
     return [Group(dim, key, by.get(True, Sums()), by.get(False, Sums())) for (dim, key), by in sorted(cells.items())]
+
+
+def load_insights(
+    client: Any,
+    database: str,
+    cluster: str | None,
+    previous_start: datetime,
+    start: datetime,
+    end: datetime,
+    *,
+    dimensions: tuple[str, ...] | None = None,
+    min_samples: int = 30,
+) -> tuple[Insights, str]:
+    """The insights of [start, end) against [previous_start, start) over ``dimensions`` (default: all;
+    the overall ``all`` group is always there), and the table the opinions came from."""
+    table = opinions_table(client, database, cluster)
+    groups = fetch_groups(client, table, previous_start, start, end, reputation_weights(client, database))
+    chosen = [g for g in groups if dimensions is None or g.dimension in dimensions or g.dimension == ALL]
+    return analyse(chosen, min_samples=min_samples), table

@@ -23,6 +23,7 @@ from rich.table import Table
 from pipeline.cli_app import app, console, print_json
 from pipeline.cli_app import settings as load_settings
 from pipeline.errors import StackError
+from pipeline.insights_query import load_insights, opinions_table
 from pipeline.private_files import make_private_dirs
 from pipeline.settings import Settings
 from pipeline.since import parse_time, to_micros
@@ -242,14 +243,17 @@ def report(
     elif output.is_dir():
         output = output / f"feedback-report-{period.value}-{end:%Y-%m-%d}.{format_.value}"
     with clickhouse_client(settings) as client, _progress() as progress:
-        task = progress.add_task("querying", total=8)
+        task = progress.add_task("querying", total=9)
         data = build_report(
             client,
-            events_table(settings),
+            opinions_table(client, settings.clickhouse_database, settings.clickhouse_cluster),
             period.value,  # type: ignore[arg-type]
             end,
             step=lambda name: progress.update(task, advance=1, description=f"querying ({name})"),
         )
+        data.insights, _ = load_insights(client, settings.clickhouse_database, settings.clickhouse_cluster,
+                                         data.previous_start, data.start, data.end)  # fmt: skip
+        progress.update(task, advance=1, description="querying (insights)")
         progress.update(task, description="charts and report")
         make_private_dirs(output.parent)
         files = write_report(data, output, format_.value, chart_format.value)  # type: ignore[arg-type]
@@ -272,7 +276,8 @@ _DEFAULT_NAMES = {"training": "feedback-training-{d}.jsonl", "promptfoo": "feedb
 @app.command(
     epilog="Examples: feedback export --format training --since 7d --output data/train.jsonl  |  "
     "feedback export --format promptfoo --output evals/cases.yaml  |  "
-    "feedback export --format jsonl --since 2026-11-01 --until 2026-11-08"
+    "feedback export --format jsonl --since 2026-11-01 --until 2026-11-08  |  "
+    "feedback export --format promptfoo --max-value -0.5 --type thumbs --min-prompt-chars 20 (regression cases)"
 )
 def export(
     format_: Annotated[ExportFormat, typer.Option("--format", help="What to write.")] = ExportFormat.training,
@@ -280,9 +285,14 @@ def export(
     since: Annotated[str, typer.Option(help=f"Events from then on: {_TIME_HELP}")] = "7d",
     until: Annotated[str | None, typer.Option(help=f"Events before then (default now): {_TIME_HELP}")] = None,
     min_value: Annotated[
-        float, typer.Option(min=-1.0, max=1.0, help="Positive feedback threshold (training, promptfoo).")
-    ] = 0.7,
+        float | None,
+        typer.Option(min=-1.0, max=1.0, help="Only value >= this (training default 0.7; others: no bound)."),
+    ] = None,
+    max_value: Annotated[float | None, typer.Option(min=-1.0, max=1.0, help="Only value <= this.")] = None,
     sources: Annotated[list[str] | None, typer.Option("--source", "-s", help="Source; repeat for several.")] = None,
+    types: Annotated[list[str] | None, typer.Option("--type", "-t", help="Event type; repeat for several.")] = None,
+    min_prompt_chars: Annotated[int, typer.Option(min=0, help="Leave out prompts shorter than this.")] = 0,
+    min_response_chars: Annotated[int, typer.Option(min=0, help="Leave out responses shorter than this.")] = 0,
     corrections: Annotated[
         bool, typer.Option(help="Training: also use corrections (their corrected_response as the answer).")
     ] = False,
@@ -293,8 +303,9 @@ def export(
     """Training data, promptfoo test cases or plain JSONL, with a data card next to the file.
 
     training: chat-messages JSONL from positive feedback (value >= --min-value), near-duplicates
-    removed, PII checked again. promptfoo: test cases from rated outputs. jsonl: every event of
-    the time range.
+    removed, PII checked again. promptfoo: test cases from rated outputs (without a value range:
+    value >= 0.7 similar, <= -0.7 not-similar; with --min-value/--max-value: the range selects and
+    the sign decides). jsonl: every event of the time range. Opinions from feedback_current.
     """
     from pipeline.export import ExportFilters, export_events
 
@@ -307,12 +318,19 @@ def export(
     settings = _settings()
     if output is None:
         output = Path(_DEFAULT_NAMES[format_.value].format(d=f"{now:%Y-%m-%d}"))
-    filters = ExportFilters(start, end, min_value, tuple(sources or ()), corrections, dedup_threshold)
+    if min_value is not None and max_value is not None and min_value > max_value:
+        raise typer.BadParameter(f"{min_value:g} is above --max-value {max_value:g}", param_hint="'--min-value'")
+    ranged = min_value is not None or max_value is not None
+    filters = ExportFilters(
+        start, end, 0.7 if min_value is None and format_ is ExportFormat.training else min_value,
+        tuple(sources or ()), corrections, dedup_threshold, types=tuple(types or ()), max_value=max_value,
+        min_prompt_chars=min_prompt_chars, min_response_chars=min_response_chars, band=0.0 if ranged else 0.7,
+    )  # fmt: skip
     with clickhouse_client(settings) as client, _progress() as progress:
         task = progress.add_task("reading events", total=None)
         result = export_events(
             client,
-            events_table(settings),
+            opinions_table(client, settings.clickhouse_database, settings.clickhouse_cluster),
             format_.value,  # type: ignore[arg-type]
             output,
             filters,

@@ -17,6 +17,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.insights import Insights
 from pipeline.private_files import make_private_dirs, open_private, write_private
 from pipeline.since import to_micros
 from pipeline.term import plain
@@ -79,6 +80,8 @@ class Report:
     breakdowns: dict[str, list[tuple[str, Metrics, Metrics]]] = field(default_factory=dict)
     trend: list[tuple[date, Metrics]] = field(default_factory=list)
     worst: list[dict[str, Any]] = field(default_factory=list)
+    insights: Insights | None = None
+    table: str = "feedback_current"
 
 
 # --- formatting (shared by the markdown and HTML renderings) ----------------------------------
@@ -132,7 +135,7 @@ def build_report(
     (at most ``worst_limit``, lowest first)."""
     days = PERIOD_DAYS[period]
     end = until.astimezone(UTC)
-    report = Report(period, end - timedelta(days=2 * days), end - timedelta(days=days), end)
+    report = Report(period, end - timedelta(days=2 * days), end - timedelta(days=days), end, table=table)
     done = step or (lambda _name: None)
 
     totals = _grouped(client, table, "''", report)
@@ -296,15 +299,42 @@ def render_markdown(r: Report, charts: dict[str, Path]) -> str:
     for name, rows in r.breakdowns.items():
         lines += [f"### By {name}", "", *_md_table(_BREAKDOWN_HEAD, _breakdown_rows(rows)), ""]
     lines += ["## Worst-rated interactions", "", *_md_table(_WORST_HEAD, _worst_rows(r)), ""]
-    lines += [_definitions(), ""]
+    if r.insights is not None:
+        lines += ["## Insights: what works and what doesn't", "", _insights_intro(r.insights), ""]
+        lines += [*_md_table(_INSIGHT_HEAD, _insight_rows(r.insights)), ""]
+    lines += [_definitions(r), ""]
     return "\n".join(lines)
 
 
-def _definitions() -> str:
+def _definitions(r: Report) -> str:
+    name = r.table.rsplit(".", 1)[-1]
     return (
         "Satisfaction is the mean `value` (in [-1, 1]) of the events that carry one; the success rate is "
-        "the share of them with a value above 0. Figures come from `feedback_events FINAL`."
+        f"the share of them with a value above 0. Figures come from `{name} FINAL`."
     )
+
+
+_INSIGHT_HEAD = ("dimension", "group", "compared to", "metric", "effect", "n", "interval")
+
+
+def _insights_intro(ins: Insights) -> str:
+    declines = len(ins.declines)
+    return (
+        f"Significant differences only ({ins.comparisons} comparisons, Benjamini-Hochberg at {ins.fdr:g}; "
+        f"weighted by confidence, 1/sample_rate and source reputation; groups of at least {ins.min_samples} "
+        f"opinions, {len(ins.insufficient)} smaller group(s) not ranked). Success-rate declines against the "
+        f"previous period: {declines}. Details: `feedback insights`."
+    )
+
+
+def _insight_rows(ins: Insights) -> list[tuple[str, ...]]:
+    rows = []
+    for f in ins.significant:
+        scale, digits, unit = (100.0, 1, " pp") if f.metric == "success_rate" else (1.0, 3, "")
+        interval = f"{f.ci_low * scale:.{digits}f} to {f.ci_high * scale:.{digits}f} ({f.level * 100:.4g}%)"
+        rows.append((f.dimension, f.group, f.compared_to, f.metric, f"{f.effect * scale:+.{digits}f}{unit}",
+                     f"{f.n} vs {f.n_compared_to}", interval))  # fmt: skip
+    return rows
 
 
 def _html_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -350,7 +380,11 @@ def render_html(r: Report, charts: dict[str, Path]) -> str:
     for name, rows in r.breakdowns.items():
         parts += [f"<h3>By {esc(name)}</h3>", _html_table(_BREAKDOWN_HEAD, _breakdown_rows(rows))]
     parts += ["<h2>Worst-rated interactions</h2>", _html_table(_WORST_HEAD, _worst_rows(r))]
-    parts += [f"<p>{esc(_definitions()).replace('`', '')}</p>", "</body></html>"]
+    if r.insights is not None:
+        parts += ["<h2>Insights: what works and what doesn't</h2>",
+                  f"<p>{esc(_insights_intro(r.insights)).replace('`', '')}</p>",
+                  _html_table(_INSIGHT_HEAD, _insight_rows(r.insights))]  # fmt: skip
+    parts += [f"<p>{esc(_definitions(r)).replace('`', '')}</p>", "</body></html>"]
     return "\n".join(parts) + "\n"
 
 

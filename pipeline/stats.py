@@ -53,6 +53,8 @@ def clickhouse_counts(settings: Settings) -> dict[str, Any]:
     if "feedback_events" in exists:
         out["feedback_events"] = int(client.command(f"SELECT count() FROM `{db}`.feedback_events"))
         out["feedback_events_final"] = int(client.command(f"SELECT count() FROM `{db}`.feedback_events FINAL"))
+    if "feedback_current" in exists:  # opinions: the latest revision of each
+        out["feedback_current_final"] = int(client.command(f"SELECT count() FROM `{db}`.feedback_current FINAL"))
     if "dlq_events" in exists:
         out["dlq_events"] = int(client.command(f"SELECT count() FROM `{db}`.dlq_events FINAL"))
     if "rejected_events" in exists:
@@ -77,8 +79,10 @@ def _rejected_summary(stats: dict[str, Any], topic: str) -> dict[str, Any]:
 
 def analyst_counts(settings: Settings) -> dict[str, Any]:
     """What the analyst's ``stats`` adds, from ClickHouse (FINAL): ``totals`` per source and type
-    (kept, estimated before sampling, mean value), ``rejections`` per reason and field, and
-    ``sampling`` per type (kept, sampled, lowest rate, estimated). Missing tables give empty lists."""
+    (kept, estimated before sampling, mean value; opinions from ``feedback_current``, the latest
+    revision of each, where that table exists), ``rejections`` per reason and field, and
+    ``sampling`` per type (kept, sampled, lowest rate, estimated: every event the gate let through,
+    from ``feedback_events``). Missing tables give empty lists."""
     from sinks.clickhouse import connect
 
     client = connect(settings)
@@ -86,9 +90,10 @@ def analyst_counts(settings: Settings) -> dict[str, Any]:
     exists = _tables(client, db)
     out: dict[str, Any] = {"totals": [], "rejections": [], "sampling": []}
     if "feedback_events" in exists:
+        opinions = "feedback_current" if "feedback_current" in exists else "feedback_events"
         rows = client.query(
             "SELECT source, type, count(), sum(1 / ifNull(sample_rate, 1)), countIf(value IS NOT NULL), "
-            f"sum(ifNull(value, 0)) FROM `{db}`.feedback_events FINAL GROUP BY source, type ORDER BY source, type"
+            f"sum(ifNull(value, 0)) FROM `{db}`.{opinions} FINAL GROUP BY source, type ORDER BY source, type"
         ).result_rows
         out["totals"] = [
             {"source": src, "type": typ, "events": int(n), "estimated": round(float(est), 1), "rated": int(rated),

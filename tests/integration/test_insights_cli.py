@@ -33,16 +33,19 @@ REPUTATION = {"mesh": 0.3}  # mesh is down-weighted; every other source weighs 1
 def _event(
     n: int, days_ago: float, up: bool, prompt: str, tag: str, *, source: str = "dream_ui",
     sample_rate: float | None = None, confidence: float | None = None, session: str | None = None,
-    interaction: str | None = "auto", propagation: float | None = None,
+    interaction: str | None = "auto", propagation: float | None = None, user: str | None = None,
+    supersedes: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     extra: dict[str, Any] = {"direction": "up" if up else "down", "prompt": f"{SECRET} prompt", "response": "r"}
     if propagation is not None:
         extra["propagation_weight"] = propagation
+    if supersedes is not None:
+        extra["supersedes"] = supersedes
     record = normalize({
         "event_id": f"e{n}", "ts": NOW - timedelta(days=days_ago, minutes=n % 500), "source": source,
         "type": "thumbs", "severity": "info",
         "payload": {"text": None, "comment": SECRET, "corrected_response": None, "extra": extra},
-        "user_id": None, "session_id": session,
+        "user_id": user, "session_id": session,
         "interaction_id": f"i{n}" if interaction == "auto" else interaction,
         "model_version": "m1", "prompt_version": prompt, "value": None, "confidence": None, "tags": [tag],
         "idempotency_key": None, "client_ip": None, "sample_rate": sample_rate, "text_dropped": False,
@@ -75,6 +78,11 @@ def _planted() -> list[dict[str, Any]]:
     events.append(_event(len(events), 1, False, "p-b", "chat", session="s1", interaction="si-2"))
     for up in (True, False, True):
         events.append(_event(len(events), 1, up, "p-z", "chat", session="s1", interaction=None, propagation=0.5))
+    # A changed vote: the rater's thumbs down, then up on the same interaction. One opinion: up.
+    rater = "u_" + "ab" * 16
+    old = _event(len(events), 2, False, "p-r", "revised", user=rater, interaction="rv-1")
+    events += [old, _event(len(events) + 1, 1, True, "p-r", "revised", user=rater, interaction="rv-1",
+                           supersedes=old["event_id"])]  # fmt: skip
     return events
 
 
@@ -84,13 +92,14 @@ EVENTS = _planted()
 def _rows_by_rule(events: list[dict[str, Any]], since: datetime, until: datetime) -> list[tuple[dict[str, Any], float]]:
     """The documented rule, in Python: each opinion with its weight; session-level ones once per interaction
     of their session, in that interaction's prompt and tags."""
+    superseded = {e["payload"]["extra"].get("supersedes") for e in events} - {None}
     interactions = {}
     for e in events:
         if e["interaction_id"] and e["session_id"]:
             interactions.setdefault(e["session_id"], []).append(e)
     out = []
     for e in events:
-        if not since <= e["ts"] < until or e["value"] is None:
+        if not since <= e["ts"] < until or e["value"] is None or e["event_id"] in superseded:
             continue
         w = event_weight(e["confidence"], e["sample_rate"], REPUTATION.get(e["source"], 1.0))
         if e["session_id"] and not e["interaction_id"] and e["session_id"] in interactions:
@@ -163,6 +172,8 @@ def test_group_figures_follow_the_weighting_rule(loaded: Loaded, dimension: str)
         assert geo.rate == pytest.approx((20 * 4 + 10 * 0.4 + 30 * 0.3) / (30 * 4 + 30 * 0.4 + 40 * 0.3))
     if dimension == "prompt_version":  # the session's 3 opinions reach si-1 (p-a) and si-2 (p-b), not p-z
         assert "p-z" not in got
+        assert got["p-r"]["n"] == 1 and got["p-r"]["mean_value"] == 1.0  # the changed vote, as it now stands
+        assert data["table"].endswith(".feedback_current")
 
 
 def test_a_planted_difference_and_decline_are_found(loaded: Loaded) -> None:

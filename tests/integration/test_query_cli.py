@@ -357,6 +357,41 @@ def test_export_promptfoo_cases_from_rated_outputs(loaded: Loaded) -> None:
     assert json.loads(as_json.read_text()) == cases
 
 
+def test_export_type_value_range_and_lengths_select_and_the_card_says_so(loaded: Loaded) -> None:
+    negative = loaded.out / "export" / "negative.yaml"
+    _ok(loaded.settings, "export", "--format", "promptfoo", "--since", "30d", "--max-value", "-0.5",
+        "--output", str(negative))  # fmt: skip
+    kinds = {c["metadata"]["event_id"]: c["assert"][0]["type"] for c in yaml.safe_load(negative.read_text())}
+    assert kinds == {"td": "not-similar", "corr": "similar"}  # a correction's answer is the good one
+    thumbs = loaded.out / "export" / "negative-thumbs.yaml"
+    _ok(loaded.settings, "export", "--format", "promptfoo", "--since", "30d", "--max-value", "-0.5",
+        "--type", "thumbs", "--output", str(thumbs))  # fmt: skip
+    assert [c["metadata"]["event_id"] for c in yaml.safe_load(thumbs.read_text())] == ["td"]
+    card = thumbs.with_name("negative-thumbs.card.md").read_text()
+    assert "- Types: thumbs" in card and "- Quality filter: value ≤ -0.5" in card
+    assert "| -1 ≤ value < -0.5 | 1 |" in card and "| 0.5 ≤ value ≤ 1 | 0 |" in card
+    assert "| mesh | m-old | 1 |" in card  # by source and model
+
+    long = loaded.out / "export" / "long.jsonl"
+    _ok(loaded.settings, "export", "--since", "7d", "--min-prompt-chars", "15", "--output", str(long))
+    assert [e["metadata"]["event_id"] for e in _jsonl(long)] == ["t1"]  # r5's prompt has 14 characters
+    card = long.with_name("long.card.md").read_text()
+    assert "| prompt or response shorter than the minimum (left out) | 1 |" in card and "| written | 1 |" in card
+    assert "Mean value of the records written: 1.000." in card and "| dream_ui | m-new | 1 |" in card
+    bad = _cli(loaded.settings, "export", "--min-value", "0.5", "--max-value", "0.2")
+    assert bad.returncode == 2 and "above --max-value" in bad.stderr
+
+
+def test_report_has_an_insights_section(loaded: Loaded) -> None:
+    output = loaded.out / "reports" / "insights.md"
+    _ok(loaded.settings, "report", "--output", str(output))
+    text = output.read_text()
+    section = text.split("## Insights: what works and what doesn't", 1)[1]
+    # A handful of events: every group is under the 30 opinions insights need, so nothing is ranked.
+    assert "Benjamini-Hochberg at 0.05" in section and "0 comparisons" in section
+    assert "Figures come from `feedback_current FINAL`." in text
+
+
 def test_export_jsonl_time_range(loaded: Loaded) -> None:
     output = loaded.out / "export" / "events.jsonl"
     since, until = (NOW - 15 * d).isoformat(), (NOW - 6 * d).isoformat()

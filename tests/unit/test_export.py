@@ -149,3 +149,25 @@ def test_data_card_states_counts_filters_and_range(tmp_path: Path) -> None:
         "- dream_ui: 5",
     ]:
         assert expected in card, expected
+
+
+def test_value_range_lengths_and_the_score_buckets() -> None:
+    from pipeline.export import long_enough, score_bucket
+
+    pii: Counter[str] = Counter()
+    # Band 0 (a value range was given): the sign decides, and 0 is neither.
+    assert promptfoo_case(_row(value=-0.25), 0.0, pii)[0]["assert"][0]["type"] == "not-similar"  # type: ignore[index]
+    assert promptfoo_case(_row(value=0.25), 0.0, pii)[0]["assert"][0]["type"] == "similar"  # type: ignore[index]
+    assert promptfoo_case(_row(value=0.0), 0.0, pii) == (None, False)
+    start, end = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 11, 8, tzinfo=UTC)
+    with pytest.raises(ValueError, match="above max_value"):
+        ExportFilters(start, end, min_value=0.5, max_value=0.2)
+    prompt12 = ExportFilters(start, end, min_prompt_chars=12)
+    assert long_enough(_row(), prompt12)  # "What is 2+2?" has 12 characters
+    assert not long_enough(_row(), ExportFilters(start, end, min_prompt_chars=13))
+    assert not long_enough(_row(), ExportFilters(start, end, min_response_chars=3))  # "4." has 2
+    assert not long_enough(_row(payload={"prompt": "What is 2+2?"}), prompt12)  # no answer at all
+    assert long_enough(_row(payload={}), ExportFilters(start, end))  # no minimum: anything goes
+    buckets = [score_bucket(v) for v in (-1.0, -0.5, -0.01, 0.0, 0.49, 0.5, 1.0, None)]
+    assert buckets == ["-1 ≤ value < -0.5", "-0.5 ≤ value < 0", "-0.5 ≤ value < 0", "value = 0", "0 < value < 0.5",
+                       "0.5 ≤ value ≤ 1", "0.5 ≤ value ≤ 1", "no value"]  # fmt: skip

@@ -9,8 +9,8 @@ are in Kafka (:mod:`stream_processors.outputs`, :mod:`stream_processors.faust_gl
   :func:`~stream_processors.gate_step.gate_step` → :func:`~stream_processors.routing.route_gate`
   → feedback.clean.v1, feedback.enrich.v1 (events naming an interaction, one envelope per
   partition and batch), feedback.rejected.v1, feedback.dlq.v1, triage commands, and one
-  outcomes message per source and batch. Tables: the subjects' token buckets and the
-  dedup keys (expired keys are swept by a timer).
+  outcomes message per source and batch. Tables: the subjects' token buckets, and the
+  dedup keys beside each opinion's latest revision (expired entries are swept by a timer).
 * ``reputation``: outcomes → the source's EWMA (table) → feedback.reputation.v1, and bias
   increments (one message per directive and batch) on feedback.bias-input.v1.
 * ``directive-bias``: increments → the directive's decayed bias (table) →
@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
+from confluent_kafka import Consumer, TopicPartition
 from faust.types import EventT
 
 from pipeline.errors import InvalidEvent, PoisonEvent
@@ -55,10 +56,10 @@ from schemas.state_records import decode_reputation, encode_record
 from schemas.topics import Topics
 from schemas.triage_records import TriageCommand, TriageItem, decode_commands
 from stream_processors.config import bias_config, gate_config, reputation_policy, reward_config, triage_rules
-from stream_processors.dedup import dedup_key
+from stream_processors.dedup import dedup_key, opinion_key
 from stream_processors.enrich import context_of, enrich, newer
 from stream_processors.faust_glue import StateTable, bound_rocksdb, json_table
-from stream_processors.gate_step import gate_step, subject_key
+from stream_processors.gate_step import gate_step, opinion_from_json, opinion_to_json, subject_key
 from stream_processors.metrics import GateMetrics, Tally
 from stream_processors.outputs import KafkaOutputs, Outputs, partition_for
 from stream_processors.redact import pseudonymize
@@ -106,6 +107,8 @@ SWEEP_SCAN = 20_000
 REPUBLISH_S = 60.0
 MAX_LETTER_RAW = 512 * 1024  # a dead letter keeps the raw bytes up to this size
 GC_THRESHOLD = 50_000  # allocations between young collections (Python's default: 700)
+REWARD_POLL_S = 0.05  # the reward-items step takes what its consumer fetched this often ...
+REWARD_BATCH = 5000  # ... at most this many messages at a time
 
 
 def _broker_urls(bootstrap: str) -> list[str]:
@@ -143,6 +146,27 @@ class FeedbackApp:
     handlers: dict[str, Callable[[list[EventT]], None]] = field(default_factory=dict)  # an agent's batch step
     sweeps: dict[str, Callable[[float], None]] = field(default_factory=dict)  # a sweep step at a time (s)
     publish_state: Callable[..., None] | None = None
+
+
+class _PolledMessage:
+    """A confluent-kafka message as Faust's ``event.message`` (what the agents' helpers read)."""
+
+    __slots__ = ("key", "offset", "partition", "timestamp", "topic", "value")
+
+    def __init__(self, msg: Any) -> None:
+        self.topic, self.partition, self.offset = msg.topic(), msg.partition(), msg.offset()
+        self.key, self.value = msg.key(), msg.value()
+        kind, ms = msg.timestamp()
+        self.timestamp = ms / 1000 if kind else None
+
+
+class _Polled:
+    """A polled message in the shape of a Faust event (``.message``)."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, msg: Any) -> None:
+        self.message = _PolledMessage(msg)
 
 
 def _exit_now(_exc: BaseException) -> None:
@@ -328,11 +352,12 @@ def create_app(
             return
         pos = position(msg.offset, index)
         subject = subject_key(record, subject_secret)
-        key = dedup_key(record, config.hash_key)
+        key, okey = dedup_key(record, config.hash_key), opinion_key(record, config.hash_key) or ""
         result = gate_step(
             record, offset=pos, now=now, config=config,
             subject_state=subject_from_json(subjects.get(subject, partition)),
             seen=seen_from_json(seen.get(key, partition)), dedup_key=key,
+            opinion=opinion_from_json(seen.get(okey, partition)) if okey else None, opinion_key=okey,
         )  # fmt: skip
         route = route_gate(
             record, result, topic=msg.topic, partition=partition, offset=msg.offset, position=pos,
@@ -377,6 +402,8 @@ def create_app(
             subjects.set(subject, {**subject_to_json(result.subject_state), "partition": partition}, partition)
         if result.seen is not None and result.outcome in ("clean", "sampled_out"):
             seen.set(key, seen_to_json(result.seen, partition), partition)
+        if result.opinion is not None:  # the opinion's latest revision (the same table, its own key)
+            seen.set(okey, opinion_to_json(result.opinion, partition), partition)
 
     def gate_flush(batch: GateBatch) -> None:
         if batch.enrich:
@@ -673,11 +700,14 @@ def create_app(
     # --- rewards for model routers (stream_processors.rewards) -------------------------
     # ``reward-items``: a batch of clean events → each event's reward items (origin partition,
     # position, reward, weight, time), one message per arm on feedback.rewards-input.v1 (keyed by
-    # arm, so an arm lives in one partition whichever worker read its events). ``rewards``: each
-    # arm's items folded into its table value, one table write per arm and batch, published to
-    # feedback.rewards.v1 at most once per key and publish interval, like directive bias.
+    # arm, so an arm lives in one partition whichever worker read its events). The clean topic
+    # holds one event per message, which Faust hands over at a few thousand a second, so this
+    # step reads it with a confluent-kafka consumer of its own (group ``<app id>-reward-items``),
+    # a batch per timer tick, committed after its output is flushed. ``rewards`` (a Faust agent):
+    # each arm's items folded into its table value, one table write per arm and batch, published
+    # to feedback.rewards.v1 at most once per key and publish interval, like directive bias.
     reward_cfg = reward_config(settings)
-    clean_topic, rewards_input_topic = topic(topics.clean), topic(topics.rewards_input)
+    rewards_input_topic = topic(topics.rewards_input)
     rewards = table("rewards")
     fa.tables["rewards"] = rewards
     rewards_out = Throttle(settings.bias_publish_interval_s)
@@ -734,9 +764,38 @@ def create_app(
             out.produce(topics.rewards_input, key, value)
         flush()
 
-    @app.agent(clean_topic, name="reward-items")
-    async def reward_items_agent(stream: faust.StreamT) -> None:
-        await run(stream, reward_items_batch)
+    reward_reader: list[Consumer] = []
+
+    @app.timer(interval=REWARD_POLL_S)
+    async def reward_items_tick() -> None:
+        if not reward_reader:
+            reader = Consumer({
+                "bootstrap.servers": settings.kafka_bootstrap, "group.id": f"{app.conf.id}-reward-items",
+                "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                "queued.max.messages.kbytes": 8192,  # bounds the prefetched messages' memory
+            })  # fmt: skip
+            reader.subscribe([topics.clean])
+            reward_reader.append(reader)
+        polled = reward_reader[0].consume(REWARD_BATCH, timeout=0)  # what is fetched already: never waits
+        batch = [_Polled(m) for m in polled if m.error() is None]
+        if not batch:
+            return
+        try:
+            reward_items_batch(batch)  # type: ignore[arg-type]  # the shape the agents' helpers read
+        except Exception as exc:  # Kafka failed the flush: stop uncommitted, as an agent's batch does
+            log.critical("batch_failed topic=%s error=%s: the worker stops", topics.clean, type(exc).__name__)
+            on_fatal(exc)
+            raise
+        ends: dict[int, int] = {}
+        for polled_event in batch:
+            ends[polled_event.message.partition] = polled_event.message.offset + 1
+        reward_reader[0].commit(offsets=[TopicPartition(topics.clean, p, o) for p, o in ends.items()],
+                                asynchronous=True)  # fmt: skip
+
+    @app.on_before_shutdown.connect
+    async def close_reward_reader(_app: Any, **_kwargs: Any) -> None:
+        if reward_reader:
+            reward_reader.pop().close()  # leaves the group now: its partitions move without a timeout
 
     def rewards_collect(event: EventT, pending: dict[str, tuple[int, list[RewardItem]]]) -> None:
         msg = event.message
@@ -803,7 +862,6 @@ def create_app(
             "interactions": interactions_agent,
             "enrich": enrich_agent,
             "triage": triage_agent,
-            "reward-items": reward_items_agent,
             "rewards": rewards_agent,
         }
     )

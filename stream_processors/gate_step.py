@@ -1,11 +1,12 @@
 """The whole gate for one decoded event, as one pure step.
 
-validate → normalize → dedup → rate limit → redact PII → text guard → sample.
+validate → normalize → dedup → rate limit → redact PII → text guard → sample → revision.
 
 State comes in and goes out as values (the agent keeps them in Faust tables):
-the subject's token bucket and the dedup entry for the event's key. Each value
-remembers the source offset that last changed it, so an event replayed after a
-crash (same offset) makes the same decision and changes nothing twice.
+the subject's token bucket, the dedup entry for the event's resend key and, for an
+explicit signal on an interaction, the entry of its opinion (the latest revision).
+Each value remembers the source positions that changed it, so an event replayed
+after a crash makes the same decision and changes nothing twice.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import dataclasses
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, Literal
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, NamedTuple
 
 from pipeline.errors import InvalidEvent
+from stream_processors.dedup import client_pseudonym, keyed_hash
 from stream_processors.dedup import dedup_key as _dedup_key
-from stream_processors.dedup import keyed_hash
+from stream_processors.dedup import opinion_key as _opinion_key
 from stream_processors.normalize import normalize
 from stream_processors.ratelimit import BucketState, RateLimit, take_token
 from stream_processors.redact import guard_text, pseudonymize, redact_event
@@ -29,9 +31,13 @@ from stream_processors.validate import Limits, validate
 __all__ = [
     "GateConfig",
     "GateResult",
+    "OpinionEntry",
     "SeenEntry",
     "SubjectState",
     "gate_step",
+    "opinion_from_json",
+    "opinion_step",
+    "opinion_to_json",
     "rejection_record",
     "subject_key",
     "subject_of",
@@ -39,6 +45,11 @@ __all__ = [
 
 Outcome = Literal["clean", "rejected", "duplicate", "sampled_out"]
 _RECENT_REJECTIONS = 256
+_RECENT_REVISIONS = 8  # decisions an opinion entry remembers, so a replayed batch repeats them
+#: Payload keys only the stream sets (a producer's own value is removed): see :func:`opinion_step`.
+STREAM_KEYS = frozenset({"supersedes", "superseded_by", "rater"})
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,17 @@ class SeenEntry:
     offset: int
 
 
+class OpinionEntry(NamedTuple):
+    """An opinion's latest revision (its ts in µs since the epoch, then its event id, orders them),
+    when the entry ends, and the last decisions taken: (position, supersedes, superseded_by).
+    A NamedTuple: built once per explicit signal on the hot path, at a third of a dataclass's cost."""
+
+    expires_s: float
+    ts_us: int
+    event_id: str
+    decisions: tuple[tuple[int, str, str], ...] = ()
+
+
 @dataclass(frozen=True)
 class GateResult:
     outcome: Outcome
@@ -81,6 +103,8 @@ class GateResult:
     subject_state: SubjectState | None = None  # new value to store; None: unchanged
     dedup_key: str = ""
     seen: SeenEntry | None = None  # new value to store; None: unchanged
+    opinion_key: str = ""  # set for an explicit signal on an interaction
+    opinion: OpinionEntry | None = None  # new value to store under opinion_key; None: unchanged
     redactions: Counter[str] = dataclasses.field(default_factory=Counter)
     text_dropped: bool = False
 
@@ -108,9 +132,12 @@ def gate_step(
     subject_state: SubjectState | None,
     seen: SeenEntry | None,
     dedup_key: str | None = None,
+    opinion: OpinionEntry | None = None,
+    opinion_key: str | None = None,
 ) -> GateResult:
     """Decide one event. ``now`` is the message's timestamp, so a replay decides the same.
-    ``dedup_key``: the event's key as the caller looked ``seen`` up (computed here if None)."""
+    ``dedup_key``: the event's resend key as the caller looked ``seen`` up (computed here if None);
+    ``opinion_key`` likewise for ``opinion`` ("" for an event that revises no opinion)."""
     now_s = now.timestamp()
     subject = subject_of(record)
     try:
@@ -155,9 +182,75 @@ def gate_step(
         "redactions": counts, "text_dropped": text_dropped,
     }  # fmt: skip
     if not keep(event["event_id"], rate):
-        return GateResult("sampled_out", **common)
+        return GateResult("sampled_out", **common)  # not landed: it revises no opinion
     event["sample_rate"] = rate
-    return GateResult("clean", event=event, **common)
+    extra = event["payload"].get("extra") or {}
+    okey = _opinion_key(record, config.hash_key) if opinion_key is None else opinion_key
+    if not okey and STREAM_KEYS.isdisjoint(extra):
+        return GateResult("clean", event=event, **common)
+    extra = dict(extra) if STREAM_KEYS.isdisjoint(extra) else {k: v for k, v in extra.items() if k not in STREAM_KEYS}
+    new_opinion = None
+    if okey:
+        ts = event["ts"]  # decoded: a datetime; a record built in Python: µs since the epoch
+        ts_us = ts if isinstance(ts, int) else (ts - _EPOCH) // _MICROSECOND
+        new_opinion, supersedes, superseded_by = opinion_step(
+            opinion, offset, now_s, ts_us, event["event_id"], config.dedup_window_s
+        )
+        if supersedes:
+            extra["supersedes"] = supersedes
+        if superseded_by:
+            extra["superseded_by"] = superseded_by
+        if event.get("user_id") and config.pseudonym_key is None:
+            extra["rater"] = pseudonymize(record["user_id"], config.hash_key)  # never the id in clear
+        elif not event.get("user_id") and not event.get("session_id"):
+            extra["rater"] = client_pseudonym(record, config.hash_key)
+    event["payload"] = {**event["payload"], "extra": extra}
+    return GateResult("clean", event=event, opinion_key=okey or "", opinion=new_opinion, **common)
+
+
+def opinion_step(
+    entry: OpinionEntry | None, position: int, now_s: float, ts_us: int, event_id: str, window_s: float
+) -> tuple[OpinionEntry | None, str, str]:
+    """One landed explicit signal against its opinion's entry: returns (new entry or None when
+    unchanged, the event id it supersedes or "", the event id it is superseded by or "").
+
+    Revisions are ordered by event time (ts, then event id): the newest is current. A signal newer
+    than the entry's latest supersedes it and becomes the latest; one older (it arrived late) is
+    kept in the history but superseded by the latest, and supersedes nothing. An entry ends
+    ``window_s`` after its latest revision arrived; after that a signal starts the opinion afresh.
+    A position the entry has decided before (a replay) gets the same answer and changes nothing.
+    """
+    if entry is not None:
+        for decided, supersedes, superseded_by in entry.decisions:
+            if decided == position:
+                return None, supersedes, superseded_by
+    live = entry if entry is not None and now_s < entry.expires_s else None
+    if live is None or (ts_us, event_id) > (live.ts_us, live.event_id):
+        supersedes = "" if live is None or live.event_id == event_id else live.event_id
+        superseded_by = ""
+        expires_s, latest_ts, latest_id = now_s + window_s, ts_us, event_id
+    else:
+        supersedes, superseded_by = "", ("" if live.event_id == event_id else live.event_id)
+        expires_s, latest_ts, latest_id = live.expires_s, live.ts_us, live.event_id
+    decisions = (() if entry is None else entry.decisions[-_RECENT_REVISIONS + 1 :]) + (
+        (position, supersedes, superseded_by),
+    )
+    return OpinionEntry(expires_s, latest_ts, latest_id, decisions), supersedes, superseded_by
+
+
+def opinion_to_json(entry: OpinionEntry, partition: int) -> dict[str, Any]:
+    """The dedup table's value for an opinion key (``expires_s`` and ``partition`` as for a resend
+    key, so the expiry sweep treats both alike)."""
+    return {
+        "expires_s": entry.expires_s, "ts_us": entry.ts_us, "id": entry.event_id,
+        "decisions": [list(d) for d in entry.decisions], "partition": partition,
+    }  # fmt: skip
+
+
+def opinion_from_json(value: Mapping[str, Any] | None) -> OpinionEntry | None:
+    if value is None or "ts_us" not in value:  # an entry of the rule before revisions: none
+        return None
+    return OpinionEntry(value["expires_s"], value["ts_us"], value["id"], tuple(tuple(d) for d in value["decisions"]))
 
 
 def rejection_record(

@@ -20,7 +20,7 @@ from schemas.serde import AvroSerde
 from schemas.state_records import decode_bias, decode_reputation
 from schemas.topics import Topics
 from stream_processors.app import FeedbackApp, create_app
-from stream_processors.dedup import dedup_key
+from stream_processors.dedup import dedup_key, opinion_key
 from stream_processors.outputs import CapturedOutputs
 from stream_processors.redact import pseudonymize
 
@@ -153,8 +153,9 @@ def _crafted() -> list[tuple[bytes, bytes, float]]:
     msgs.append(_event(0, user_id="alice", interaction_id="i-1", payload={
         "direction": "down", "comment": "call me at +1 415 555 0100 or alice@example.com",
         "text": "model answer text"}))  # fmt: skip
-    # The same explicit signal again (another event id): a duplicate by (interaction_id, type).
-    msgs.append(_event(1, user_id="alice", interaction_id="i-1", payload={"direction": "down"}))
+    # The same signal resent (another event id, the same content and ts): a duplicate by content.
+    resent = FeedbackEvent.model_validate({**EVENTS.decode(msgs[0][1]), "event_id": "resent-1"})
+    msgs.append((msgs[0][0], EVENTS.encode(resent.to_avro()), msgs[0][2] + 1))
     # A burst of 8 from one user; the limit is 5 per minute (burst 5): 5 pass... minus what alice already used.
     msgs += [
         _event(2 + i * 0.01, user_id="bob", payload={"direction": "up"}, idempotency_key=f"b{i}") for i in range(8)
@@ -222,7 +223,34 @@ def test_gate_applies_every_rule_and_counts_it(tmp_path: Path) -> None:
     bob = h.table("subjects")[pseudonymize("bob", KEY.encode())]  # keyed by pseudonym, never the id in clear
     # Positions: the raw offset << 16 (single-event messages are item 0).
     assert bob["bucket"][0] < 1 and bob["offset"] == position(9) and bob["limited"] == [position(o) for o in (7, 8, 9)]
-    assert dedup_key({"interaction_id": "i-1", "type": "thumbs", "user_id": "alice"}, KEY.encode()) in h.table("seen")
+    alice = EVENTS.decode(msgs[0][1])
+    assert {dedup_key(alice, KEY.encode()), opinion_key(alice, KEY.encode())} <= set(h.table("seen"))
+
+
+def _votes() -> list[tuple[bytes, bytes, float]]:
+    """ann thumbs-up, ben thumbs-up, ann changes to thumbs-down, and an exact resend of that."""
+    ann_up = _event(0, user_id="ann", interaction_id="i-2", payload={"direction": "up"})
+    ben_up = _event(1, user_id="ben", interaction_id="i-2", payload={"direction": "up"})
+    ann_down = _event(2, user_id="ann", interaction_id="i-2", payload={"direction": "down"})
+    resent = FeedbackEvent.model_validate({**EVENTS.decode(ann_down[1]), "event_id": "resent-2"})
+    return [ann_up, ben_up, ann_down, (ann_down[0], EVENTS.encode(resent.to_avro()), ann_down[2] + 1)]
+
+
+def test_a_changed_vote_lands_as_a_revision_and_its_replay_repeats_it(tmp_path: Path) -> None:
+    msgs = _votes()
+    ids = [EVENTS.decode(v)["event_id"] for _, v, _ in msgs]
+    once = Harness(tmp_path / "once", rate_limit_per_minute=1000)
+    asyncio.run(once.feed("gate", msgs, lambda: len(once.sent[TOPICS.outcomes]) >= len(msgs)))
+    landed = {e["event_id"]: e["payload"]["extra"] for e in once.clean()}
+    assert sorted(landed) == sorted(ids[:3])  # a second rater kept, a changed vote kept, the resend dropped
+    assert landed[ids[2]]["supersedes"] == ids[0]
+    assert "supersedes" not in landed[ids[0]] and "supersedes" not in landed[ids[1]]
+    assert [r["reason"] for r in once.rejected()] == ["duplicate"] and once.rejected()[0]["event_id"] == ids[3]
+
+    twice = Harness(tmp_path / "twice", rate_limit_per_minute=1000)  # a worker that crashed after the batch
+    asyncio.run(twice.feed("gate", msgs, lambda: len(twice.sent[TOPICS.outcomes]) >= len(msgs), replay_from=0))
+    assert twice.table("seen") == once.table("seen")
+    assert [e["payload"]["extra"] for e in twice.clean()] == [landed[i] for i in ids[:3]] * 2
 
 
 def test_sampling_drops_by_type_and_counts(tmp_path: Path) -> None:

@@ -84,7 +84,8 @@ def test_feedback_current_names_the_gates_explicit_signals_and_fills_from_every_
     from sinks.migrations import _EXPLICIT_SQL
     from stream_processors.dedup import EXPLICIT_SIGNALS
 
-    assert _EXPLICIT_SQL == "(" + ", ".join(f"'{t}'" for t in sorted(EXPLICIT_SIGNALS)) + ")"
+    listed = ", ".join(f"'{t}'" for t in sorted(EXPLICIT_SIGNALS))
+    assert _EXPLICIT_SQL == f"({listed})"
     (m20,) = [m for m in MIGRATIONS if m.version == 20]
     create, view, backfill = (_render(s, "db") for s in m20.statements[1:])
     assert "ENGINE = ReplacingMergeTree(ts)" in create and "ORDER BY opinion_key" in create

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream_processors.dedup import dedup_key, seen_step
+from stream_processors.dedup import client_pseudonym, dedup_key, opinion_key, seen_step
 from stream_processors.ratelimit import RateLimit, take_token
 from stream_processors.redact import pseudonymize, redact_payload, redact_text
 from stream_processors.sample import keep, sample_rate_for
@@ -89,19 +89,35 @@ def test_dedup_key_precedence_and_keying() -> None:
     def keyed(text: str) -> str:
         return text[:2] + hashlib.blake2b(text.encode(), key=key, digest_size=16, person=b"dedup").hexdigest()
 
+    # A resend repeats the idempotency key, else the content: an explicit signal is no exception.
     assert dedup_key({**base, "idempotency_key": "k", "interaction_id": "i"}, key) == keyed("k:s:k")
-    assert dedup_key({**base, "interaction_id": "i"}, key) == keyed("i:i:c=s:thumbs")  # rater: the client
-    # The rater is the user, else the session, else the client: two raters, two keys.
-    assert dedup_key({**base, "interaction_id": "i", "user_id": "u1"}, key) == keyed("i:i:u=u1:thumbs")
-    assert dedup_key({**base, "interaction_id": "i", "user_id": "u2"}, key) != keyed("i:i:u=u1:thumbs")
-    assert dedup_key({**base, "interaction_id": "i", "session_id": "s9"}, key) == keyed("i:i:s=s9:thumbs")
-    ip = {**base, "interaction_id": "i", "client_ip": "10.0.0.1"}
-    assert dedup_key(ip, key) == keyed("i:i:c=10.0.0.1:thumbs")
+    assert dedup_key({**base, "interaction_id": "i", "user_id": "u1"}, key) == keyed("h:h1")
     assert dedup_key({**base, "type": "latency", "interaction_id": "i"}, key) == keyed("h:h1")
     assert dedup_key(base, key) == keyed("h:h1")
     # Another key, another dedup key: nothing in the table can be recomputed without the key.
     assert dedup_key(base, b"x" * 32) != dedup_key(base, key)
     assert "h1" not in dedup_key(base, key)
+
+
+def test_opinion_key_names_interaction_rater_and_type() -> None:
+    base = {"source": "s", "type": "thumbs", "hash": "h1", "interaction_id": "i", "idempotency_key": "k"}
+    key = b"k" * 32
+
+    def keyed(text: str) -> str:
+        return text[:2] + hashlib.blake2b(text.encode(), key=key, digest_size=16, person=b"dedup").hexdigest()
+
+    assert opinion_key(base, key) == keyed("o:i:c=s:thumbs")  # rater: the client (the source)
+    # The rater is the user, else the session, else the client: two raters, two opinions.
+    assert opinion_key({**base, "user_id": "u1"}, key) == keyed("o:i:u=u1:thumbs")
+    assert opinion_key({**base, "user_id": "u2"}, key) != keyed("o:i:u=u1:thumbs")
+    assert opinion_key({**base, "session_id": "s9"}, key) == keyed("o:i:s=s9:thumbs")
+    assert opinion_key({**base, "client_ip": "10.0.0.1"}, key) == keyed("o:i:c=10.0.0.1:thumbs")
+    assert opinion_key({**base, "type": "rating"}, key) != opinion_key(base, key)
+    # Not an explicit signal, or no interaction: no opinion to revise.
+    assert opinion_key({**base, "type": "latency"}, key) is None
+    assert opinion_key({**base, "interaction_id": None}, key) is None
+    assert client_pseudonym({**base, "client_ip": "10.0.0.1"}, key) != client_pseudonym(base, key)
+    assert "10.0.0.1" not in client_pseudonym({**base, "client_ip": "10.0.0.1"}, key)
 
 
 def test_seen_window() -> None:

@@ -99,7 +99,7 @@ def group_json(g: Group) -> dict[str, Any]:
 
 
 def _fmt_ci(ci: tuple[float, float] | list[float] | None, scale: float = 1.0, digits: int = 3) -> str:
-    return "-" if ci is None else f"{ci[0] * scale:.{digits}f}–{ci[1] * scale:.{digits}f}"  # noqa: RUF001
+    return "-" if ci is None else f"{ci[0] * scale:.{digits}f} to {ci[1] * scale:.{digits}f}"
 
 
 def _print(insights: Insights, window: Window, table: str, dims: tuple[str, ...]) -> None:

@@ -70,10 +70,10 @@ def _text(f: Finding) -> tuple[str, str]:
     noun, group, ref, context = _names(f)
     subject = "all feedback" if f.dimension == "all" else f"{noun} {group}"
     if f.is_change:
-        where = subject + (context if context else "")
+        where = subject + context
+        look = "find what changed" + ("" if f.dimension == "all" else f" for {where}")
         if f.effect < 0:
-            return "decline", (f"{where} {what} {_amount(f)} lower than in the previous period ({_evidence(f)}): "
-                               f"find what changed for {group}")  # fmt: skip
+            return "decline", f"{where} {what} {_amount(f)} lower than in the previous period ({_evidence(f)}): {look}"
         return "improvement", (f"{where} {what} {_amount(f)} higher than in the previous period ({_evidence(f)}): "
                                "keep what changed")  # fmt: skip
     target = context.removeprefix(" on ") or "its traffic"

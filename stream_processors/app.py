@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
+from confluent_kafka import Consumer, TopicPartition
 from faust.types import EventT
 
 from pipeline.errors import InvalidEvent, PoisonEvent
@@ -106,6 +107,8 @@ SWEEP_SCAN = 20_000
 REPUBLISH_S = 60.0
 MAX_LETTER_RAW = 512 * 1024  # a dead letter keeps the raw bytes up to this size
 GC_THRESHOLD = 50_000  # allocations between young collections (Python's default: 700)
+REWARD_POLL_S = 0.05  # the reward-items step takes what its consumer fetched this often ...
+REWARD_BATCH = 5000  # ... at most this many messages at a time
 
 
 def _broker_urls(bootstrap: str) -> list[str]:
@@ -143,6 +146,27 @@ class FeedbackApp:
     handlers: dict[str, Callable[[list[EventT]], None]] = field(default_factory=dict)  # an agent's batch step
     sweeps: dict[str, Callable[[float], None]] = field(default_factory=dict)  # a sweep step at a time (s)
     publish_state: Callable[..., None] | None = None
+
+
+class _PolledMessage:
+    """A confluent-kafka message as Faust's ``event.message`` (what the agents' helpers read)."""
+
+    __slots__ = ("key", "offset", "partition", "timestamp", "topic", "value")
+
+    def __init__(self, msg: Any) -> None:
+        self.topic, self.partition, self.offset = msg.topic(), msg.partition(), msg.offset()
+        self.key, self.value = msg.key(), msg.value()
+        kind, ms = msg.timestamp()
+        self.timestamp = ms / 1000 if kind else None
+
+
+class _Polled:
+    """A polled message in the shape of a Faust event (``.message``)."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, msg: Any) -> None:
+        self.message = _PolledMessage(msg)
 
 
 def _exit_now(_exc: BaseException) -> None:
@@ -676,11 +700,14 @@ def create_app(
     # --- rewards for model routers (stream_processors.rewards) -------------------------
     # ``reward-items``: a batch of clean events → each event's reward items (origin partition,
     # position, reward, weight, time), one message per arm on feedback.rewards-input.v1 (keyed by
-    # arm, so an arm lives in one partition whichever worker read its events). ``rewards``: each
-    # arm's items folded into its table value, one table write per arm and batch, published to
-    # feedback.rewards.v1 at most once per key and publish interval, like directive bias.
+    # arm, so an arm lives in one partition whichever worker read its events). The clean topic
+    # holds one event per message, which Faust hands over at a few thousand a second, so this
+    # step reads it with a confluent-kafka consumer of its own (group ``<app id>-reward-items``),
+    # a batch per timer tick, committed after its output is flushed. ``rewards`` (a Faust agent):
+    # each arm's items folded into its table value, one table write per arm and batch, published
+    # to feedback.rewards.v1 at most once per key and publish interval, like directive bias.
     reward_cfg = reward_config(settings)
-    clean_topic, rewards_input_topic = topic(topics.clean), topic(topics.rewards_input)
+    rewards_input_topic = topic(topics.rewards_input)
     rewards = table("rewards")
     fa.tables["rewards"] = rewards
     rewards_out = Throttle(settings.bias_publish_interval_s)
@@ -737,9 +764,38 @@ def create_app(
             out.produce(topics.rewards_input, key, value)
         flush()
 
-    @app.agent(clean_topic, name="reward-items")
-    async def reward_items_agent(stream: faust.StreamT) -> None:
-        await run(stream, reward_items_batch)
+    reward_reader: list[Consumer] = []
+
+    @app.timer(interval=REWARD_POLL_S)
+    async def reward_items_tick() -> None:
+        if not reward_reader:
+            reader = Consumer({
+                "bootstrap.servers": settings.kafka_bootstrap, "group.id": f"{app.conf.id}-reward-items",
+                "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                "queued.max.messages.kbytes": 8192,  # bounds the prefetched messages' memory
+            })  # fmt: skip
+            reader.subscribe([topics.clean])
+            reward_reader.append(reader)
+        polled = reward_reader[0].consume(REWARD_BATCH, timeout=0)  # what is fetched already: never waits
+        batch = [_Polled(m) for m in polled if m.error() is None]
+        if not batch:
+            return
+        try:
+            reward_items_batch(batch)  # type: ignore[arg-type]  # the shape the agents' helpers read
+        except Exception as exc:  # Kafka failed the flush: stop uncommitted, as an agent's batch does
+            log.critical("batch_failed topic=%s error=%s: the worker stops", topics.clean, type(exc).__name__)
+            on_fatal(exc)
+            raise
+        ends: dict[int, int] = {}
+        for polled_event in batch:
+            ends[polled_event.message.partition] = polled_event.message.offset + 1
+        reward_reader[0].commit(offsets=[TopicPartition(topics.clean, p, o) for p, o in ends.items()],
+                                asynchronous=True)  # fmt: skip
+
+    @app.on_before_shutdown.connect
+    async def close_reward_reader(_app: Any, **_kwargs: Any) -> None:
+        if reward_reader:
+            reward_reader.pop().close()  # leaves the group now: its partitions move without a timeout
 
     def rewards_collect(event: EventT, pending: dict[str, tuple[int, list[RewardItem]]]) -> None:
         msg = event.message
@@ -806,7 +862,6 @@ def create_app(
             "interactions": interactions_agent,
             "enrich": enrich_agent,
             "triage": triage_agent,
-            "reward-items": reward_items_agent,
             "rewards": rewards_agent,
         }
     )

@@ -1,5 +1,5 @@
-"""The rewards agents with Faust's test context: gate → clean → reward items → rewards table →
-feedback.rewards.v1, with reputation weights, session feedback, context arms, and replays."""
+"""The rewards agent with Faust's test context (its reward-items step driven directly): gate → clean →
+reward items → rewards table → feedback.rewards.v1, with reputation weights, session feedback, context arms, replays."""
 
 from __future__ import annotations
 
@@ -84,9 +84,11 @@ def test_rewards_follow_the_clean_events_by_the_rule_and_ignore_replays(tmp_path
 
     async def run() -> None:
         await h.feed("gate", msgs, lambda: len(h.sent[TOPICS.clean]) >= len(msgs))
-        clean = [(k, v, 0.0) for k, v in h.messages[TOPICS.clean]]
-        # The clean batch, then all of it again (a restarted worker reads it once more).
-        await h.feed("reward-items", clean, lambda: len(h.messages[TOPICS.rewards_input]) >= 3, replay_from=0)
+        # reward-items reads the clean topic with its own consumer: its step is driven directly,
+        # with the clean batch and then all of it again (a restarted worker reads it once more).
+        clean = _as_events(TOPICS.clean, [(k, v, 0) for k, v in h.messages[TOPICS.clean]])
+        h.fa.handlers["reward-items"](clean)
+        h.fa.handlers["reward-items"](clean)
         inputs = [(k, v, 0.0) for k, v in h.messages[TOPICS.rewards_input]]
         await h.feed("rewards", inputs, lambda: sum(v["n"] for v in h.table("rewards").values()) >= 8)
         assert h.fa.publish_state is not None

@@ -19,7 +19,8 @@ each writer through the pipeline's own channels, in an order that leaves nothing
    drops the item and tombstones it on ``feedback.triage.v1``; the triage sink deletes
    its ClickHouse rows and rewrites ``triage-queue.jsonl``).
 4. **Delete** the user's rows from ClickHouse (``feedback_events``, ``interaction_stats``,
-   ``triage``) with synchronous mutations: the data parts are rewritten, not masked.
+   ``interactions``, ``triage``) with synchronous mutations: the data parts are rewritten,
+   not masked.
 5. **Files.** The daily JSONL files are rewritten without the user's lines by their one
    writer: the JSONL sink when it runs (a request in ``$FEEDBACK_PATH/.erasure/``),
    ``forget`` itself under the writer lock when it does not.
@@ -267,14 +268,18 @@ def forget(
             event_ids = sorted({r[0] for r in rows})
             interaction_ids = sorted({r[1] for r in rows if r[1]})
             rules = triage_rules(settings)
-            triaged = {r[0] for r in rows if needs_triage({"type": r[2], "severity": r[3]}, rules) is not None} | set(
-                client.query(
-                    f"SELECT DISTINCT triage_id FROM {db}.triage WHERE triage_id IN {{ids:Array(String)}}",
-                    parameters={"ids": event_ids},
-                ).result_columns[0]
-                if event_ids
-                else []
-            )
+            # Rows, not columns: an empty answer has no column at all.
+            triaged = {r[0] for r in rows if needs_triage({"type": r[2], "severity": r[3]}, rules) is not None} | {
+                r[0]
+                for r in (
+                    client.query(
+                        f"SELECT DISTINCT triage_id FROM {db}.triage WHERE triage_id IN {{ids:Array(String)}}",
+                        parameters={"ids": event_ids},
+                    ).result_rows
+                    if event_ids
+                    else []
+                )
+            }
 
             # 3. tombstones and erase commands, applied by the worker
             step("tombstones for interactions and triage items")
@@ -315,6 +320,8 @@ def forget(
             targets = (
                 ("feedback_events", "user_id", sorted(ids)),
                 ("interaction_stats", "interaction_id", interaction_ids),
+                # The interactions sink deletes on the tombstones too (it may be behind, or stopped).
+                ("interactions", "interaction_id", interaction_ids),
                 ("triage", "triage_id", event_ids),
             )
             for table, column, values in targets:

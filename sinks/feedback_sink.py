@@ -512,7 +512,7 @@ class RejectedSink(_DeadLetters, BatchingSink):
 
 def all_sinks(settings: Settings) -> list[BatchingSink]:
     """Every sink ``feedback sink`` runs, one thread each."""
-    from sinks.state_sinks import BiasHistorySink, ReputationHistorySink, TriageSink
+    from sinks.state_sinks import BiasHistorySink, InteractionSink, ReputationHistorySink, TriageSink
 
     return [
         EventSink(settings),
@@ -522,4 +522,5 @@ def all_sinks(settings: Settings) -> list[BatchingSink]:
         ReputationHistorySink(settings),
         BiasHistorySink(settings),
         TriageSink(settings),
+        InteractionSink(settings),
     ]

@@ -394,7 +394,7 @@ def distributed_tables(database: str, cluster: str) -> list[str]:
 
 #: Tables with a time-to-live, and the column it counts from.
 RETENTION = {
-    "feedback_events": "ts", "rejected_events": "rejected_at", "dlq_events": "ts",
+    "feedback_events": "ts", "rejected_events": "rejected_at", "dlq_events": "ts", "interactions": "ts",
     "feedback_current": "ts",
 }  # fmt: skip
 _TTL = re.compile(r"\bTTL (.+?)(?: SETTINGS |$)")
@@ -612,6 +612,39 @@ MIGRATIONS += (
             # Existing deployments: every event so far (a re-run adds rows that FINAL and merges collapse).
             # On a cluster this runs on the node the sink connects to: its shard's events (docs/stream.md).
             f"INSERT INTO {{db}}.feedback_current ({_CURRENT_COLUMNS}, rater, opinion_key) {_CURRENT_SELECT}",
+        ),
+    ),
+)
+
+# Interactions as track() published them, so the gateway can answer for one (its context
+# beside its feedback stats). ORDER BY interaction_id: a lookup reads one granule. The
+# stream's rule for a re-tracked id is the latest ts (ties: the later offset); the version
+# column makes merges keep that row, and readers order by (ts, kafka_offset) to see it before.
+MIGRATIONS += (
+    Migration(
+        30,
+        "interactions",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS {db}.interactions
+            (
+                interaction_id   String,
+                ts               DateTime64(6, 'UTC') COMMENT 'when the interaction happened',
+                source           LowCardinality(String),
+                model_version    LowCardinality(Nullable(String)),
+                prompt_version   LowCardinality(Nullable(String)),
+                prompt           Nullable(String) COMMENT 'redacted snapshot; only with ALLOW_TEXT',
+                response         Nullable(String) COMMENT 'redacted snapshot; only with ALLOW_TEXT',
+                latency_ms       Nullable(Float64),
+                cost             Nullable(Float64),
+                kafka_partition  UInt32,
+                kafka_offset     UInt64,
+                ingested_at      DateTime64(3, 'UTC') DEFAULT now64(3)
+            )
+            ENGINE = ReplacingMergeTree(ts)
+            ORDER BY interaction_id
+            SETTINGS non_replicated_deduplication_window = 10000
+            """,
         ),
     ),
 )

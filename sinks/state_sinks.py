@@ -1,5 +1,6 @@
-"""The state topics in ClickHouse: every published reputation and directive-bias update, and
-the triage queue (its items' latest state, plus the open queue as a JSONL file).
+"""The state topics in ClickHouse: every published reputation and directive-bias update, the
+triage queue (its items' latest state, plus the open queue as a JSONL file), and the
+interactions ``track()`` published (so the gateway can answer for one).
 
 Both sinks share the batching base; rows are keyed by the update's Kafka
 coordinates, so a replayed batch collapses (ReplacingMergeTree plus the batch's
@@ -20,24 +21,31 @@ from typing import Any
 import orjson
 from confluent_kafka import Message
 
+from pipeline.errors import InvalidEvent, PoisonEvent
 from pipeline.private_files import make_private_dirs, open_private
 from pipeline.settings import Settings
+from schemas.serde import AvroSerde
 from schemas.state_records import decode_bias, decode_reputation
 from schemas.topics import Topics
 from schemas.triage_records import TriageItem, decode_item
 from sinks.batching import BatchingSink, by_partition
 from sinks.clickhouse import ClickHouseWriter, batch_token, connect
 from sinks.migrations import migrate
+from stream_processors.enrich import context_of
 
 __all__ = [
     "BIAS_COLUMNS",
+    "INTERACTION_COLUMNS",
     "REPUTATION_COLUMNS",
     "TRIAGE_COLUMNS",
     "TRIAGE_QUEUE_FILE",
     "BiasHistorySink",
+    "InteractionSink",
     "ReputationHistorySink",
     "TriageSink",
     "bias_row",
+    "erasure_bounds",
+    "interaction_row",
     "reputation_row",
 ]
 
@@ -212,3 +220,74 @@ class TriageSink(_HistorySink):
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.queue_path)
+
+
+INTERACTION_COLUMNS = (
+    "interaction_id", "ts", "source", "model_version", "prompt_version", "prompt", "response", "latency_ms", "cost",
+    "kafka_partition", "kafka_offset",
+)  # fmt: skip
+
+
+def interaction_row(record: dict[str, Any], partition: int, offset: int, *, allow_text: bool) -> list[Any]:
+    """One ``interactions`` row for a decoded ``interaction_v1`` record: the context the worker
+    keeps for it (:func:`~stream_processors.enrich.context_of`: validated, the snapshots redacted
+    again, or dropped unless ``allow_text``). Raises :class:`InvalidEvent` naming the field."""
+    c = context_of(record, allow_text=allow_text)
+    return [
+        str(record["interaction_id"]), record["ts"], c["source"], c["model_version"], c["prompt_version"],
+        c["prompt"], c["response"], c["latency_ms"], c["cost"], partition, offset,
+    ]  # fmt: skip
+
+
+def erasure_bounds(messages: Sequence[tuple[bytes | None, bytes | None, int]]) -> dict[str, int]:
+    """For (key, value, offset) messages of one partition: each tombstoned id and the offset of its
+    last tombstone. Rows of the id below that offset are erased; a row after it (the id tracked
+    again) stays, so the answer depends only on the messages, not on how they were batched."""
+    return {(key or b"").decode(errors="replace"): offset for key, value, offset in messages if value is None}
+
+
+class InteractionSink(BatchingSink):
+    """``feedback.interactions.v1`` → ClickHouse ``interactions``, tombstones honoured: a tombstone
+    (``feedback forget``) deletes the id's rows from before it, with a synchronous mutation (the
+    parts are rewritten, not masked). Inserting before deleting keeps a replayed batch harmless:
+    its insert is deduplicated by token and the delete bound is the same offset. A record that
+    does not decode or breaks the schema's rules is logged by coordinates and skipped (the worker
+    dead-letters the same record)."""
+
+    name = "interactions"
+
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+        topic = Topics(settings.topic_prefix).interactions
+        super().__init__(settings, topic, f"{settings.sink_group}-{self.name}", **kwargs)
+        self.serde = AvroSerde("interaction_v1")
+        self.allow_text = settings.allow_text
+        client = connect(settings)
+        migrate(client, settings)
+        self.clickhouse = ClickHouseWriter(client, settings.clickhouse_database, "interactions", INTERACTION_COLUMNS)
+
+    def flush(self, messages: Sequence[Message]) -> None:
+        for partition, msgs in by_partition(messages).items():
+            rows = []
+            for msg in msgs:
+                if msg.value() is None:
+                    continue
+                try:
+                    record = self.serde.decode(msg.value())
+                    rows.append(interaction_row(record, partition, msg.offset(), allow_text=self.allow_text))
+                except (PoisonEvent, InvalidEvent) as exc:
+                    reason = exc.reason if isinstance(exc, PoisonEvent) else f"{exc.field}: {exc.rule}"
+                    log.warning("interaction_skipped partition=%d offset=%d reason=%s", partition, msg.offset(), reason)
+            self.clickhouse.insert(
+                rows, batch_token("interactions", self.topic, partition, msgs[0].offset(), msgs[-1].offset())
+            )
+            bounds = erasure_bounds([(m.key(), m.value(), m.offset()) for m in msgs])
+            if bounds:
+                ids = sorted(bounds)
+                # An id's bound by its position; indexOf is 0 for any other id, and element 0 is 0: nothing goes.
+                self.clickhouse.client.command(
+                    f"ALTER TABLE `{self.clickhouse.database}`.interactions DELETE WHERE kafka_partition = {{p:UInt32}}"
+                    " AND kafka_offset < {at:Array(UInt64)}[indexOf({ids:Array(String)}, interaction_id)]",
+                    parameters={"p": partition, "ids": ids, "at": [bounds[i] for i in ids]},
+                    settings={"mutations_sync": 2},
+                )
+                log.info("interactions_erased partition=%d ids=%d", partition, len(bounds))

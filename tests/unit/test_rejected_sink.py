@@ -135,9 +135,9 @@ def test_all_sinks_runs_every_sink(monkeypatch: pytest.MonkeyPatch) -> None:
     for module, cls, name in [
         (fs, "EventSink", "events"), (fs, "JsonlSink", "jsonl"), (fs, "DeadLetterSink", "dlq"),
         (fs, "RejectedSink", "rejected"), (ss, "ReputationHistorySink", "reputation"), (ss, "BiasHistorySink", "bias"),
-        (ss, "TriageSink", "triage"),
+        (ss, "TriageSink", "triage"), (ss, "InteractionSink", "interactions"),
     ]:  # fmt: skip
         monkeypatch.setattr(module, cls, fake(name))
-    expected = {"events", "jsonl", "dlq", "rejected", "reputation", "bias", "triage"}
+    expected = {"events", "jsonl", "dlq", "rejected", "reputation", "bias", "triage", "interactions"}
     assert set(all_sinks(object())) == expected  # type: ignore[arg-type]
     assert RejectedSink.name == "rejected"

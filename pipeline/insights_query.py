@@ -29,10 +29,12 @@ __all__ = ["fetch_groups", "load_insights", "opinions_table", "reputation_weight
 def opinions_table(client: Any, database: str, cluster: str | None = None) -> str:
     """``feedback_current`` (one row per opinion) when it exists, else ``feedback_events``; qualified.
 
-    On a cluster, the Distributed ``*_all`` table of whichever is there."""
-    has_current = int(client.command(f"EXISTS TABLE `{database}`.feedback_current") or 0) == 1
-    name = "feedback_current" if has_current else "feedback_events"
-    return f"`{database}`.{name}{'_all' if cluster else ''}"
+    On a cluster, the Distributed ``*_all`` tables: ``feedback_current_all`` when there is one,
+    else ``feedback_events_all``."""
+    current = "feedback_current_all" if cluster else "feedback_current"
+    if int(client.command(f"EXISTS TABLE `{database}`.{current}") or 0) == 1:
+        return f"`{database}`.{current}"
+    return f"`{database}`.{'feedback_events_all' if cluster else 'feedback_events'}"
 
 
 def reputation_weights(client: Any, database: str) -> dict[str, float]:

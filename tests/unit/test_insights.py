@@ -206,3 +206,20 @@ def test_suggestions_cite_their_numbers_and_the_hook_sees_only_aggregates() -> N
     for bad, why in (("json", "module:callable"), ("no_such_mod:f", "cannot import"), ("json:nope", "not a callable")):
         with pytest.raises(ValueError, match=why):
             load_hook(bad)
+
+
+def test_opinions_come_from_feedback_current_when_it_exists() -> None:
+    from pipeline.insights_query import opinions_table
+
+    class Tables:  # answers EXISTS TABLE for the tables it holds
+        def __init__(self, *names: str) -> None:
+            self.names = names
+
+        def command(self, sql: str) -> int:
+            return int(any(sql.endswith(f"`db`.{n}") for n in self.names))
+
+    assert opinions_table(Tables("feedback_events", "feedback_current"), "db") == "`db`.feedback_current"
+    assert opinions_table(Tables("feedback_events"), "db") == "`db`.feedback_events"
+    # A cluster: the Distributed tables, and feedback_events_all while there is no feedback_current_all.
+    assert opinions_table(Tables("feedback_current", "feedback_events_all"), "db", "c") == "`db`.feedback_events_all"
+    assert opinions_table(Tables("feedback_current_all"), "db", "c") == "`db`.feedback_current_all"

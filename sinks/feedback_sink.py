@@ -351,9 +351,10 @@ class JsonlSink(BatchingSink):
     """``feedback.clean.v1`` → the daily JSONL files under ``$FEEDBACK_PATH``, exactly once.
 
     Its own consumer group: the files' ledger says where reading resumes (see
-    :mod:`sinks.jsonl`), and the files never wait for ClickHouse. Undecodable messages are
-    skipped here (the ClickHouse sink dead-letters them). It holds the folder's writer lock
-    from construction until its run ends (:meth:`close`).
+    :mod:`sinks.jsonl`), and the files never wait for ClickHouse. An event id already written
+    (a worker re-sent it after a crash) is skipped by the writer's seen-set, so lines = distinct
+    ids. Undecodable messages are skipped here (the ClickHouse sink dead-letters them). It holds
+    the folder's writer lock from construction until its run ends (:meth:`close`).
     """
 
     name = "jsonl"
@@ -361,7 +362,8 @@ class JsonlSink(BatchingSink):
     def __init__(self, settings: Settings, **kwargs: Any) -> None:
         super().__init__(settings, Topics(settings.topic_prefix).clean, f"{settings.sink_group}-jsonl", **kwargs)
         self.serde = AvroSerde.from_url(settings.schema_registry_url)
-        self.jsonl = JsonlWriter(settings.path)  # cuts the files back to the ledger
+        # Cuts the files back to the ledger; ids re-sent within the gate's dedup window are skipped.
+        self.jsonl = JsonlWriter(settings.path, seen_window_s=settings.dedup_window_s)
         self._housekept = 0.0
         self._erasure_due = 0.0
         self._erasure_backoff = 0.0
@@ -426,17 +428,21 @@ class JsonlSink(BatchingSink):
         records: list[dict[str, Any]] = []
         offsets: dict[tuple[str, int], int] = {}
         written = self.jsonl.next_offsets()
+        at_ms = 0
         for msg in messages:
             key = (msg.topic(), msg.partition())
             if msg.offset() < written.get(key, -1):
                 continue  # a retried batch: the ledger already holds this line
             offsets[key] = msg.offset() + 1
+            at_ms = max(at_ms, msg.timestamp()[1])
             try:
                 records.append(self.serde.decode(msg.value()))
             except PoisonEvent as exc:
                 log.warning("jsonl_skipped partition=%d offset=%d reason=%s", msg.partition(), msg.offset(), exc.reason)
-        self.jsonl.write(records, offsets)
-        log.info("batch_written sink=jsonl rows=%d", len(records))
+        repeats = self.jsonl.repeats
+        # The messages' own time (when the worker sent them): a replay of this range decides the same.
+        lines = self.jsonl.write(records, offsets, at_ms=at_ms if at_ms > 0 else None)
+        log.info("batch_written sink=jsonl rows=%d repeats=%d", lines, self.jsonl.repeats - repeats)
 
 
 def _code(exc: Exception) -> str:

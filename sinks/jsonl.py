@@ -40,6 +40,25 @@ Within a running sink, a failed write (disk full, I/O error) reloads the ledger
 from disk, cuts the files back the same way and raises :class:`TransientError`;
 the retried batch skips offsets the ledger already covers.
 
+Each event id once (the seen-set)
+---------------------------------
+The ledger makes each *message* of the clean topic land once. A worker killed after sending a
+batch's events, before Kafka took its raw offsets, sends them again on restart: the same event
+ids at new offsets. So the writer also remembers the ids it wrote (a 16-byte BLAKE2b digest of
+each, with the batch's message time in ms) and skips a record whose id it holds: lines =
+distinct ids. The ids go to a journal beside the files, ``.seen-NNNNNNNN.bin`` (24-byte
+records), appended and fsynced in step 2 with the lines; the ledger records each journal
+segment's committed length in step 3, so a kill cuts the journal back exactly like the day
+files (a torn record is past the committed length). On start the segments are read back into
+memory. Bounded two ways, whichever is smaller: a segment of :data:`SEEN_SEGMENT_IDS` ids is
+dropped whole once its newest id is older than the window (the gate's dedup window,
+``FEEDBACK_DEDUP_WINDOW_S``) measured from the newest id written, or once the set holds more
+than ``seen_max_ids`` (:data:`SEEN_MAX_IDS`, about 100 MB). A re-sent event is at most the
+worker's uncommitted batches behind its original, far fewer ids than that. A dropped segment
+leaves the ledger in the next write, then its file goes (a kill in between: the file is
+unknown on start and removed). Erased lines keep their ids here (digests, no personal data),
+so an erased event re-sent by a worker stays erased.
+
 Housekeeping
 ------------
 A day before today (UTC) whose file is ``compress_after_days`` old, holds
@@ -86,6 +105,7 @@ import contextlib
 import errno
 import fcntl
 import gzip
+import hashlib
 import io
 import logging
 import os
@@ -109,9 +129,12 @@ from schemas.models import format_ts
 __all__ = [
     "ERASURE_DIR",
     "LEDGER",
+    "SEEN_MAX_IDS",
+    "SEEN_SEGMENT_IDS",
     "WRITER_LOCK",
     "JsonlWriter",
     "Ledger",
+    "SeenIds",
     "WriterBusy",
     "apply_erasure_requests",
     "erase_offline",
@@ -121,6 +144,7 @@ __all__ = [
     "file_for",
     "find_user_lines",
     "housekeep",
+    "id_key",
     "request_erasure",
 ]
 
@@ -135,6 +159,11 @@ _RECEIPT = ".done.json"
 _STALE_TMP_S = 60.0  # a request's tmp file this old belongs to a request_erasure that died
 _DAY_FILE = re.compile(r"^feedback-(\d{4}-\d{2}-\d{2})\.jsonl(\.gz)?$")
 _CHUNK = 1 << 20
+_SEEN_FILE = re.compile(r"^\.seen-(\d{8})\.bin$")
+_SEEN_RECORD = 24  # a 16-byte id digest, then the batch's message time in ms (8 bytes, big-endian)
+SEEN_MAX_IDS = 1_000_000  # ids remembered at most (~100 MB in memory, 24 MB of journal)
+SEEN_SEGMENT_IDS = 125_000  # ids per journal segment: the unit that is dropped
+DEFAULT_SEEN_WINDOW_S = 24 * 3600.0  # the gate's default dedup window
 
 
 class WriterBusy(PipelineError, RuntimeError):
@@ -205,6 +234,73 @@ def _complete_length(path: Path) -> int:
     return 0
 
 
+def id_key(event_id: str) -> bytes:
+    """The seen-set's key of an event id: its 16-byte BLAKE2b digest (any id, any length)."""
+    return hashlib.blake2b(event_id.encode(), digest_size=16).digest()
+
+
+def _seen_name(seq: int) -> str:
+    return f".seen-{seq:08d}.bin"
+
+
+class SeenIds:
+    """The ids written lately, held per journal segment (name → records), bounded by time and count.
+
+    Pure bookkeeping, no I/O: the writer appends to the journal and calls :meth:`add` once the
+    ledger has it. :meth:`expire` decides which segments to drop from the data alone (their
+    newest time against the newest of all, and the count), so a restart that reloads the same
+    journal decides the same. The last segment is never dropped: it is the one being written.
+    """
+
+    def __init__(self, window_ms: int, max_ids: int) -> None:
+        if window_ms <= 0 or max_ids <= 0:
+            raise ValueError("the seen-set's window and max_ids must be positive")
+        self.window_ms = window_ms
+        self.max_ids = max_ids
+        self.keys: set[bytes] = set()
+        self.segments: dict[str, tuple[int, int]] = {}  # name → (ids, newest ms), in name order
+        self._blobs: dict[str, list[bytes]] = {}
+        self.newest_ms = 0
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self.keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def add(self, name: str, blob: bytes) -> None:
+        """Take the whole records of ``blob`` (as appended to segment ``name``) into the set."""
+        n = len(blob) // _SEEN_RECORD
+        if not n:
+            return
+        view = memoryview(blob)
+        newest = 0
+        for i in range(0, n * _SEEN_RECORD, _SEEN_RECORD):
+            self.keys.add(bytes(view[i : i + 16]))
+            newest = max(newest, int.from_bytes(view[i + 16 : i + _SEEN_RECORD], "big"))
+        ids, seg_newest = self.segments.get(name, (0, 0))
+        self.segments[name] = (ids + n, max(seg_newest, newest))
+        self._blobs.setdefault(name, []).append(bytes(blob[: n * _SEEN_RECORD]))
+        self.newest_ms = max(self.newest_ms, newest)
+
+    def expire(self) -> list[str]:
+        """Drop the oldest segments while the set holds more than ``max_ids``, or while the oldest
+        one's newest id is more than ``window_ms`` older than the newest id; returns their names."""
+        dropped: list[str] = []
+        while len(self.segments) > 1:
+            name = next(iter(self.segments))
+            newest = self.segments[name][1]
+            if len(self.keys) <= self.max_ids and newest >= self.newest_ms - self.window_ms:
+                break
+            for blob in self._blobs.pop(name):
+                view = memoryview(blob)
+                for i in range(0, len(blob), _SEEN_RECORD):
+                    self.keys.discard(bytes(view[i : i + 16]))
+            del self.segments[name]
+            dropped.append(name)
+        return dropped
+
+
 @dataclass
 class Ledger:
     """Committed file lengths (``.jsonl`` and ``.gz``) and the next offset per ``topic:partition``.
@@ -213,7 +309,8 @@ class Ledger:
     files present are adopted rather than deleted). ``has_gz`` is False for a ledger written
     before compressed lengths were recorded (its ``.gz`` files are adopted as they are).
     ``erasing`` names the day files being rewritten by :func:`erase_users` with their new
-    committed length (the intent :meth:`JsonlWriter.recover` settles after a crash).
+    committed length (the intent :meth:`JsonlWriter.recover` settles after a crash). ``seen``:
+    the committed length of each segment of the id journal (see the module docstring).
     """
 
     lengths: dict[str, int] = field(default_factory=dict)
@@ -222,6 +319,7 @@ class Ledger:
     found: bool = True
     has_gz: bool = True
     erasing: dict[str, int] = field(default_factory=dict)
+    seen: dict[str, int] = field(default_factory=dict)  # journal segment → committed length
 
     @classmethod
     def load(cls, directory: Path) -> Ledger:
@@ -236,12 +334,13 @@ class Ledger:
             found=True,
             has_gz="gz" in data,
             erasing=dict(data.get("erasing", {})),
+            seen=dict(data.get("seen", {})),
         )
 
     def save(self, directory: Path) -> None:
         """Replace the ledger atomically: tmp file, fsync, rename, fsync the folder."""
         tmp = directory / f"{LEDGER}.tmp"
-        data: dict[str, Any] = {"lengths": self.lengths, "offsets": self.offsets, "gz": self.gz}
+        data: dict[str, Any] = {"lengths": self.lengths, "offsets": self.offsets, "gz": self.gz, "seen": self.seen}
         if self.erasing:
             data["erasing"] = self.erasing
         with open_private(tmp, "wb") as fh:
@@ -263,13 +362,18 @@ class JsonlWriter:
 
     _lock_fd: int | None = None
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(
+        self, directory: Path, *, seen_window_s: float = DEFAULT_SEEN_WINDOW_S, seen_max_ids: int = SEEN_MAX_IDS
+    ) -> None:
         self.directory = private_dir(directory)
         self._lock_fd = _lock_folder(self.directory)  # before anything is cut back or rewritten
         try:
             tighten_tree(self.directory)  # files from before they were private, or copied in
             self.ledger = Ledger.load(self.directory)
             self._dirty = False
+            self._seen_window_ms = max(1, round(seen_window_s * 1000))
+            self._seen_max_ids = seen_max_ids
+            self.repeats = 0  # records skipped because their event id was written already
             self.recover()
             if not (self.directory / LEDGER).exists():
                 # From now on a file the ledger does not know holds nothing committed.
@@ -352,13 +456,60 @@ class JsonlWriter:
         for name in [n for n in ledger.gz if not (self.directory / n).exists()]:
             del ledger.gz[name]
             dirty = True
+        dirty = self._recover_seen(adopt, changed) or dirty
         if changed:
             _fsync_dir(self.directory)
             log.warning("jsonl_recovered files=%s", ",".join(changed))
         if dirty and ledger.found:
             ledger.save(self.directory)
         self._dirty = False
+        self._load_seen()
         return changed
+
+    def _recover_seen(self, adopt: bool, changed: list[str]) -> bool:
+        """Cut the id journal's segments back to their committed length (whole records) and
+        remove the ones the ledger does not know; without a ledger, adopt their whole records.
+        Returns True if the ledger changed."""
+        ledger = self.ledger
+        dirty = False
+        for path in sorted(self.directory.glob(".seen-*.bin")):
+            if not _SEEN_FILE.match(path.name):
+                continue
+            size = path.stat().st_size
+            committed = ledger.seen.get(path.name)
+            if committed is None and not adopt:
+                path.unlink()
+                changed.append(path.name)
+                continue
+            if committed is None or committed > size:
+                if committed is not None:
+                    log.error("jsonl_seen_shorter_than_ledger file=%s size=%d ledger=%d", path.name, size, committed)
+                committed = ledger.seen[path.name] = size - size % _SEEN_RECORD
+                dirty = True
+            if size != committed:
+                _truncate(path, committed)
+                changed.append(path.name)
+        for name in [n for n in ledger.seen if not (self.directory / n).exists()]:
+            del ledger.seen[name]
+            dirty = True
+        return dirty
+
+    def _load_seen(self) -> None:
+        """Rebuild the seen-set from the journal's committed records, oldest segment first."""
+        seen = SeenIds(self._seen_window_ms, self._seen_max_ids)
+        for name in sorted(self.ledger.seen):
+            with open(self.directory / name, "rb") as fh:
+                seen.add(name, fh.read(self.ledger.seen[name]))
+        self._seen_gone = seen.expire()  # left in the ledger until the next write drops them
+        self.seen = seen
+
+    def _seen_segment(self) -> str:
+        """The journal segment the next ids go to: the last one until it holds SEEN_SEGMENT_IDS."""
+        names = sorted(self.ledger.seen)
+        if names and self.ledger.seen[names[-1]] < SEEN_SEGMENT_IDS * _SEEN_RECORD:
+            return names[-1]
+        last = _SEEN_FILE.match(names[-1]) if names else None
+        return _seen_name(int(last.group(1)) + 1 if last else 1)
 
     def _settle_erasures(self) -> None:
         """Finish or forget the rewrites :func:`erase_users` recorded but did not commit.
@@ -397,15 +548,22 @@ class JsonlWriter:
             out[(topic, int(partition))] = offset
         return out
 
-    def write(self, records: list[dict[str, Any]], offsets: dict[tuple[str, int], int] | None = None) -> None:
-        """Append one line per record, grouped by day; fsync; then record lengths and ``offsets``
-        (the next offset per partition) in the ledger.
+    def write(
+        self,
+        records: list[dict[str, Any]],
+        offsets: dict[tuple[str, int], int] | None = None,
+        at_ms: int | None = None,
+    ) -> int:
+        """Append one line per record whose event id is not in the seen-set (nor earlier in
+        ``records``), grouped by day; journal the ids; fsync; then record lengths and
+        ``offsets`` (the next offset per partition) in the ledger. ``at_ms``: the batch's
+        message time (the seen-set's clock; default now). Returns the lines written.
 
         Raises :class:`TransientError` if the disk fails; the files are cut back to the
         ledger first, so a retry of the same batch leaves them exact.
         """
         with self._undone_on_disk_error("jsonl_write_failed", "cannot write JSONL files"):
-            self._write(records, offsets)
+            return self._write(records, offsets, at_ms)
 
     @contextlib.contextmanager
     def _undone_on_disk_error(self, event: str, what: str) -> Iterator[None]:
@@ -422,9 +580,21 @@ class JsonlWriter:
                 self._rollback()
             raise TransientError(f"{what}: {exc.strerror or type(exc).__name__}") from None
 
-    def _write(self, records: list[dict[str, Any]], offsets: dict[tuple[str, int], int] | None) -> None:
+    def _write(
+        self, records: list[dict[str, Any]], offsets: dict[tuple[str, int], int] | None, at_ms: int | None
+    ) -> int:
+        stamp = (int(time.time() * 1000) if at_ms is None else at_ms).to_bytes(8, "big")
         by_file: dict[Path, list[bytes]] = defaultdict(list)
+        journal: list[bytes] = []
+        batch: set[bytes] = set()
+        seen = self.seen
         for record in records:
+            key = id_key(str(record["event_id"]))
+            if key in seen or key in batch:
+                self.repeats += 1
+                continue
+            batch.add(key)
+            journal.append(key + stamp)
             by_file[file_for(self.directory, record["ts"])].append(orjson.dumps(event_json(record)))
         for path, lines in by_file.items():
             with open_private(path, "ab") as fh:
@@ -432,12 +602,28 @@ class JsonlWriter:
                 fh.flush()
                 os.fsync(fh.fileno())
                 self.ledger.lengths[path.name] = fh.tell()
+        segment, blob = self._seen_segment(), b"".join(journal)
+        if blob:
+            with open_private(self.directory / segment, "ab") as fh:
+                fh.write(blob)
+                fh.flush()
+                os.fsync(fh.fileno())
+                self.ledger.seen[segment] = fh.tell()
         if by_file:
             _fsync_dir(self.directory)  # new files must survive a crash too
         for (topic, partition), offset in (offsets or {}).items():
             self.ledger.offsets[f"{topic}:{partition}"] = offset
-        if by_file or offsets:
+        gone, self._seen_gone = self._seen_gone, []
+        for name in gone:  # dropped from memory earlier: now from the ledger, then from the disk
+            self.ledger.seen.pop(name, None)
+        if by_file or offsets or gone:
             self.ledger.save(self.directory)
+        for name in gone:
+            (self.directory / name).unlink(missing_ok=True)
+        if blob:
+            seen.add(segment, blob)
+            self._seen_gone = seen.expire()
+        return len(journal)
 
     def housekeep(self, **kwargs: Any) -> dict[str, list[str]]:
         """:func:`housekeep` on this folder; a failure is logged and undone, never raised."""

@@ -61,7 +61,7 @@ def assert_private_tree(root: Path) -> list[Path]:
 def _records(users: list[str], day: str) -> list[dict[str, Any]]:
     serde = AvroSerde()
     micros = int(datetime.fromisoformat(f"{day}T12:00:00+00:00").timestamp() * 1e6)
-    events = generate_events(len(users), seed=3)
+    events = generate_events(len(users), seed=int(day.replace("-", "")))  # ids of their own per day
     return [
         serde.decode(serde.encode({**e.to_avro(), "ts": micros, "user_id": u}))
         for e, u in zip(events, users, strict=True)

@@ -38,11 +38,11 @@ def test_jsonl_writer_appends_by_utc_day_and_omits_client_ip(tmp_path: Path) -> 
         for ts in ("2026-11-22T23:59:59Z", "2026-11-23T00:00:00Z", "2026-11-23T01:00:00+02:00")
     ]
     writer = JsonlWriter(tmp_path)
-    writer.write(records)
-    writer.write(records[:1])
+    assert writer.write(records) == 3
+    assert writer.write(records[:1]) == 0 and writer.repeats == 1  # the same event id again: one line
     files = {p.name: p.read_bytes().splitlines() for p in tmp_path.glob("feedback-*")}
     assert sorted(files) == ["feedback-2026-11-22.jsonl", "feedback-2026-11-23.jsonl"]
-    assert len(files["feedback-2026-11-22.jsonl"]) == 3  # 23:59:59Z twice, and 01:00+02:00 is 23:00Z
+    assert len(files["feedback-2026-11-22.jsonl"]) == 2  # 23:59:59Z, and 01:00+02:00 is 23:00Z
     assert len(files["feedback-2026-11-23.jsonl"]) == 1
     line = orjson.loads(files["feedback-2026-11-23.jsonl"][0])
     assert line["ts"] == "2026-11-23T00:00:00.000000Z"

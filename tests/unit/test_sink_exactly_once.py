@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import random
 import time
 from collections import Counter
@@ -69,10 +70,15 @@ def test_insert_chunks_cut_a_range_the_same_way_every_time() -> None:
     assert insert_chunks(list(msgs), "tok") == chunks
 
 
+_SEEDS = itertools.count(100)
+
+
 def _records(n: int, day: str = "2026-11-22") -> list[dict[str, object]]:
+    """``n`` events on ``day``; each call's ids are new (the writer keeps one line per event id)."""
     serde = AvroSerde()
     ts = datetime.fromisoformat(f"{day}T12:00:00+00:00")
-    return [serde.decode(serde.encode({**e.to_avro(), "ts": int(ts.timestamp() * 1e6)})) for e in generate_events(n)]
+    events = generate_events(n, seed=next(_SEEDS))
+    return [serde.decode(serde.encode({**e.to_avro(), "ts": int(ts.timestamp() * 1e6)})) for e in events]
 
 
 def test_ledger_records_lengths_and_offsets_after_each_write(tmp_path: Path) -> None:

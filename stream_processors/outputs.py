@@ -5,7 +5,10 @@ microseconds per message in Python. The agents instead queue every message of a
 batch (outputs and table changelog records alike) on one librdkafka producer and
 wait for all of them with one :meth:`KafkaOutputs.flush` before Faust may
 acknowledge the batch's offsets. The flush never yields to the event loop, so a
-stopping worker can never acknowledge a batch whose outputs are not durable.
+stopping worker can never acknowledge a batch whose outputs are not durable. A
+message Kafka refuses for good (too large for its topic, say) makes the flush raise
+:class:`OutputRefused`: the batch fails as a whole and the worker stops unacknowledged
+(``stream_processors.app``), instead of waiting for it forever.
 
 Keys are partitioned with Kafka's Java partitioner (murmur2), as Faust and the
 project's other Java-compatible producers do, so co-partitioned topics stay
@@ -24,11 +27,29 @@ from typing import Any, Protocol
 from aiokafka.partitioner import murmur2
 from confluent_kafka import KafkaError, Message, Producer
 
-__all__ = ["CapturedOutputs", "KafkaOutputs", "Outputs", "partition_for"]
+from pipeline.errors import PipelineError
+
+__all__ = ["REFUSED_FOR_GOOD", "CapturedOutputs", "KafkaOutputs", "OutputRefused", "Outputs", "partition_for"]
 
 log = logging.getLogger(__name__)
 
 Delivered = Callable[[str, int, int], None]  # topic, partition, offset
+
+#: Delivery errors that refuse the message itself, the same way each time it is sent: queued
+#: again it would be refused again, and the flush would wait forever.
+REFUSED_FOR_GOOD: frozenset[int] = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,  # over the topic's max.message.bytes
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+    }
+)
+
+
+class OutputRefused(PipelineError):
+    """Kafka refused a message of the batch for good: the batch must not be acknowledged."""
 
 
 def partition_for(key: bytes, partitions: int) -> int:
@@ -54,7 +75,8 @@ class KafkaOutputs:
 
     A message Kafka refuses after librdkafka's own retries is queued again (same topic,
     partition, key and value) and the flush goes on waiting: nothing a batch produced is
-    dropped, and the batch is not acknowledged until all of it is delivered.
+    dropped, and the batch is not acknowledged until all of it is delivered. A message
+    refused for good (:data:`REFUSED_FOR_GOOD`) makes :meth:`flush` raise :class:`OutputRefused`.
 
     Every message reports to one delivery callback set in the producer's configuration
     (naming a callback per ``produce()`` costs about a microsecond); ``on_delivered`` hooks
@@ -79,12 +101,16 @@ class KafkaOutputs:
         conf.update(config or {})
         self._producer = Producer(conf)
         self._failed: list[tuple[str, int, bytes | None, bytes | None]] = []
+        self._refused: list[tuple[str, str]] = []  # (topic, error name): no key, no value
         self._hooks: dict[str, Delivered] = {}
         self._partitions: dict[str, int] = {}
 
     def _report(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
-            self._failed.append((msg.topic(), msg.partition(), msg.key(), msg.value()))
+            if err.code() in REFUSED_FOR_GOOD:
+                self._refused.append((msg.topic(), err.name()))
+            else:
+                self._failed.append((msg.topic(), msg.partition(), msg.key(), msg.value()))
             return
         hook = self._hooks.get(msg.topic())
         if hook is not None:
@@ -112,11 +138,19 @@ class KafkaOutputs:
         self._producer.poll(0)
 
     def flush(self) -> None:
-        """Wait until everything produced so far is acknowledged, re-queueing what Kafka refused."""
+        """Wait until everything produced so far is acknowledged, re-queueing what Kafka refused.
+
+        Raises :class:`OutputRefused` (naming the topic and Kafka's error) if a message was
+        refused for good: the caller must not acknowledge the batch.
+        """
         started = time.monotonic()
         warned = False
         while True:
             remaining = self._producer.flush(1.0)
+            if self._refused:
+                refused, self._refused = self._refused, []
+                topic, error = refused[0]
+                raise OutputRefused(f"Kafka refused {len(refused)} message(s) for good, first for {topic}: {error}")
             if self._failed:
                 failed, self._failed = self._failed, []
                 log.warning("output_redelivery count=%d", len(failed))

@@ -40,9 +40,9 @@ from pydantic import ValidationError
 
 from pipeline.errors import InvalidEvent
 from pipeline.settings import Settings, get_settings
-from producers.producer import AsyncProducer, DeliveryError, FeedbackProducer, subject_key
+from producers.producer import JAVA_PARTITIONER, AsyncProducer, DeliveryError, FeedbackProducer, subject_key
 from schemas.bulk import Accepted, BulkEncoder, Refused
-from schemas.interaction import Interaction
+from schemas.interaction import Interaction, tracked_interaction
 from schemas.models import FeedbackEvent
 from schemas.serde import AvroSerde
 from schemas.topics import Topics
@@ -120,16 +120,10 @@ class _Signals:
     ) -> Any:
         """Publish an interaction's context (model_version, prompt_version, snapshots, latency,
         cost; ``ts`` defaults to now) for feedback that arrives later with the same id."""
-        allow_text = self._allow_text()
         data: dict[str, Any] = {"interaction_id": interaction_id, "source": self.source, **self.defaults}
-        data.update(latency_ms=latency_ms, cost=cost, **fields)
-        if allow_text:
-            data.update(
-                prompt=None if prompt is None else redact_text(prompt),
-                response=None if response is None else redact_text(response),
-            )
+        data.update(prompt=prompt, response=response, latency_ms=latency_ms, cost=cost, **fields)
         try:
-            interaction = Interaction.model_validate({k: v for k, v in data.items() if v is not None})
+            interaction = tracked_interaction(data, allow_text=self._allow_text(), redact=redact_text)
         except ValidationError as exc:
             raise InvalidEvent.first(exc, default="interaction") from None
         return self._track(interaction)
@@ -330,5 +324,5 @@ def _tracker(settings: Settings) -> FeedbackProducer:
         settings,
         topic=Topics(settings.topic_prefix).interactions,
         serde=AvroSerde("interaction_v1"),
-        config={"partitioner": "murmur2_random", "client.id": "feedback-tracker"},
+        config={**JAVA_PARTITIONER, "client.id": "feedback-tracker"},
     )

@@ -12,6 +12,13 @@ with Retry-After, and the client keeps the event. Bad input never produces a 5xx
 The rate-limit subject is the user id, else the peer's address: a ``client_ip`` in the
 body counts only when the peer is one of ``FEEDBACK_TRUSTED_PROXIES``. Tokens shorter
 than :data:`MIN_TOKEN_CHARS` are refused at start.
+
+Delayed feedback over HTTP: ``POST /internal/interactions`` tracks an interaction exactly as
+the Python client's ``track()`` does (:func:`~schemas.interaction.tracked_interaction`, to
+``feedback.interactions.v1`` with Kafka's Java partitioner), through the same token, content
+type, size, JSON and rate-limit checks (an interaction has no user: its subject is the peer's
+address). ``GET /internal/interactions/{id}`` answers from ClickHouse, which ``feedback sink``
+fills: the context (snapshots only while text is allowed) and the feedback stats.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -38,12 +46,15 @@ from pydantic import SecretStr, ValidationError
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
-from pipeline.errors import ConfigError, field_rules
+from pipeline.errors import ConfigError, StackError, TransientError, field_rules
 from pipeline.settings import Settings
-from producers.producer import AsyncProducer
+from producers.producer import JAVA_PARTITIONER, AsyncProducer
 from schemas.bulk import Accepted, BulkEncoder, Refused
+from schemas.interaction import MAX_ID_CHARS, Interaction, tracked_interaction
 from schemas.models import FREE_TEXT_FIELDS, FeedbackEvent
 from schemas.serde import AvroSerde
+from schemas.topics import Topics
+from sinks.interaction_lookup import InteractionLookup, interaction_answer
 from stream_processors.ratelimit import BucketState, RateLimit, take_token
 from stream_processors.redact import redact_extra, redact_text
 from stream_processors.validate import Limits
@@ -59,6 +70,8 @@ MIN_TOKEN_CHARS = 32
 #: linear); larger ones in a worker thread, at most :data:`REDACT_THREADS` at a time.
 INLINE_REDACT_BYTES = 4096
 REDACT_THREADS = 2
+#: ClickHouse lookups (GET /internal/interactions/{id}) in flight at once, each in a worker thread.
+LOOKUP_THREADS = 4
 _TEXT_NAMES = ("text", "comment", "corrected_response")
 
 
@@ -167,6 +180,7 @@ class _Buckets:
 
 
 _JSON = (b"content-type", b"application/json")
+_T = TypeVar("_T")
 
 
 class _Reply:
@@ -211,8 +225,15 @@ class _Gateway(FastAPI):
         await super().__call__(scope, receive, send)
 
 
-def create_gateway(settings: Settings, publisher: AsyncProducer | None = None) -> FastAPI:
-    """The gateway app. Raises :class:`ConfigError` when no internal token is configured."""
+def create_gateway(
+    settings: Settings,
+    publisher: AsyncProducer | None = None,
+    tracker: AsyncProducer | None = None,
+    lookup: InteractionLookup | None = None,
+) -> FastAPI:
+    """The gateway app. ``publisher`` (feedback.raw.v1), ``tracker`` (feedback.interactions.v1) and
+    ``lookup`` (ClickHouse) are made from ``settings`` on first use unless given.
+    Raises :class:`ConfigError` when no internal token is configured."""
     secret = settings.internal_tokens
     raw = secret.get_secret_value() if isinstance(secret, SecretStr) else str(secret or "")
     tokens = [t.strip().encode() for t in raw.split(",") if t.strip()]
@@ -228,27 +249,43 @@ def create_gateway(settings: Settings, publisher: AsyncProducer | None = None) -
     proxies = [ipaddress.ip_network(e.strip(), strict=False) for e in settings.trusted_proxies.split(",") if e.strip()]
     limits = Limits(max_payload_bytes=settings.max_payload_bytes, max_text_chars=settings.max_text_chars)
     redact_threads = anyio.CapacityLimiter(REDACT_THREADS)
+    lookup_threads = anyio.CapacityLimiter(LOOKUP_THREADS)
     registry = CollectorRegistry()
     requests_total = Counter("feedback_gateway_requests", "Requests by endpoint and status.", ["endpoint", "status"],
                              registry=registry)  # fmt: skip
     accepted = Counter("feedback_gateway_accepted", "Events acknowledged by Kafka.", registry=registry)
     rate_limited = Counter("feedback_rate_limited", "Events refused by the gateway's rate limit.", registry=registry)
+    tracked = Counter("feedback_gateway_interactions", "Interactions acknowledged by Kafka.", registry=registry)
     serde = AvroSerde.from_url(settings.schema_registry_url)
+    interaction_serde = AvroSerde("interaction_v1")  # as track() encodes them
     redactor = _Redactor()
     bulk = BulkEncoder(serde, redact=redactor.payload)
     buckets = _Buckets(RateLimit.per_minute(settings.rate_limit_per_minute, settings.rate_limit_burst))
     state: dict[str, AsyncProducer] = {}
+    reader = lookup or InteractionLookup(settings)
 
     def get_publisher() -> AsyncProducer:
         if "p" not in state:
             state["p"] = publisher or AsyncProducer(settings, settings.gateway_publish_timeout_s, "feedback-gateway")
         return state["p"]
 
+    def get_tracker() -> AsyncProducer:
+        if "t" not in state:
+            state["t"] = tracker or AsyncProducer(
+                settings, settings.gateway_publish_timeout_s, "feedback-gateway-tracker",
+                topic=Topics(settings.topic_prefix).interactions, config=JAVA_PARTITIONER,
+            )  # fmt: skip
+        return state["t"]
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
-        if "p" in state and publisher is None:
-            await asyncio.to_thread(state["p"].close)  # flush what is in flight before exiting
+        # Flush what is in flight before exiting; what was handed in belongs to the caller.
+        for name, given in (("p", publisher), ("t", tracker)):
+            if name in state and given is None:
+                await asyncio.to_thread(state[name].close)
+        if lookup is None:
+            await asyncio.to_thread(reader.close)
 
     app = _Gateway(
         title="feedback gateway",
@@ -341,15 +378,30 @@ def create_gateway(settings: Settings, publisher: AsyncProducer | None = None) -
              if isinstance(item, dict) else item for item in items]
         )  # fmt: skip
 
+    async def by_size(body_bytes: int, work: Callable[[], _T]) -> _T:
+        """``work()`` (redaction) on the event loop for a small body, in a worker thread for a large one."""
+        if body_bytes <= INLINE_REDACT_BYTES:
+            return work()
+        return await anyio.to_thread.run_sync(work, limiter=redact_threads)
+
     async def judge(items: list[Any], client_ip: str | None, body_bytes: int) -> list[Accepted | Refused]:
         """Validation, hash, redaction (nothing unredacted reaches Kafka) and Avro bytes for
         each item, exactly as the model would (schemas.bulk: a fast check, and FeedbackEvent
         itself for anything it is unsure of). Items over the gate's size limits must be taken
         out before (:func:`oversize`). A large body is redacted in a worker thread."""
-        from_proxy = trusted(client_ip)
-        if body_bytes <= INLINE_REDACT_BYTES:
-            return encode(items, client_ip, from_proxy)
-        return await anyio.to_thread.run_sync(encode, items, client_ip, from_proxy, limiter=redact_threads)
+        return await by_size(body_bytes, partial(encode, items, client_ip, trusted(client_ip)))
+
+    async def acknowledged(endpoint: str, publishing: Awaitable[None]) -> _Reply | None:
+        """None once Kafka has acknowledged; else the 503 answer (the caller keeps the event)."""
+        try:
+            await publishing
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            log.warning(
+                "gateway_publish_failed error=%s", err.name() if isinstance(err, KafkaError) else type(exc).__name__
+            )
+            return reply(endpoint, 503, {"error": "Kafka unavailable; retry"}, retry_after(5))
+        return None
 
     def refusal(outcome: Refused, where: str) -> list[dict[str, str]]:
         """The problems of a refused item; ``where`` is its place in the body ("" for the body)."""
@@ -378,16 +430,40 @@ def create_gateway(settings: Settings, publisher: AsyncProducer | None = None) -
         if wait:
             rate_limited.inc()
             return reply("single", 429, {"error": "rate limited"}, retry_after(wait))
-        try:
-            await get_publisher().publish(event.key, event.value)
-        except KafkaException as exc:
-            err = exc.args[0] if exc.args else None
-            log.warning(
-                "gateway_publish_failed error=%s", err.name() if isinstance(err, KafkaError) else type(exc).__name__
-            )
-            return reply("single", 503, {"error": "Kafka unavailable; retry"}, retry_after(5))
+        refused = await acknowledged("single", get_publisher().publish(event.key, event.value))
+        if refused is not None:
+            return refused
         accepted.inc()
         return reply("single", 202, {"event_id": event.event_id, "hash": event.hash})
+
+    async def track(scope: Scope, receive: Receive) -> _Reply:
+        """POST /internal/interactions: one interaction, as ``track()`` publishes it."""
+        data, size = await read_json(scope, receive, "interactions", settings.gateway_max_body_bytes)
+        if isinstance(data, _Reply):
+            return data
+        if not isinstance(data, dict):
+            return reply("interactions", 422, {"error": "invalid", "problems": [
+                {"field": "body", "rule": "must be a JSON object"}]})  # fmt: skip
+        build = partial(tracked_interaction, data, allow_text=settings.allow_text, redact=redactor.text)
+        try:
+            interaction: Interaction = await by_size(size, build)
+        except ValidationError as exc:
+            return reply("interactions", 422, {"error": "invalid", "problems": problems(exc)})
+        # No user to count against: the peer's address, as for feedback without a user_id.
+        wait = buckets.take(client_host(scope) or interaction.source, time.time())
+        if wait:
+            rate_limited.inc()
+            return reply("interactions", 429, {"error": "rate limited"}, retry_after(wait))
+        key = interaction.interaction_id.encode()
+        refused = await acknowledged(
+            "interactions", get_tracker().publish(key, interaction_serde.encode(interaction.to_avro()))
+        )
+        if refused is not None:
+            return refused
+        tracked.inc()
+        return reply(
+            "interactions", 202, {"interaction_id": interaction.interaction_id, "ts": interaction.ts.isoformat()}
+        )
 
     async def batch(scope: Scope, receive: Receive) -> _Reply:
         data, size = await read_json(scope, receive, "batch", settings.gateway_max_batch_bytes)
@@ -436,7 +512,7 @@ def create_gateway(settings: Settings, publisher: AsyncProducer | None = None) -
     # The two POST routes are served by ``single``/``batch`` straight from ASGI (see _Gateway);
     # these FastAPI routes describe them in /openapi.json and answer any request the fast path
     # leaves to FastAPI (e.g. under a root_path), with the very same code.
-    app.fast_routes = {"/internal/feedback": single, "/internal/feedback/batch": batch}
+    app.fast_routes = {"/internal/feedback": single, "/internal/feedback/batch": batch, "/internal/interactions": track}
 
     event_body = {"$ref": "#/components/schemas/FeedbackEvent"}
     batch_body = {"type": "object", "required": ["events"],
@@ -466,6 +542,43 @@ def create_gateway(settings: Settings, publisher: AsyncProducer | None = None) -
     async def post_batch(request: Request) -> Response:
         return (await batch(request.scope, request.receive)).response()
 
+    @app.post(
+        "/internal/interactions",
+        status_code=202,
+        summary="Track an interaction, for feedback that comes later with its id",
+        openapi_extra=body({"$ref": "#/components/schemas/Interaction"}),
+        responses={code: {"description": _TRACK_RESPONSES.get(code, text)} for code, text in _RESPONSES.items()},
+    )
+    async def post_interaction(request: Request) -> Response:
+        return (await track(request.scope, request.receive)).response()
+
+    @app.get(
+        "/internal/interactions/{interaction_id:path}",
+        summary="An interaction's context and its feedback stats (count, mean, last)",
+        openapi_extra={"security": [{"InternalToken": []}]},
+        responses={code: {"description": text} for code, text in _LOOKUP_RESPONSES.items()},
+    )
+    async def get_interaction(interaction_id: str, request: Request) -> Response:
+        endpoint = "interaction"
+        if not authorized(request.headers.get("x-internal-token", "").encode("latin-1")):
+            return reply(endpoint, 401, {"error": "unauthorized"}).response()
+        if len(interaction_id) > MAX_ID_CHARS:
+            return reply(endpoint, 422, {"error": "invalid", "problems": [
+                {"field": "interaction_id", "rule": f"at most {MAX_ID_CHARS} characters"}]}).response()  # fmt: skip
+        wait = buckets.take(client_host(request.scope) or "", time.time())
+        if wait:
+            rate_limited.inc()
+            return reply(endpoint, 429, {"error": "rate limited"}, retry_after(wait)).response()
+        try:
+            context, stats = await anyio.to_thread.run_sync(reader.find, interaction_id, limiter=lookup_threads)
+        except (TransientError, StackError) as exc:
+            log.warning("gateway_lookup_failed error=%s", type(exc).__name__)
+            return reply(endpoint, 503, {"error": str(exc)}, retry_after(5)).response()
+        answer = interaction_answer(interaction_id, context, stats, allow_text=settings.allow_text)
+        if answer is None:
+            return reply(endpoint, 404, {"error": "unknown interaction", "interaction_id": interaction_id}).response()
+        return reply(endpoint, 200, answer).response()
+
     @app.get("/healthz", summary="The process is up")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -485,6 +598,7 @@ def create_gateway(settings: Settings, publisher: AsyncProducer | None = None) -
             schema = FeedbackEvent.model_json_schema(ref_template="#/components/schemas/{model}")
             components = spec.setdefault("components", {})
             components.setdefault("schemas", {}).update({**schema.pop("$defs", {}), "FeedbackEvent": schema})
+            components["schemas"]["Interaction"] = Interaction.model_json_schema()
             components["securitySchemes"] = {
                 "InternalToken": {"type": "apiKey", "in": "header", "name": "X-Internal-Token"}
             }
@@ -514,4 +628,16 @@ _RESPONSES = {
     422: "Invalid: each problem names the field and the rule.",
     429: "The subject's rate limit; see Retry-After.",
     503: "Kafka did not acknowledge; retry after Retry-After.",
+}
+_TRACK_RESPONSES = {
+    202: "Accepted: Kafka acknowledged the interaction (body: interaction_id and ts).",
+    429: "The peer's rate limit (shared with its feedback); see Retry-After.",
+}
+_LOOKUP_RESPONSES = {
+    200: "The interaction's context and feedback stats.",
+    401: "Missing or wrong X-Internal-Token.",
+    404: "Unknown: never tracked, erased, or not yet in ClickHouse.",
+    422: "The id is over the length limit.",
+    429: "The peer's rate limit; see Retry-After.",
+    503: "ClickHouse did not answer (or holds no interactions table yet); retry after Retry-After.",
 }

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from schemas.bulk import Accepted
 
 __all__ = [
+    "JAVA_PARTITIONER",
     "AsyncProducer",
     "DeliveryError",
     "FeedbackProducer",
@@ -58,6 +59,11 @@ def subject_key(event: FeedbackEvent) -> bytes:
     """The partition key: user_id, else client ip, else source — so a subject's
     rate-limit bucket and dedup state live in one partition."""
     return (event.user_id or event.client_ip or event.source).encode("utf-8")
+
+
+#: Kafka's Java partitioner (murmur2), for keys the stream re-keys by too: ``interaction_id``
+#: on feedback.interactions.v1 lands in the partition of its feedback on feedback.enrich.v1.
+JAVA_PARTITIONER: Mapping[str, str] = {"partitioner": "murmur2_random"}
 
 
 def partition_for(key: bytes, partitions: int) -> int:
@@ -436,9 +442,18 @@ class AsyncProducer:
     until it is known the messages go one per event (the event loop never waits for it).
     """
 
-    def __init__(self, settings: Settings, timeout_s: float, client_id: str = "feedback-async") -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        timeout_s: float,
+        client_id: str = "feedback-async",
+        *,
+        topic: str | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
         self.settings = settings
-        self.topic = Topics(settings.topic_prefix).raw
+        raw = Topics(settings.topic_prefix).raw
+        self.topic = topic or raw
         self._producer = Producer(
             {
                 "bootstrap.servers": settings.kafka_bootstrap,
@@ -448,10 +463,14 @@ class AsyncProducer:
                 "compression.type": "lz4",
                 "message.timeout.ms": int(timeout_s * 1000),
                 "client.id": client_id,
+                **(config or {}),
             }
         )
         self._inboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopInbox] = weakref.WeakKeyDictionary()
-        self._partitions = _PartitionCount(self._producer, self.topic) if settings.envelopes else None
+        # Envelopes are a raw-topic form only (publish_many); any other topic gets one message per value.
+        self._partitions = (
+            _PartitionCount(self._producer, self.topic) if settings.envelopes and self.topic == raw else None
+        )
         if self._partitions is not None:
             self._partitions.get()  # starts the lookup, so the first batch likely has the count
         self._stop = threading.Event()

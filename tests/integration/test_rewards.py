@@ -1,6 +1,6 @@
 """Rewards for routers on the real stack: feedback through the worker to feedback.rewards.v1,
-the ``feedback rewards`` command, and examples/router.py following an arm that gets better,
-then worse."""
+the ``feedback rewards`` command, examples/router.py following an arm that gets better, then
+worse, and a worker killed mid-stream that still counts every reward once."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -16,7 +17,11 @@ import pytest
 from pipeline.kafka_admin import ensure_topics
 from pipeline.settings import PROJECT_ROOT, Settings
 from producers.client import FeedbackClient
+from producers.producer import FeedbackProducer
 from producers.subscriber import RewardSubscriber
+from producers.synthetic import generate_events
+from schemas.models import FeedbackEvent
+from schemas.reward_records import RewardRecord
 from tests.integration.pipeline_procs import pipeline_process, run_cli_ok, wait_for
 
 pytestmark = pytest.mark.integration
@@ -97,3 +102,55 @@ def test_the_router_follows_an_arm_that_gets_better_then_worse(isolated: Setting
         assert a["ci_low"] < a["mean"] < a["ci_high"] < rows["m-b"]["mean"] + 0.3
         watched = run_cli_ok(settings, "rewards", "watch", "--json", "--max-seconds", "1").stdout.splitlines()
         assert sorted(json.loads(line)["model_version"] for line in watched) == ["m-a", "m-b"]
+
+
+N_KILL = 30_000
+
+
+def _rewards_after(settings: Settings, tmp: Path, events: list[FeedbackEvent], kill: bool) -> dict[str, RewardRecord]:
+    """Publish ``events``, run the worker to the end (SIGKILLed once mid-stream with ``kill``),
+    and return every arm's final record."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    ensure_topics(settings)
+    with FeedbackProducer(settings) as producer:
+        producer.send_many(events)
+    with RewardSubscriber(settings) as rewards:
+
+        def applied() -> int:
+            rewards.poll(0.2)
+            return sum(r.events for r in rewards.records.values() if r.tag is None)
+
+        if kill:
+            with pipeline_process(settings, "worker", tmp / "worker-killed.log") as worker:
+                wait_for(lambda: applied() >= N_KILL // 4, 240, "a quarter of the rewards", [worker])
+                worker.kill()  # SIGKILL: no commit, no flush
+                worker.wait(10)
+            assert applied() < N_KILL, "the kill came after the stream was done: the test proves nothing"
+        with pipeline_process(settings, "worker", tmp / "worker.log") as worker:
+            wait_for(lambda: applied() >= N_KILL, 240, "every reward", [worker])
+            time.sleep(1.0)  # anything counted twice would show by now
+            assert applied() == N_KILL
+            return dict(rewards.records)
+
+
+def test_a_worker_killed_mid_stream_counts_every_reward_once(isolated: Settings, tmp_path: Path) -> None:
+    # Distinct users (no rate limit), every source trusted (weights 1): the final posterior of
+    # each arm is fixed by the events alone, decayed over their hour with a 10-minute half-life.
+    events = [e.model_copy(update={"user_id": f"u-{i}"}) for i, e in enumerate(generate_events(N_KILL, seed=9))]
+    common = {"kafka_session_timeout_s": 6.0, "bias_publish_interval_s": 0.2, "rewards_half_life_s": 600.0}
+    calm = _rewards_after(
+        isolated.model_copy(update={**common, "topic_prefix": isolated.topic_prefix + "calm."}), tmp_path / "calm",
+        events, kill=False,
+    )  # fmt: skip
+    crashed = _rewards_after(
+        isolated.model_copy(update={**common, "topic_prefix": isolated.topic_prefix + "kill."}), tmp_path / "kill",
+        events, kill=True,
+    )  # fmt: skip
+    assert set(crashed) == set(calm) and len(calm) == 4  # two models x two prompts
+    for key, record in calm.items():
+        other = crashed[key]
+        assert other.events == record.events and other.updated_s == record.updated_s, key
+        assert (other.alpha, other.beta) == (
+            pytest.approx(record.alpha, rel=1e-9),
+            pytest.approx(record.beta, rel=1e-9),
+        )

@@ -321,6 +321,9 @@ class Finding:
     level: float
     p_value: float
     significant: bool
+    #: The parts of ``group`` (and of ``compared_to``; a change: the group's), never split from the names.
+    keys: tuple[str, ...] = ()
+    compared_keys: tuple[str, ...] = ()
 
     @property
     def is_change(self) -> bool:
@@ -359,7 +362,7 @@ class Insights:
         return [f for f in self.significant if f.is_change and f.metric == "success_rate" and f.effect < 0]
 
 
-_Pending = tuple[str, str, str, str, int, int, Comparison]
+_Pending = tuple[Group, Group | None, str, int, Comparison]  # group, reference (None: a change), metric, n of it
 
 
 def _reference(groups: list[Group]) -> Group:
@@ -383,13 +386,13 @@ def _pending(groups: Sequence[Group], min_samples: int) -> list[_Pending]:
             for metric, compare in (("success_rate", compare_rates), ("mean_value", compare_means)):
                 c = compare(g.current, ref.current)
                 if c is not None:
-                    out.append((g.dimension, g.name, ref.name, metric, g.current.n, ref.current.n, c))
+                    out.append((g, ref, metric, ref.current.n, c))
     for g in sorted(groups, key=lambda g: (g.dimension, g.key)):
         if g.current.n >= min_samples and g.previous.n >= min_samples:
             for metric, compare in (("success_rate", compare_rates), ("mean_value", compare_means)):
                 c = compare(g.current, g.previous)
                 if c is not None:
-                    out.append((g.dimension, g.name, CHANGE, metric, g.current.n, g.previous.n, c))
+                    out.append((g, None, metric, g.previous.n, c))
     return out
 
 
@@ -407,10 +410,12 @@ def analyse(groups: Sequence[Group], min_samples: int = 30, fdr: float = 0.05) -
     m, r = len(pending), sum(rejected)
     adjusted = 1 - r * fdr / m if r else 1 - fdr
     findings = []
-    for (dim, group, ref, metric, n, n_ref, c), p, hit in zip(pending, p_values, rejected, strict=True):
+    for (g, ref, metric, n_ref, c), p, hit in zip(pending, p_values, rejected, strict=True):
         level = adjusted if hit else 0.95
         lo, hi = c.interval(level)
-        findings.append(Finding(dim, group, ref, metric, c.effect, n, n_ref, lo, hi, level, p, hit))
+        other = CHANGE if ref is None else ref.name
+        findings.append(Finding(g.dimension, g.name, other, metric, c.effect, g.current.n, n_ref, lo, hi, level, p, hit,
+                                g.key, g.key if ref is None else ref.key))  # fmt: skip
     insufficient = sorted((g for g in groups if g.current.n < min_samples and g.dimension != ALL),
                           key=lambda g: (g.dimension, g.key))  # fmt: skip
     ordered = sorted(groups, key=lambda g: (DIMENSIONS.index(g.dimension) if g.dimension in DIMENSIONS else -1,

@@ -60,9 +60,9 @@ def _evidence(f: Finding) -> str:
 def _names(f: Finding) -> tuple[str, str, str, str]:
     """(noun, group, reference, " on <context>") of a finding; a pair's context is its second part."""
     parts = f.dimension.split("/")
-    group, ref = f.group.split("/", 1)[0], f.compared_to.split("/", 1)[0]
-    context = f" on {_NOUN[parts[1]]} {f.group.split('/', 1)[1]}" if len(parts) == 2 else ""
-    return _NOUN.get(parts[0], parts[0]), group, ref, context
+    keys, ref_keys = f.keys or (f.group,), f.compared_keys or (f.compared_to,)
+    context = f" on {_NOUN[parts[1]]} {keys[1]}" if len(parts) == 2 and len(keys) == 2 else ""
+    return _NOUN.get(parts[0], parts[0]), keys[0], ref_keys[0], context
 
 
 def _text(f: Finding) -> tuple[str, str]:

@@ -223,3 +223,16 @@ def test_opinions_come_from_feedback_current_when_it_exists() -> None:
     # A cluster: the Distributed tables, and feedback_events_all while there is no feedback_current_all.
     assert opinions_table(Tables("feedback_current", "feedback_events_all"), "db", "c") == "`db`.feedback_events_all"
     assert opinions_table(Tables("feedback_current_all"), "db", "c") == "`db`.feedback_current_all"
+
+
+def test_a_name_with_a_slash_stays_whole_in_a_suggestion() -> None:
+    from pipeline.suggest import suggest
+
+    good = [1.0, 0.5] * 60
+    bad = [-1.0, 0.5] * 50
+    found = analyse([_group("model_version/tag", ("org/m-a", "math"), good),
+                     _group("model_version/tag", ("org/m-b", "math"), bad)], min_samples=30)  # fmt: skip
+    texts = [s.text for s in suggest(found)]
+    assert texts and texts[0].startswith("model org/m-b ")
+    assert "lower than org/m-a on tag math" in texts[0]
+    assert texts[0].endswith("route tag math to org/m-a or revise org/m-b")

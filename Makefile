@@ -9,7 +9,7 @@ LOCK   := requirements.lock
 JARS   := $(LIBS)/.fetched
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test unit integration bench up down status lint clean lock audit test-compat
+.PHONY: setup demo test test-faults unit integration bench up down status lint clean lock audit test-compat
 
 # Exactly the locked versions, each checked against its hash (pip too: it is in the lock); then
 # the project itself, built with the locked setuptools (no build isolation: nothing unlocked is
@@ -51,6 +51,12 @@ demo: setup
 test: setup audit
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# The fault suite (tests/integration/test_faults.py, docs/reliability.md): the worker and the sink
+# SIGKILLed under a steady load, every event id reconciled across the stores. `make test` runs only
+# its fast subset (the tests not marked slow).
+test-faults: setup
+	$(BIN)/python -m pytest -m faults tests/integration/test_faults.py $(PYTEST_ARGS)
 
 unit: setup
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

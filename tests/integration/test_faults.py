@@ -1,0 +1,374 @@
+"""The fault suite: the real worker and sink processes SIGKILLed under a steady load, then every
+produced event id reconciled across every store.
+
+``make test-faults`` runs every test here; ``make test`` runs the fast subset (the tests not
+marked ``slow``). Each run ends with :func:`_reconcile`: every accepted id exactly once in
+``feedback_events`` (``FINAL``, and plain after ``OPTIMIZE ... FINAL``) and in the JSONL files,
+and in neither the rejected topic nor the DLQ; every refused id on the rejected topic and once
+in ``rejected_events`` (``FINAL``), with its reason, and nowhere else; every poison message in
+the DLQ topic and once in ``dlq_events``. The figures (produced, accounted for, lost,
+duplicated, time to recover) are printed as one JSON line (``pytest -s``); docs/reliability.md
+keeps the last run's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import re
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
+
+from pipeline.kafka_admin import ensure_topics, topic_message_counts
+from pipeline.settings import Settings
+from producers.client import FeedbackClient
+from producers.producer import FeedbackProducer
+from schemas.serde import AvroSerde
+from schemas.topics import Topics
+from sinks.clickhouse import connect
+from tests.integration.kafka_read import read_topic
+from tests.integration.pipeline_procs import pipeline_process, wait_for
+from tests.integration.test_sink_crashes import _jsonl_ids
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+ROUND = 400  # events per producer round; a round every ROUND_S: a steady ~1,300 events/s
+ROUND_S = 0.3
+MAX_ROUNDS = 300  # the load is bounded however long the kills take
+_REPEATS = re.compile(rb"batch_written sink=jsonl rows=\d+ repeats=(\d+)")
+EXIT_FATAL = 70  # the worker's exit code when a batch fails as a whole (stream_processors.app._exit_now)
+
+
+@dataclass
+class Produced:
+    """What the load sent, by the place each item must end up."""
+
+    accepted: set[str] = field(default_factory=set)
+    duplicate: set[str] = field(default_factory=set)  # an idempotency key already used: new id, refused
+    invalid: set[str] = field(default_factory=set)  # ts far in the future: refused
+    poison: set[bytes] = field(default_factory=set)  # not Avro at all: dead-lettered whole
+
+    @property
+    def total(self) -> int:
+        return len(self.accepted) + len(self.duplicate) + len(self.invalid) + len(self.poison)
+
+
+def _items(round_no: int) -> list[dict[str, Any]]:
+    """One round: ROUND events; the last 1% resend an earlier event of the round as a client
+    retry does (the same fields and idempotency key, a new event id: refused as duplicates), and
+    0.5% are stamped far in the future (refused as invalid)."""
+    out: list[dict[str, Any]] = []
+    for i in range(ROUND):
+        if i >= ROUND - ROUND // 100:
+            out.append(dict(out[i - ROUND // 2]))
+            continue
+        kind = ("thumbs", "rating", "implicit", "bad_output")[i % 4]
+        payload = {"thumbs": {"direction": "up"}, "rating": {"stars": 4}, "implicit": {"signal": "copy"}}.get(kind, {})
+        item: dict[str, Any] = {
+            "type": kind, "user_id": f"user-{i % 500}", "payload": payload,
+            "idempotency_key": f"r{round_no}-{i}",
+        }  # fmt: skip
+        if i % 200 == 7:
+            item["ts"] = "2099-01-01T00:00:00Z"
+        out.append(item)
+    return out
+
+
+class Load:
+    """A producer thread: a round of events every ROUND_S and one poison message every fifth
+    round, until :meth:`stop` (or MAX_ROUNDS). ``produced`` says what each item must become."""
+
+    def __init__(self, settings: Settings, seed: int) -> None:
+        self.settings = settings
+        self.produced = Produced()
+        self.rounds = 0
+        self._rng = random.Random(seed)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.error: BaseException | None = None
+
+    def start(self) -> Load:
+        self._thread.start()
+        return self
+
+    def stop(self) -> Produced:
+        self._stop.set()
+        self._thread.join(120)
+        assert not self._thread.is_alive(), "the load did not stop"
+        if self.error is not None:
+            raise self.error
+        return self.produced
+
+    def _run(self) -> None:
+        try:
+            with FeedbackClient("faults", self.settings) as client, FeedbackProducer(self.settings) as raw:
+                while not self._stop.is_set() and self.rounds < MAX_ROUNDS:
+                    started = time.monotonic()
+                    items = _items(self.rounds)
+                    accepted = client.emit_many(items)
+                    client.flush()
+                    for i, (item, result) in enumerate(zip(items, accepted, strict=True)):
+                        bucket = self.produced.accepted
+                        if item["idempotency_key"] != f"r{self.rounds}-{i}":
+                            bucket = self.produced.duplicate
+                        elif item.get("ts"):
+                            bucket = self.produced.invalid
+                        bucket.add(result.event_id)
+                    if self.rounds % 5 == 2:
+                        poison = b"fault-poison " + self._rng.randbytes(64)
+                        raw.send_raw(poison, key=b"poison")
+                        raw.flush()
+                        self.produced.poison.add(poison)
+                    self.rounds += 1
+                    self._stop.wait(max(0.0, ROUND_S - (time.monotonic() - started)))
+        except BaseException as exc:  # reported by stop()
+            self.error = exc
+
+
+def _settings(isolated: Settings) -> Settings:
+    return isolated.model_copy(
+        update={
+            "kafka_session_timeout_s": 6.0,
+            "worker_metrics_port": 0,
+            "rate_limit_per_minute": 1_000_000,
+            "sink_batch_rows": 500,
+            "sink_batch_ms": 100,
+            "pseudonym_key": "fault-suite-key-0123456",
+        }
+    )
+
+
+def _clean_messages(settings: Settings) -> int:
+    topic = Topics(settings.topic_prefix).clean
+    return topic_message_counts(settings, [topic])[topic]
+
+
+def _jsonl_distinct(settings: Settings) -> int:
+    return len(_jsonl_ids(settings, allow_partial=True))
+
+
+def _final_ids(settings: Settings, table: str, column: str = "event_id") -> Counter[Any]:
+    client = connect(settings)
+    db = settings.clickhouse_database
+    if not client.command(f"EXISTS TABLE `{db}`.{table}"):
+        return Counter()
+    return Counter(r[0] for r in client.query(f"SELECT {column} FROM `{db}`.{table} FINAL").result_rows)
+
+
+def _kill_and_restart(
+    stack: contextlib.ExitStack,
+    proc: subprocess.Popen[bytes],
+    restart: Callable[[], subprocess.Popen[bytes]],
+    progress: Callable[[], int],
+    others: list[subprocess.Popen[bytes]],
+) -> tuple[subprocess.Popen[bytes], float]:
+    """SIGKILL ``proc``, start its replacement at once, and wait until ``progress`` moves past
+    its value once ``proc`` is gone; returns the new process and the seconds from kill to progress."""
+    killed_at = time.monotonic()
+    proc.kill()
+    assert proc.wait(10) == -9
+    at_kill = progress()  # after the exit: nothing the dead process had in flight counts as progress
+    new = restart()
+    wait_for(lambda: progress() > at_kill, 180, "progress after the restart", [new, *others])
+    return new, time.monotonic() - killed_at
+
+
+def _wait_count(count: Callable[[], int], want: int, what: str, procs: list[subprocess.Popen[bytes]]) -> None:
+    """:func:`wait_for` ``count() >= want``, naming the last count when it times out."""
+    last = [0]
+
+    def reached() -> bool:
+        last[0] = count()
+        return last[0] >= want
+
+    try:
+        wait_for(reached, 180, what, procs)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {last[0]} of {want}") from None
+
+
+def _settle(settings: Settings, produced: Produced, procs: list[subprocess.Popen[bytes]]) -> float:
+    """Wait until every store holds what it should; returns the seconds it took."""
+    started = time.monotonic()
+    refused = len(produced.duplicate) + len(produced.invalid)
+    _wait_count(lambda: len(_final_ids(settings, "feedback_events")), len(produced.accepted), "ClickHouse", procs)
+    _wait_count(lambda: _jsonl_distinct(settings), len(produced.accepted), "the JSONL files", procs)
+    _wait_count(lambda: len(_final_ids(settings, "rejected_events")), refused, "rejected_events", procs)
+    _wait_count(
+        lambda: len(_final_ids(settings, "dlq_events", "(partition, offset)")), len(produced.poison), "dlq", procs
+    )
+    time.sleep(3.0)  # anything a replay still had in flight lands now, to be counted below
+    return time.monotonic() - started
+
+
+def _extra(found: Counter[Any]) -> int:
+    return sum(n - 1 for n in found.values() if n > 1)
+
+
+def _reconcile(settings: Settings, produced: Produced) -> dict[str, Any]:
+    """Every produced item in exactly the places the rules say (asserted); the figures."""
+    topics = Topics(settings.topic_prefix)
+    client = connect(settings)
+    db = settings.clickhouse_database
+    refused = produced.duplicate | produced.invalid
+    everything = produced.accepted | refused
+
+    final = _final_ids(settings, "feedback_events")
+    client.command(f"OPTIMIZE TABLE `{db}`.feedback_events FINAL")
+    plain = Counter(r[0] for r in client.query(f"SELECT event_id FROM `{db}`.feedback_events").result_rows)
+    lines = _jsonl_ids(settings)
+    rejections = [AvroSerde("rejected_v1").decode(v) for _, v in read_topic(settings, topics.rejected) if v]
+    reasons = {r["event_id"]: r["reason"] for r in rejections}
+    rejected_rows = _final_ids(settings, "rejected_events")
+    letters = [AvroSerde("dead_letter_v1").decode(v) for _, v in read_topic(settings, topics.dlq) if v]
+    dead = {bytes(letter["raw"]) for letter in letters}
+    dlq_rows = _final_ids(settings, "dlq_events", "(partition, offset)")
+
+    stores = {"clickhouse_final": final, "clickhouse_optimized": plain, "jsonl": lines}
+    for name, found in stores.items():
+        assert set(found) == produced.accepted, f"{name}: {len(produced.accepted - set(found))} lost, "
+        f"{len(set(found) - produced.accepted)} that do not belong"
+        assert _extra(found) == 0, f"{name}: {_extra(found)} duplicated"
+    assert set(reasons) == refused, "the rejected topic holds exactly the refused ids"
+    assert {reasons[i] for i in produced.duplicate} <= {"duplicate"}
+    assert {reasons[i] for i in produced.invalid} <= {"invalid"}
+    assert set(rejected_rows) == refused and _extra(rejected_rows) == 0
+    assert dead == produced.poison and {letter["stage"] for letter in letters} == {"decode"}
+    assert len(dlq_rows) == len(produced.poison) and _extra(dlq_rows) == 0
+    accounted = len(everything & set(final) & set(lines)) + len(refused & set(rejected_rows))
+    accounted += len(produced.poison & dead)
+    return {
+        "produced": produced.total,
+        "accepted": len(produced.accepted),
+        "refused": len(refused),
+        "poison": len(produced.poison),
+        "accounted_for": accounted,
+        "lost": produced.total - accounted,
+        "duplicated": sum(_extra(c) for c in (final, plain, lines, rejected_rows, dlq_rows)),
+        "repeats_on_topics": len(rejections) - len(reasons) + len(letters) - len(dead),
+    }
+
+
+def _kills(settings: Settings, tmp_path: Path, victims: list[str], seed: int) -> dict[str, Any]:
+    """The worker and the sink under the load; each of ``victims`` (``worker`` or ``sink``)
+    SIGKILLed in turn at a seeded moment, once it has made progress since the last kill.
+    Returns the reconciled figures."""
+    ensure_topics(settings)
+    rng = random.Random(seed)
+    logs = iter(range(100))
+
+    def start(command: str) -> subprocess.Popen[bytes]:
+        return stack.enter_context(pipeline_process(settings, command, tmp_path / f"{command}-{next(logs)}.log"))
+
+    progress = {"worker": lambda: _clean_messages(settings), "sink": lambda: _jsonl_distinct(settings)}
+    recoveries: list[float] = []
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        procs = {"worker": start("worker"), "sink": start("sink")}
+        load = Load(settings, seed).start()
+        wait_for(lambda: _jsonl_distinct(settings) >= ROUND, 180, "the first events end to end", list(procs.values()))
+        for victim in victims:
+            moved = progress[victim]
+            before = moved()
+            wait_for(lambda b=before, m=moved: m() >= b + ROUND, 180, "progress before the kill", list(procs.values()))
+            time.sleep(rng.uniform(0.0, 1.5))  # somewhere inside a batch, or between two
+            other = [p for name, p in procs.items() if name != victim]
+            procs[victim], took = _kill_and_restart(stack, procs[victim], lambda v=victim: start(v), moved, other)
+            recoveries.append(round(took, 1))
+        produced = load.stop()
+        assert produced.total and load.rounds < MAX_ROUNDS, "the load ended before the kills: they proved nothing"
+        settle_s = _settle(settings, produced, list(procs.values()))
+        figures = _reconcile(settings, produced)
+        assert all(p.poll() is None for p in procs.values()), "a pipeline process died on its own"
+        resent = _clean_messages(settings) - len(produced.accepted)  # what the worker sent twice
+    logs = {log.name: log.read_bytes() for log in tmp_path.glob("*.log")}
+    assert not any(b"batch_failed" in text for text in logs.values()), "the kills were the only faults"
+    skipped = sum(int(n) for name, text in logs.items() if name.startswith("sink") for n in _REPEATS.findall(text))
+    figures.update(
+        {
+            "killed": victims,
+            "recover_s": recoveries,
+            "settle_s": round(settle_s, 1),
+            "clean_messages_resent": resent,
+            "jsonl_repeats_skipped": skipped,
+        }
+    )
+    print("fault_figures", orjson.dumps(figures).decode())
+    return figures
+
+
+@pytest.mark.slow
+def test_worker_sigkilled_three_times(isolated: Settings, tmp_path: Path) -> None:
+    figures = _kills(_settings(isolated), tmp_path, ["worker"] * 3, seed=31)
+    assert figures["lost"] == 0 and figures["duplicated"] == 0
+
+
+@pytest.mark.slow
+def test_sink_sigkilled_three_times(isolated: Settings, tmp_path: Path) -> None:
+    figures = _kills(_settings(isolated), tmp_path, ["sink"] * 3, seed=32)
+    assert figures["lost"] == 0 and figures["duplicated"] == 0
+
+
+def test_worker_and_sink_sigkilled_once_each(isolated: Settings, tmp_path: Path) -> None:
+    """The fast subset's kill test: the worker killed, then the sink, the same reconciliation."""
+    figures = _kills(_settings(isolated), tmp_path, ["worker", "sink"], seed=33)
+    assert figures["lost"] == 0 and figures["duplicated"] == 0
+
+
+def _set_topic_config(settings: Settings, topic: str, name: str, value: str | None) -> None:
+    """Set one config of ``topic`` (None: back to the broker's default), leaving the others."""
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    op = AlterConfigOpType.SET if value is not None else AlterConfigOpType.DELETE
+    entry = ConfigEntry(name, value or "", incremental_operation=op)
+    resource = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[entry])
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result(30)
+
+
+def test_a_failing_dead_letter_stops_the_worker_and_nothing_is_acknowledged(isolated: Settings, tmp_path: Path) -> None:
+    """No silent acknowledgement: the DLQ refuses a letter (over its max.message.bytes), so the
+    batch fails as a whole; the worker exits non-zero without acknowledging it, and after the
+    DLQ is fixed a restarted worker handles the batch again: every event is accounted for."""
+    settings = _settings(isolated)
+    ensure_topics(settings)
+    topics = Topics(settings.topic_prefix)
+    _set_topic_config(settings, topics.dlq, "max.message.bytes", "2000")
+    before = [{"type": "thumbs", "user_id": f"u{i}", "payload": {"direction": "up"}, "idempotency_key": f"b{i}"}
+              for i in range(300)]  # fmt: skip
+    after = [{**item, "idempotency_key": f"a{i}"} for i, item in enumerate(before)]
+    poison = b"fault-poison " + random.Random(5).randbytes(4000)  # its letter is over 2,000 bytes
+    with FeedbackClient("faults", settings) as client, FeedbackProducer(settings) as raw:
+        first = client.emit_many(before)
+        client.flush()
+        raw.send_raw(poison, key=b"poison")
+        raw.flush()
+        second = client.emit_many(after)
+        client.flush()
+    produced = Produced(accepted={a.event_id for a in first + second}, poison={poison})
+
+    with pipeline_process(settings, "sink", tmp_path / "sink.log") as sink:
+        with pipeline_process(settings, "worker", tmp_path / "worker-1.log") as worker:
+            deadline = time.monotonic() + 180
+            while worker.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert worker.poll() == EXIT_FATAL, "the worker must stop when a dead letter cannot be sent"
+        log = (tmp_path / "worker-1.log").read_bytes()
+        assert b"batch_failed" in log
+        assert b"fault-poison" not in log  # coordinates and reasons, never the bytes
+        _set_topic_config(settings, topics.dlq, "max.message.bytes", None)
+        with pipeline_process(settings, "worker", tmp_path / "worker-2.log") as worker:
+            _settle(settings, produced, [worker, sink])
+            figures = _reconcile(settings, produced)
+            assert worker.poll() is None
+    assert figures["lost"] == 0 and figures["duplicated"] == 0
+    print("fault_figures", orjson.dumps({**figures, "test": "dead letter refused"}).decode())

@@ -48,7 +48,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,7 @@ import orjson
 
 from benchmarks.common import free_port
 from benchmarks.kafka_tools import Watermarks, create_topics, group_members, log_append_time, read_topic
-from benchmarks.procs import Child, scrape, tree_env
+from benchmarks.procs import Child, cpu_seconds, scrape, tree_env
 from benchmarks.stats import batch_latencies, latency_summary, prom_sum, ratio, span_rate, sustained
 from benchmarks.workload import BIAS_TYPES
 from pipeline.kafka_admin import ensure_topics
@@ -93,6 +93,8 @@ class Context:
 
     def log(self, name: str) -> Path:
         return self.tmp / "logs" / f"{name}.log"
+
+    services: dict[str, int] = field(default_factory=dict)  # the stack's processes (kafka, clickhouse): name → PID
 
 
 # --- children ------------------------------------------------------------------------
@@ -586,9 +588,10 @@ class Poller(threading.Thread):
 
 def _paced(
     ctx: Context, settings: Settings, poller: Poller, *, mode: str, rate: float, duration: float, interval: float,
-    tag_prefix: str, drain_s: float, seed: int,
+    tag_prefix: str, drain_s: float, seed: int, children: Sequence[Child] = (),
 ) -> dict[str, Any]:  # fmt: skip
-    """One paced publishing run, its batches watched until visible or ``drain_s`` after the last send."""
+    """One paced publishing run, its batches watched until visible or ``drain_s`` after the last send;
+    with the CPU each process (``children``, the stack's services, the publisher) spent per event."""
     per_batch = max(1, round(rate * interval))
     batches = max(1, round(duration / interval))
     poller.watch(tag_prefix, {f"{tag_prefix}{k:06d}": per_batch for k in range(batches)})
@@ -596,6 +599,8 @@ def _paced(
     child, out = start_publisher(ctx, settings, "paced", "--mode", mode, "--rate", rate, "--duration", duration,
                                  "--interval", interval, "--tag-prefix", tag_prefix, "--sends-file", sends_file,
                                  "--seed", seed, name=f"paced-{tag_prefix.rstrip('-')}")  # fmt: skip
+    watched = {**ctx.services, **{c.name.rsplit(".", 1)[-1]: c.pid for c in children}}
+    cpu_before = {name: cpu_seconds(pid) for name, pid in watched.items()}
     child.wait(duration + 120)
     if child.proc is not None and child.proc.returncode != 0:
         raise SystemExit(f"the publisher failed:\n{child.tail()}")
@@ -603,13 +608,28 @@ def _paced(
     deadline = time.monotonic() + drain_s
     while poller.pending() and time.monotonic() < deadline:
         time.sleep(0.05)
+    cpu = cpu_per_event(cpu_before, {name: cpu_seconds(pid) for name, pid in watched.items()},
+                        per_batch * batches, publisher=published.get("cpu_s"))  # fmt: skip
     sends = [tuple(s) for s in json.loads(sends_file.read_text())]
     with poller.lock:
         seen = dict(poller.seen)
     latencies = batch_latencies(sends, seen)  # type: ignore[arg-type]
     summary = latency_summary(latencies)
-    return {"publisher": published, **summary, "drained": poller.pending() == 0,
+    return {"publisher": published, **summary, "drained": poller.pending() == 0, "cpu_us_per_event": cpu,
             "latencies_ms": [None if math.isinf(v) else round(v * 1000, 1) for v in latencies]}  # fmt: skip
+
+
+def cpu_per_event(
+    before: dict[str, float | None], after: dict[str, float | None], events: int, *, publisher: float | None
+) -> dict[str, float | None]:
+    """CPU µs per published event of each process over one paced run (the publisher's from its
+    own account: it has exited by the time the others are read); None where a process is gone."""
+    spent = {name: (after[name] - b) if b is not None and after.get(name) is not None else None  # type: ignore[operator]
+             for name, b in before.items()}  # fmt: skip
+    spent["publisher"] = publisher
+    out = {name: None if s is None else round(s * 1e6 / max(1, events), 1) for name, s in spent.items()}
+    out["total"] = round(sum(v for v in out.values() if v is not None), 1)
+    return out
 
 
 def _per_event(settings: Settings, prefix: str) -> dict[str, Any]:
@@ -640,12 +660,12 @@ def _stop(*things: Any) -> None:
             print(f"bench: stopping {thing!r} failed: {exc}", file=sys.stderr)
 
 
-def _pipeline(ctx: Context, prefix: str) -> tuple[Settings, Child, Child, Poller]:
+def _pipeline(ctx: Context, prefix: str, poll_s: float = 0.05) -> tuple[Settings, Child, Child, Poller]:
     settings = ctx.scoped(prefix, clickhouse_database=f"bench_{prefix.rstrip('.')}", sink_group=f"{prefix}sink")
     ensure_topics(settings)
     worker = start_worker(ctx, settings, f"{prefix}worker", FEEDBACK_WORKER_METRICS_PORT=free_port())
     sink = start_sink(ctx, settings, f"{prefix}sink")
-    poller = Poller(settings)
+    poller = Poller(settings, poll_s)
     poller.start()
     return settings, worker, sink, poller
 
@@ -683,18 +703,25 @@ def stage_latency(
     ramp_step_s: float = 8.0,
     ramp_steps: int = 6,
     sustain_limit_s: float = 2.0,
+    warm_s: float = 0.0,
+    poll_s: float = 0.05,
 ) -> dict[str, Any]:
-    out: dict[str, Any] = {"interval_s": interval, "poll_s": 0.05}
+    out: dict[str, Any] = {"interval_s": interval, "poll_s": poll_s, "warm_s": warm_s}
     # Bulk: emit_many batches at the given rate.
-    settings, worker, sink, poller = _pipeline(ctx, "lat1.")
+    settings, worker, sink, poller = _pipeline(ctx, "lat1.", poll_s)
     try:
         ctx.say("latency/bulk: starting worker and sink")
         _warm(ctx, settings, poller, "bulk", [worker, sink])
+        if warm_s > 0:  # the stack at the measured load first: a fresh broker spends its first minute in the JIT
+            ctx.say(f"latency/bulk: {warm_s:.0f} s at {rate:.0f}/s before the measured run")
+            out["warm"] = _paced(ctx, settings, poller, mode="bulk", rate=rate, duration=warm_s, interval=interval,
+                                 tag_prefix="w-", drain_s=drain_s, seed=7, children=(worker, sink))  # fmt: skip
+            out["warm"].pop("latencies_ms", None)
         ctx.say(
             f"latency/bulk: emit_many of {round(rate * interval)} every {interval * 1000:.0f} ms for {duration:.0f} s"
         )
         bulk = _paced(ctx, settings, poller, mode="bulk", rate=rate, duration=duration, interval=interval,
-                      tag_prefix="b-", drain_s=drain_s, seed=11)  # fmt: skip
+                      tag_prefix="b-", drain_s=drain_s, seed=11, children=(worker, sink))  # fmt: skip
         bulk["per_event"] = _per_event(settings, "b-")
         bulk["rate"] = rate
         out["bulk"] = bulk
@@ -704,7 +731,7 @@ def stage_latency(
     if not ramp:
         return out
     # Single-event messages: the highest rate they sustain, then the same measurement there.
-    settings, worker, sink, poller = _pipeline(ctx, "lat2.")
+    settings, worker, sink, poller = _pipeline(ctx, "lat2.", poll_s)
     try:
         ctx.say("latency/single: starting worker and sink")
         _warm(ctx, settings, poller, "single", [worker, sink])
@@ -716,7 +743,7 @@ def stage_latency(
                 break
             tried.add(r)
             step = _paced(ctx, settings, poller, mode="single", rate=r, duration=ramp_step_s, interval=interval,
-                          tag_prefix=f"r{i}-", drain_s=drain_s, seed=100 + i)  # fmt: skip
+                          tag_prefix=f"r{i}-", drain_s=drain_s, seed=100 + i, children=(worker, sink))  # fmt: skip
             ok = sustained([math.inf if v is None else v / 1000 for v in step["latencies_ms"]],
                            rate_sent=step["publisher"].get("rate_sent"), rate_planned=r,
                            limit_s=sustain_limit_s)  # fmt: skip
@@ -737,7 +764,7 @@ def stage_latency(
         if best is not None:
             ctx.say(f"latency/single: {best:.0f} single-event messages/s for {duration:.0f} s")
             single = _paced(ctx, settings, poller, mode="single", rate=best, duration=duration, interval=interval,
-                            tag_prefix="s-", drain_s=drain_s, seed=21)  # fmt: skip
+                            tag_prefix="s-", drain_s=drain_s, seed=21, children=(worker, sink))  # fmt: skip
             single["per_event"] = _per_event(settings, "s-")
             single["rate"] = best
             out["single"] = single

@@ -21,9 +21,18 @@ from typing import Any
 from benchmarks.stats import parse_prometheus
 from pipeline.settings import PROJECT_ROOT, Settings
 
-__all__ = ["Child", "rss_mb", "scrape", "stop_all", "tree_env"]
+__all__ = ["Child", "cpu_seconds", "rss_mb", "scrape", "stop_all", "tree_env"]
 
 _LIVE: list[Child] = []  # every child started and not yet stopped, for stop_all()
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time a process has used so far (``/proc/<pid>/stat``), None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
 
 
 def tree_env(settings: Settings | None, src: Path | None = None, **extra: Any) -> dict[str, str]:

@@ -51,6 +51,8 @@ class Options:
     latency_rate: float = 5000.0
     latency_duration: float = 60.0
     latency_ramp: bool = True
+    latency_warm: float = 0.0  # seconds at the measured rate before the measured run (JIT, caches, merges)
+    latency_poll: float = 0.05  # seconds between the visibility probe's ClickHouse queries
     memory_events: int = 1_000_000
     scaleout_events: int | None = None
     client_events: int = 50_000
@@ -137,7 +139,8 @@ def run(opts: Options, say: Any = None) -> dict[str, Any]:
     try:
         local, settings = stack(tmp / "stack", topic_partitions=opts.partitions, rate_limit_per_minute=1e9,
                                 pseudonym_key=PSEUDONYM_KEY)  # fmt: skip
-        ctx = Context(settings, tmp, src, timeout_s=opts.timeout_s, say=say)
+        ctx = Context(settings, tmp, src, timeout_s=opts.timeout_s, say=say,
+                      services={s.name: s.pid for s in local.status() if s.pid is not None})  # fmt: skip
         stages = result["stages"]
 
         def attempt(name: str, fn: Any, *args: Any, **kwargs: Any) -> None:
@@ -166,7 +169,7 @@ def run(opts: Options, say: Any = None) -> dict[str, Any]:
                 attempt("memory", stage_memory, ctx, opts.memory_events)
             elif name == "latency":
                 attempt("latency", stage_latency, ctx, rate=opts.latency_rate, duration=opts.latency_duration,
-                        ramp=opts.latency_ramp)  # fmt: skip
+                        ramp=opts.latency_ramp, warm_s=opts.latency_warm, poll_s=opts.latency_poll)  # fmt: skip
             elif name in ("client", "gateway"):
                 if "ingest" not in stages and "ingest" not in result["errors"]:  # one run measures both
                     attempt("ingest", _ingest, ctx, opts, gateway="gateway" in opts.stages)
@@ -256,6 +259,9 @@ def parser(default_stages: tuple[str, ...] = DEFAULT_STAGES) -> argparse.Argumen
     p.add_argument("--latency-rate", type=float, default=5000.0)
     p.add_argument("--latency-duration", type=float, default=60.0)
     p.add_argument("--no-ramp", action="store_true", help="latency: skip the single-event ramp")
+    p.add_argument("--latency-warm", type=float, default=0.0,
+                   help="latency: seconds of bulk load at the measured rate before the measured run")
+    p.add_argument("--latency-poll", type=float, default=0.05, help="latency: seconds between visibility probes")
     p.add_argument("--memory-events", type=int, default=1_000_000)
     p.add_argument("--scaleout-events", type=int, default=None)
     p.add_argument("--client-events", type=int, default=50_000)
@@ -282,7 +288,8 @@ def main(argv: list[str] | None = None, default_stages: tuple[str, ...] = DEFAUL
         raise SystemExit(str(exc)) from None
     opts = Options(stages=stages, events=args.events, worker_src=args.worker_src, partitions=args.partitions,
                    latency_rate=args.latency_rate, latency_duration=args.latency_duration,
-                   latency_ramp=not args.no_ramp, memory_events=args.memory_events,
+                   latency_ramp=not args.no_ramp, latency_warm=args.latency_warm, latency_poll=args.latency_poll,
+                   memory_events=args.memory_events,
                    scaleout_events=args.scaleout_events, client_events=args.client_events, sink_rows=args.sink_rows,
                    timeout_s=args.timeout, label=args.label, keep_tmp=args.keep_tmp,
                    record=not args.no_record)  # fmt: skip

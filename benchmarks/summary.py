@@ -56,6 +56,8 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         for q in ("p50_ms", "p95_ms", "p99_ms", "max_ms"):
             out[f"latency_{variant}_{q}"] = run.get(q)
         out[f"latency_{variant}_missing"] = run.get("missing")
+        if run.get("cpu_us_per_event"):
+            out[f"latency_{variant}_cpu_us_per_event"] = run["cpu_us_per_event"]
     if latency.get("ramp"):
         out["single_sustained_rate"] = latency["ramp"].get("best_rate")
     memory = stages.get("memory")
@@ -136,6 +138,10 @@ def table_rows(summary: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                                                                                      "max_ms")) + " ms",
                          f"{_fmt(s.get(f'latency_{variant}_missing'))} batches missing",
                          f"p99 < 1 s: {_fmt(s['targets_met'].get(f'latency_{variant}_p99_under_1s'))}"))  # fmt: skip
+        if s.get(f"latency_{variant}_cpu_us_per_event"):
+            cpu = s[f"latency_{variant}_cpu_us_per_event"]
+            rows.append(("latency", f"{variant}: CPU µs per event by process", _fmt(cpu.get("total")),
+                         ", ".join(f"{k} {_fmt(v)}" for k, v in cpu.items() if k != "total"), ""))  # fmt: skip
     if "single_sustained_rate" in s:
         rows.append(("latency", "single-event messages sustained, events/s", _fmt(s["single_sustained_rate"]), "", ""))
     if "memory_peak_mb" in s:

@@ -168,6 +168,29 @@ class Settings(BaseSettings):
         gt=0,
         description="How long after track() feedback is enriched with the interaction's context; later: 'expired'.",
     )
+    interaction_index: bool = Field(
+        default=True,
+        description="The worker indexes tracked interaction ids, and feedback naming an interaction that was "
+        "never tracked goes straight to the clean topic instead of through the enrich join.",
+    )
+    interaction_index_capacity: int = Field(
+        default=2_000_000,
+        ge=1000,
+        description="Interaction ids per Bloom generation of that index (1% false positives, ~1.2 MB per "
+        "million; past it, more feedback takes the join, never less).",
+    )
+    interaction_index_wait_ms: float = Field(
+        default=200.0,
+        ge=0,
+        description="How long a gate batch may wait for the interaction index to read as far as its freshest "
+        "feedback; what it cannot decide by then takes the enrich join.",
+    )
+    interaction_clock_skew_ms: float = Field(
+        default=50.0,
+        ge=0,
+        description="How far producers' clocks may lag the worker's: feedback whose Kafka timestamp is not "
+        "at least this far behind what the interaction index has read takes the enrich join.",
+    )
     sample_rates: dict[str, float] = Field(
         default_factory=dict, description='Per-type keep rate in [0, 1], JSON: {"implicit": 0.1}. Default 1.0.'
     )

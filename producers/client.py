@@ -51,6 +51,7 @@ from stream_processors.redact import redact_text
 __all__ = ["REGRET_THRESHOLD", "Accepted", "AsyncFeedbackClient", "FeedbackClient"]
 
 REGRET_THRESHOLD = -0.3
+MAX_TRACKS_IN_FLIGHT = 10_000  # interactions remembered between tracker flushes (then it is flushed)
 
 Scalar = str | int | float | bool | None
 
@@ -102,10 +103,16 @@ class _Signals:
                 if result.error is None:
                     raise ValueError(f"events.{i}: must be a mapping of fields")
                 raise InvalidEvent.first(result.error, prefix=f"events.{i}.")
+        self._after_tracks(item.get("interaction_id") for item in items if isinstance(item, dict))
         return self._submit_many(results)  # type: ignore[arg-type]  # every result is Accepted here
 
     def _track(self, interaction: Interaction) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _after_tracks(self, interaction_ids: Iterable[Any]) -> None:
+        """Before events naming these interactions are sent: wait for their ``track()`` if it is
+        still in flight, so Kafka has the interaction before the feedback (the worker joins an
+        interaction to the feedback sent after it was tracked). Nothing to do by default."""
 
     # --- delayed feedback ----------------------------------------------------
     def track(
@@ -208,10 +215,23 @@ class FeedbackClient(_Signals):
         super().__init__(source, **kwargs)
         self.producer = FeedbackProducer(settings)
         self._tracker: FeedbackProducer | None = None
+        self._tracks_in_flight: set[str] = set()  # interactions tracked since the tracker's last flush
 
     def _submit(self, event: FeedbackEvent) -> FeedbackEvent:
+        if self._tracks_in_flight and event.interaction_id is not None:
+            self._after_tracks((event.interaction_id,))
         self.producer.send(event)
         return event
+
+    def _after_tracks(self, interaction_ids: Iterable[Any]) -> None:
+        pending = self._tracks_in_flight
+        if pending and any(i in pending for i in interaction_ids):
+            self._settle_tracks()
+
+    def _settle_tracks(self) -> None:
+        if self._tracker is not None:
+            self._tracker.flush(120.0)
+        self._tracks_in_flight.clear()
 
     def _serde(self) -> AvroSerde:
         return self.producer.serde
@@ -228,12 +248,16 @@ class FeedbackClient(_Signals):
             self._tracker = _tracker(self.producer.settings)
         value = self._tracker.serde.encode(interaction.to_avro())
         self._tracker.send_raw(value, key=interaction.interaction_id.encode(), label=interaction.interaction_id)
+        self._tracks_in_flight.add(interaction.interaction_id)
+        if len(self._tracks_in_flight) > MAX_TRACKS_IN_FLIGHT:
+            self._settle_tracks()
         return interaction
 
     def flush(self, timeout: float = 60.0) -> None:
         self.producer.flush(timeout)
         if self._tracker is not None:
             self._tracker.flush(timeout)
+            self._tracks_in_flight.clear()
 
     def close(self) -> None:
         try:

@@ -60,6 +60,7 @@ from stream_processors.dedup import dedup_key, opinion_key
 from stream_processors.enrich import context_of, enrich, newer
 from stream_processors.faust_glue import StateTable, bound_rocksdb, json_table
 from stream_processors.gate_step import gate_step, opinion_from_json, opinion_to_json, subject_key
+from stream_processors.interaction_index import InteractionIndex
 from stream_processors.metrics import GateMetrics, Tally
 from stream_processors.outputs import KafkaOutputs, Outputs, partition_for
 from stream_processors.redact import pseudonymize
@@ -180,12 +181,14 @@ def create_app(
     metrics: GateMetrics | None = None,
     outputs: Outputs | None = None,
     on_fatal: Callable[[BaseException], None] = _exit_now,
+    interaction_index: InteractionIndex | None = None,
     **overrides: Any,
 ) -> FeedbackApp:
     """The worker's Faust app with the gate and state agents registered. ``outputs``: where the
     agents write (default: a confluent-kafka producer on the settings' cluster). ``on_fatal``:
     called when a batch fails as a whole (Kafka or the store, not a message); the default ends
-    the process at once so the batch is never acknowledged."""
+    the process at once so the batch is never acknowledged. ``interaction_index``: lets feedback
+    naming an interaction never tracked skip the enrich join (None: all of it takes the join)."""
     topics = Topics(settings.topic_prefix)
     conf: dict[str, Any] = {
         "broker": _broker_urls(settings.kafka_bootstrap),
@@ -330,6 +333,8 @@ def create_app(
     slowest = min([config.rate_limit, *config.source_limits.values()], key=lambda r: r.rate_per_s)
     idle_s = max(settings.rate_limit_idle_s, slowest.burst / max(slowest.rate_per_s, 1e-9))
     ttl_s = settings.interaction_ttl_s
+    tracked = interaction_index
+    index_wait_s = settings.interaction_index_wait_ms / 1000.0
     clean_name, enrich_name, rejected_name = topics.clean, topics.enrich, topics.rejected
 
     class GateBatch:
@@ -338,6 +343,7 @@ def create_app(
         def __init__(self) -> None:
             self.outcomes: list[Outcome] = []
             self.enrich: list[tuple[bytes, bytes]] = []
+            self.undecided: list[tuple[bytes, dict[str, Any], float]] = []  # (interaction id, event, sent at)
             self.triage: list[tuple[bytes, bytes]] = []
             self.tally = Tally()
             self.events = 0
@@ -369,11 +375,14 @@ def create_app(
         etype = str(record["type"])
         if route.target in ("clean", "enrich"):
             assert route.event is not None
-            value = events_serde.encode(route.event)
-            if route.target == "enrich":
-                batch.enrich.append((route.key, value))
-            else:
-                out.produce(clean_name, route.key, value)
+            if route.target == "clean":
+                out.produce(clean_name, route.key, events_serde.encode(route.event))
+            elif tracked is None:
+                batch.enrich.append((route.key, events_serde.encode(route.event)))
+            elif tracked.decided(now.timestamp()):
+                to_join(batch, route.key, route.event, now.timestamp())
+            else:  # sent moments ago: decided at the flush, once the index has read that far
+                batch.undecided.append((route.key, route.event, now.timestamp()))
             tally.add(metrics.feedback, metrics.cap_source(str(record["source"])), metrics.cap_type(etype))
             if result.text_dropped:
                 tally.add(metrics.text_dropped)
@@ -405,7 +414,24 @@ def create_app(
         if result.opinion is not None:  # the opinion's latest revision (the same table, its own key)
             seen.set(okey, opinion_to_json(result.opinion, partition), partition)
 
+    def to_join(batch: GateBatch, interaction_id: bytes, event: dict[str, Any], sent_s: float) -> None:
+        """An event naming an interaction: through the join, unless the index shows the
+        interaction was never tracked before the event was sent (then marked as the join would)."""
+        assert tracked is not None
+        if tracked.may_have_context(interaction_id, sent_s):
+            batch.enrich.append((interaction_id, events_serde.encode(event)))
+            return
+        enriched, status = enrich(event, None, ttl_s)
+        out.produce(clean_name, clean_key(enriched), events_serde.encode(enriched))
+        batch.tally.add(metrics.enriched, status)
+        batch.tally.add(metrics.enrich_skipped)
+
     def gate_flush(batch: GateBatch) -> None:
+        if batch.undecided:
+            assert tracked is not None
+            tracked.wait_until_decided(max(sent for _, _, sent in batch.undecided), index_wait_s)
+            for interaction_id, event, sent_s in batch.undecided:
+                to_join(batch, interaction_id, event, sent_s)
         if batch.enrich:
             for p, key, value in group_by_partition(batch.enrich, out.partitions(enrich_name), partition_for):
                 out.produce(enrich_name, key, value, p)
@@ -419,6 +445,8 @@ def create_app(
             out.produce(topics.outcomes, key, value)
         flush(subjects, seen)
         batch.tally.apply()
+        if tracked is not None:
+            metrics.index_behind.set(max(0.0, time.time() - tracked.covered_until))
 
     def gate_batch(events: list[EventT]) -> None:
         batch = GateBatch()
@@ -902,12 +930,37 @@ def bound_malloc() -> bool:
         return False
 
 
+def interaction_index(settings: Settings) -> InteractionIndex:
+    """The worker's index of tracked interactions, reading feedback.interactions.v1 from the start
+    (a consumer that never commits: no group offsets to keep) and asking for its watermarks."""
+    from confluent_kafka import Consumer
+    from confluent_kafka.admin import AdminClient
+
+    topic = Topics(settings.topic_prefix).interactions
+    conf = {"bootstrap.servers": settings.kafka_bootstrap, "client.id": f"feedback-index-{settings.worker_id}"}
+    return InteractionIndex(
+        topic,
+        lambda: Consumer({**conf, "group.id": f"{settings.topic_prefix}feedback-index", "enable.auto.commit": False,
+                          "enable.partition.eof": True, "fetch.wait.max.ms": 20,
+                          "auto.offset.reset": "earliest"}),  # fmt: skip
+        lambda: AdminClient(conf),
+        # Longer than the interactions table keeps an interaction (swept at twice the TTL by event
+        # time; an event time may be up to max_future_s ahead), plus the sweep's own lag.
+        keep_s=2 * settings.interaction_ttl_s + settings.max_future_s + 3600.0,
+        capacity=settings.interaction_index_capacity,
+        clock_skew_s=settings.interaction_clock_skew_ms / 1000.0,
+    )
+
+
 def run_worker(settings: Settings) -> None:
     """Run the worker until SIGTERM/SIGINT (blocking)."""
-    fa = create_app(settings)
+    index = interaction_index(settings) if settings.interaction_index else None
+    fa = create_app(settings, interaction_index=index)
     # The tables' changelogs too: a changelog Faust creates itself is missing from the metadata of
     # its first rebalance, and an event that touches the table then fails (PartitionsMismatch).
     ensure_topics(settings, compacted=[t.changelog for t in fa.tables.values()])
+    if index is not None:
+        index.start()
     fa.metrics.serve(settings.worker_metrics_port)
     # A batch allocates tens of thousands of short-lived objects; with the default thresholds
     # the collector's full passes walk the whole long-lived heap (Faust, librdkafka wrappers,

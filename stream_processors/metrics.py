@@ -64,6 +64,16 @@ class GateMetrics:
             "feedback_enriched", "Feedback joined to its interaction, by status: joined/expired/unknown.",
             ["status"], registry=r,
         )  # fmt: skip
+        self.enrich_skipped = Counter(
+            "feedback_enrich_skipped",
+            "Feedback naming an interaction never tracked, sent straight to the clean topic (status unknown).",
+            registry=r,
+        )
+        self.index_behind = Gauge(
+            "feedback_interaction_index_behind_seconds",
+            "How far behind now the interaction index has read every interaction (inf until it has caught up).",
+            registry=r,
+        )
         self.state_updates = Counter(
             "feedback_state_updates", "State table updates applied (replays excluded).", ["table"], registry=r
         )

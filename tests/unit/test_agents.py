@@ -21,6 +21,7 @@ from schemas.state_records import decode_bias, decode_reputation
 from schemas.topics import Topics
 from stream_processors.app import FeedbackApp, create_app
 from stream_processors.dedup import dedup_key, opinion_key
+from stream_processors.interaction_index import InteractionIndex
 from stream_processors.outputs import CapturedOutputs
 from stream_processors.redact import pseudonymize
 
@@ -35,7 +36,7 @@ SETTLE_S = 0.6
 class Harness:
     """One app in test mode: outputs captured per topic, tables in memory."""
 
-    def __init__(self, tmp: Path, **settings: Any) -> None:
+    def __init__(self, tmp: Path, index: InteractionIndex | None = None, **settings: Any) -> None:
         base = {
             "table_store": "memory", "state_dir": tmp, "pseudonym_key": KEY, "worker_metrics_port": 0,
             "rate_limit_per_minute": 5, "bias_publish_interval_s": 0.0,
@@ -43,7 +44,9 @@ class Harness:
         self.settings = Settings(**{**base, **settings})
         self.outputs = CapturedOutputs()
         self.fatal: list[BaseException] = []  # a batch that failed as a whole (the worker would stop)
-        self.fa: FeedbackApp = create_app(self.settings, outputs=self.outputs, on_fatal=self.fatal.append)
+        self.fa: FeedbackApp = create_app(
+            self.settings, outputs=self.outputs, on_fatal=self.fatal.append, interaction_index=index
+        )
         self.fa.app.finalize()
         self.fa.app.flow_control.resume()
 
@@ -417,6 +420,34 @@ def test_late_feedback_is_joined_to_its_interaction_and_marked(tmp_path: Path, a
     assert h.table("interactions")["i-1"]["model_version"] == "m-7"
     # Keys on the clean topic: the subject (here the source), never the interaction.
     assert {k for k, _ in h.sent[TOPICS.clean]} == {b"dream_ui"}
+
+
+def test_feedback_on_an_interaction_never_tracked_skips_the_join_only_when_the_index_shows_it(
+    tmp_path: Path,
+) -> None:
+    # The index's rules are real (stream_processors.interaction_index); its Kafka thread is not
+    # started: the test says what it has read. It has read everything tracked up to T0 + 30 s.
+    index = InteractionIndex("interactions", lambda: None, lambda: None, keep_s=3600.0, clock_skew_s=0.05,
+                             clock=lambda: T0.timestamp())  # fmt: skip
+    index.ids.add(b"i-tracked", now=T0.timestamp())
+    index.coverage.asked((T0 + timedelta(seconds=30)).timestamp(), {0: 0})
+    h = Harness(tmp_path, index=index, rate_limit_per_minute=1e6, interaction_index_wait_ms=0.0)
+    feedback = [
+        _event(1, user_id="u1", interaction_id="i-tracked"),  # tracked: through the join
+        _event(2, user_id="u2", interaction_id="i-never"),  # never tracked, sent before what was read
+        _event(60, user_id="u3", interaction_id="i-fresh"),  # sent after what the index has read
+        _event(3, user_id="u4"),  # no interaction: straight to clean, no status
+    ]
+    asyncio.run(h.feed("gate", feedback, lambda: len(h.accepted) >= 4))
+    through_join = sorted(k for k, _ in h.sent[TOPICS.enrich])
+    assert through_join == [b"i-fresh", b"i-tracked"]
+    direct = {e.get("interaction_id"): e for e in (EVENTS.decode(v) for _, v in h.sent[TOPICS.clean])}
+    assert set(direct) == {"i-never", None}
+    # Marked exactly as the join marks an interaction it does not know.
+    assert direct["i-never"]["payload"]["extra"]["interaction_status"] == "unknown"
+    assert "interaction_status" not in (direct[None]["payload"].get("extra") or {})
+    assert h.metric("feedback_enrich_skipped_total") == 1
+    assert h.metric("feedback_enriched_total", status="unknown") == 1
 
 
 def _avro_interaction(interaction_id: str, at: datetime) -> dict[str, Any]:

@@ -335,6 +335,7 @@ class Finding:
             "metric": self.metric, "effect": round(self.effect, 6), "n": self.n, "n_compared_to": self.n_compared_to,
             "ci_low": round(self.ci_low, 6), "ci_high": round(self.ci_high, 6), "level": round(self.level, 6),
             "p_value": self.p_value, "significant": self.significant,
+            "keys": list(self.keys), "compared_keys": list(self.compared_keys),
         }  # fmt: skip
 
 

@@ -184,6 +184,7 @@ def test_a_planted_difference_and_decline_are_found(loaded: Loaded) -> None:
     # p-a/math: 90 up of 120, mean 0.5; p-b/math: 40 up of 100, mean -0.2.
     assert worse["effect"] == pytest.approx(-0.7) and worse["n"] == 100 and worse["n_compared_to"] == 120
     assert worse["ci_low"] < -0.7 < worse["ci_high"] < 0
+    assert worse["keys"] == ["p-b", "math"] and worse["compared_keys"] == ["p-a", "math"]
     decline = sig[("prompt_version/tag", "p-b/math", "previous period", "success_rate")]
     assert decline["effect"] == pytest.approx(0.4 - 0.8) and decline in data["declines"]
     assert ("prompt_version/tag", "p-a/math", "previous period", "success_rate") not in sig  # unchanged

@@ -18,7 +18,7 @@ each writer through the pipeline's own channels, in an order that leaves nothing
    an ``erase`` command per triage item on ``feedback.triage-commands.v1`` (the worker
    drops the item and tombstones it on ``feedback.triage.v1``; the triage sink deletes
    its ClickHouse rows and rewrites ``triage-queue.jsonl``).
-4. **Delete** the user's rows from ClickHouse (``feedback_events``, ``interaction_stats``,
+4. **Delete** the user's rows from ClickHouse (``feedback_events``, ``feedback_current``, ``interaction_stats``,
    ``interactions``, ``triage``) with synchronous mutations: the data parts are rewritten,
    not masked.
 5. **Files.** The daily JSONL files are rewritten without the user's lines by their one
@@ -319,7 +319,9 @@ def forget(
             step("deleting from ClickHouse")
             targets = (
                 ("feedback_events", "user_id", sorted(ids)),
-                ("interaction_stats", "interaction_id", interaction_ids),
+                ("feedback_current", "user_id", sorted(ids)),  # the latest revision of each opinion
+                # interaction_stats is a view over these rows (migration 21).
+                ("interaction_stats_rows", "interaction_id", interaction_ids),
                 # The interactions sink deletes on the tombstones too (it may be behind, or stopped).
                 ("interactions", "interaction_id", interaction_ids),
                 ("triage", "triage_id", event_ids),

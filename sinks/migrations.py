@@ -27,6 +27,10 @@ class Migration:
     #: statement index → (table, column): that statement runs only while the table has the column,
     #: so a re-run (after a crash before the ledger row) skips it once a later statement dropped it.
     while_column: dict[int, tuple[str, str]] = field(default_factory=dict)
+    #: statement index → (table, field of system.tables, value): runs only while the table's
+    #: ``engine`` or ``sorting_key`` is that (a Replicated engine counts as its plain kind), so a
+    #: re-run skips a RENAME or EXCHANGE that already happened.
+    while_table: dict[int, tuple[str, str, str]] = field(default_factory=dict)
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -356,7 +360,8 @@ def _render(statement: str, database: str, cluster: str | None = None) -> str:
 
 
 _CREATE_HEAD = re.compile(
-    r"^(\s*(?:CREATE (?:TABLE|MATERIALIZED VIEW|DATABASE) IF NOT EXISTS|ALTER TABLE)\s+(`[^`]+`(?:\.\S+)?|\S+))"
+    r"^(\s*(?:CREATE (?:TABLE|MATERIALIZED VIEW|VIEW|DATABASE) IF NOT EXISTS|ALTER TABLE|DROP (?:TABLE|VIEW) IF EXISTS)"
+    r"\s+(`[^`]+`(?:\.\S+)?|\S+))"
 )
 _ENGINE = re.compile(r"ENGINE = (Replacing|Summing|Aggregating|)MergeTree(?:\(([^)]*)\))?")
 
@@ -367,6 +372,8 @@ def for_cluster(statement: str, cluster: str) -> str:
     (a migration's backfill) is returned as it is: it runs on the node the client is connected to."""
     if statement.lstrip().startswith("INSERT "):
         return statement
+    if statement.lstrip().startswith(("RENAME TABLE ", "EXCHANGE TABLES ")):
+        return f"{statement.rstrip()} ON CLUSTER `{cluster}`"
     statement, n = _CREATE_HEAD.subn(lambda m: f"{m.group(1)} ON CLUSTER `{cluster}`", statement, count=1)
     if not n:
         raise ValueError(f"cannot place ON CLUSTER in: {statement.strip()[:60]}")
@@ -436,6 +443,16 @@ def _has_column(client: Client, database: str, table: str, column: str) -> bool:
     )
 
 
+def _table_is(client: Client, database: str, table: str, column: str, value: str) -> bool:
+    if column not in ("engine", "sorting_key"):
+        raise ValueError(f"while_table: {column!r} is not engine or sorting_key")
+    found = client.query(
+        f"SELECT {column} FROM system.tables WHERE database = {{db:String}} AND name = {{t:String}}",
+        parameters={"db": database, "t": table},
+    ).result_rows
+    return bool(found) and str(found[0][0]) in (value, f"Replicated{value}")
+
+
 def apply_migrations(
     client: Client, database: str, *, retention_days: int | None = None, cluster: str | None = None
 ) -> list[int]:
@@ -454,6 +471,8 @@ def apply_migrations(
             continue
         for i, statement in enumerate(migration.statements):
             if i in migration.while_column and not _has_column(client, database, *migration.while_column[i]):
+                continue
+            if i in migration.while_table and not _table_is(client, database, *migration.while_table[i]):
                 continue
             client.command(_render(statement, database, cluster))
         client.insert(
@@ -613,6 +632,185 @@ MIGRATIONS += (
             # On a cluster this runs on the node the sink connects to: its shard's events (docs/stream.md).
             f"INSERT INTO {{db}}.feedback_current ({_CURRENT_COLUMNS}, rater, opinion_key) {_CURRENT_SELECT}",
         ),
+    ),
+)
+
+# Rollups exact after a crash (docs/stream.md): the views feedback_daily_mv and
+# interaction_stats_mv counted every inserted row, so events a restarted worker sent again were
+# counted twice. Now each event is one row, keyed by its event id, in a ReplacingMergeTree
+# (feedback_daily_rows, interaction_stats_rows: narrow, no TTL, like the rollups they replace), and
+# feedback_daily and interaction_stats are views aggregating those rows FINAL: the same names and
+# columns, each event counted once whatever was inserted twice. The old daily rollup is kept as
+# feedback_daily_legacy (what it counted, repeats included, for days whose events have aged out);
+# the old interaction_stats is dropped (interaction ids: `feedback forget` erases from the rows
+# table only). The new rows are filled from feedback_events.
+_DAILY_ROW = (
+    "toDate(ts) AS day, source, type, ifNull(model_version, '') AS model_version, "
+    "ifNull(prompt_version, '') AS prompt_version, event_id, value, 1 / ifNull(sample_rate, 1) AS weight "
+    "FROM {db}.feedback_events"
+)
+_INTERACTION_ROW = (
+    "assumeNotNull(interaction_id) AS interaction_id, event_id, ts, type, value "
+    "FROM {db}.feedback_events WHERE interaction_id IS NOT NULL"
+)
+MIGRATIONS += (
+    Migration(
+        21,
+        "rollups over deduplicated rows",
+        (
+            "DROP VIEW IF EXISTS {db}.feedback_daily_mv",
+            "DROP VIEW IF EXISTS {db}.interaction_stats_mv",
+            "RENAME TABLE {db}.feedback_daily TO {db}.feedback_daily_legacy",
+            "DROP TABLE IF EXISTS {db}.interaction_stats",
+            """
+            CREATE TABLE IF NOT EXISTS {db}.feedback_daily_rows
+            (
+                day             Date,
+                source          LowCardinality(String),
+                type            LowCardinality(String),
+                model_version   LowCardinality(String),
+                prompt_version  LowCardinality(String),
+                event_id        String,
+                value           Nullable(Float64),
+                weight          Float64 COMMENT '1 / sample_rate'
+            )
+            ENGINE = ReplacingMergeTree
+            PARTITION BY toYYYYMM(day)
+            ORDER BY (day, source, type, model_version, prompt_version, event_id)
+            SETTINGS non_replicated_deduplication_window = 10000
+            """,
+            f"CREATE MATERIALIZED VIEW IF NOT EXISTS {{db}}.feedback_daily_rows_mv TO {{db}}.feedback_daily_rows AS "
+            f"SELECT {_DAILY_ROW}",
+            f"INSERT INTO {{db}}.feedback_daily_rows SELECT {_DAILY_ROW}",
+            """
+            CREATE VIEW IF NOT EXISTS {db}.feedback_daily AS
+            SELECT
+                day, source, type, model_version, prompt_version,
+                count() AS events,
+                sum(ifNull(value, 0)) AS value_sum,
+                countIf(value IS NOT NULL) AS value_count,
+                sum(weight) AS weighted_events,
+                countIf(type = 'thumbs' AND value > 0) AS thumbs_up,
+                countIf(type = 'thumbs' AND value < 0) AS thumbs_down
+            FROM {db}.feedback_daily_rows FINAL
+            GROUP BY day, source, type, model_version, prompt_version
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS {db}.interaction_stats_rows
+            (
+                interaction_id  String,
+                event_id        String,
+                ts              DateTime64(6, 'UTC'),
+                type            LowCardinality(String),
+                value           Nullable(Float64)
+            )
+            ENGINE = ReplacingMergeTree
+            ORDER BY (interaction_id, event_id)
+            SETTINGS non_replicated_deduplication_window = 10000
+            """,
+            f"CREATE MATERIALIZED VIEW IF NOT EXISTS {{db}}.interaction_stats_rows_mv TO {{db}}.interaction_stats_rows "
+            f"AS SELECT {_INTERACTION_ROW}",
+            f"INSERT INTO {{db}}.interaction_stats_rows SELECT {_INTERACTION_ROW}",
+            """
+            CREATE VIEW IF NOT EXISTS {db}.interaction_stats AS
+            SELECT
+                interaction_id,
+                count() AS feedback_count,
+                sum(ifNull(value, 0)) AS value_sum,
+                countIf(value IS NOT NULL) AS value_count,
+                min(ts) AS first_at,
+                max(ts) AS last_at,
+                max((ts, toString(type), value)) AS last
+            FROM {db}.interaction_stats_rows FINAL
+            GROUP BY interaction_id
+            """,
+        ),
+        while_table={
+            2: ("feedback_daily", "engine", "SummingMergeTree"),
+            3: ("interaction_stats", "engine", "AggregatingMergeTree"),
+        },
+    ),
+)
+
+# rejected_events and dlq_events exact after re-inserts: both were keyed by the refused message's
+# (topic, partition, offset) alone, so the items of one envelope collapsed into one row; and
+# dlq_events was partitioned by the time of dead-lettering, which a replay changes (two partitions
+# never merge). Rebuilt with keys that name the item (the event id; the envelope item of the error)
+# and, for dead letters, no partitions; the rows are copied, the tables swapped (EXCHANGE), rows
+# that arrived meanwhile copied again (repeats collapse), the old table dropped.
+_REJECTED_COLUMNS = (
+    "event_id, source, type, ts, hash, reason, field, rule, topic, partition, offset, rejected_at, ingested_at"
+)
+_DLQ_COLUMNS = "ts, stage, error, topic, partition, offset, raw_bytes, ingested_at"
+_OLD_KEY = "topic, partition, offset"
+
+
+def _rebuild(table: str, columns: str) -> tuple[str, ...]:
+    """Copy ``table`` into ``<table>_next``, swap the two, copy what came meanwhile, drop the old."""
+    return (
+        f"INSERT INTO {{db}}.{table}_next ({columns}) SELECT {columns} FROM {{db}}.{table}",
+        f"EXCHANGE TABLES {{db}}.{table} AND {{db}}.{table}_next",
+        f"INSERT INTO {{db}}.{table} ({columns}) SELECT {columns} FROM {{db}}.{table}_next",
+        f"DROP TABLE IF EXISTS {{db}}.{table}_next",
+    )
+
+
+MIGRATIONS += (
+    Migration(
+        22,
+        "rejected_events and dlq_events keyed per item",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS {db}.rejected_events_next
+            (
+                event_id      String,
+                source        LowCardinality(String),
+                type          LowCardinality(String),
+                ts            Nullable(DateTime64(6, 'UTC')),
+                hash          String,
+                reason        LowCardinality(String) COMMENT 'invalid | rate_limited | duplicate',
+                field         String COMMENT 'the field that broke a rule (empty when none)',
+                rule          String,
+                topic         LowCardinality(String) COMMENT 'the refused message: topic, partition, offset',
+                partition     Int32,
+                offset        Int64,
+                rejected_at   DateTime64(6, 'UTC'),
+                ingested_at   DateTime64(3, 'UTC') DEFAULT now64(3)
+            )
+            ENGINE = ReplacingMergeTree
+            PARTITION BY toYYYYMM(rejected_at)
+            ORDER BY (topic, partition, offset, event_id)
+            SETTINGS non_replicated_deduplication_window = 10000
+            """,
+            *_rebuild("rejected_events", _REJECTED_COLUMNS),
+            """
+            CREATE TABLE IF NOT EXISTS {db}.dlq_events_next
+            (
+                ts            DateTime64(6, 'UTC'),
+                stage         LowCardinality(String),
+                error         String,
+                topic         LowCardinality(String),
+                partition     UInt32,
+                offset        UInt64,
+                raw_bytes     UInt32 COMMENT 'size of the original message; the bytes stay in Kafka',
+                ingested_at   DateTime64(3, 'UTC') DEFAULT now64(3),
+                item          UInt32 MATERIALIZED toUInt32OrZero(extract(error, '\\\\(envelope item (\\\\d+)\\\\)'))
+                              COMMENT 'the envelope item that failed (0 for a single-event message)'
+            )
+            ENGINE = ReplacingMergeTree
+            ORDER BY (topic, partition, offset, stage, item)
+            SETTINGS non_replicated_deduplication_window = 10000
+            """,
+            *_rebuild("dlq_events", _DLQ_COLUMNS),
+        ),
+        while_table={
+            1: ("rejected_events", "sorting_key", _OLD_KEY),
+            2: ("rejected_events", "sorting_key", _OLD_KEY),
+            3: ("rejected_events_next", "sorting_key", _OLD_KEY),
+            6: ("dlq_events", "sorting_key", _OLD_KEY),
+            7: ("dlq_events", "sorting_key", _OLD_KEY),
+            8: ("dlq_events_next", "sorting_key", _OLD_KEY),
+        },
     ),
 )
 

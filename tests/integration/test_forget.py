@@ -118,9 +118,11 @@ def test_forget_erases_a_user_from_every_store_and_keeps_the_others(isolated: Se
         assert rows("feedback_events", "event_id", alice_ids) == 0
         assert rows("triage", "triage_id", alice_ids) == 0
         assert rows("interaction_stats", "interaction_id", [alice_chat]) == 0
+        assert rows("feedback_current", "user_id", [alice, "alice"]) == 0  # her opinions too
         assert rows("feedback_events", "user_id", [bob]) == 5
         assert rows("triage", "triage_id", bob_ids) >= 2
         assert rows("interaction_stats", "interaction_id", [bob_chat]) >= 1
+        assert rows("feedback_current", "user_id", [bob]) >= 1
 
         # By scanning every file (day files, compressed or not, the triage queue, the ledger, receipts).
         wait_for(lambda: alice_ids[0].encode() not in queue.read_bytes(), 30, "the queue file rewritten", procs)

@@ -105,6 +105,7 @@ WITHIN_S = 0.02  # a partial batch is handled after this long (end-to-end latenc
 FLUSH_EVENTS = 5_000  # a batch of envelopes is flushed every this many events, to bound its memory
 SWEEP_S = 1.0  # the dedup and interaction sweeps look at SWEEP_SCAN entries this often
 SWEEP_SCAN = 20_000
+SWEEP_MIN = 2_000
 REPUBLISH_S = 60.0
 MAX_LETTER_RAW = 512 * 1024  # a dead letter keeps the raw bytes up to this size
 GC_THRESHOLD = 50_000  # allocations between young collections (Python's default: 700)
@@ -507,14 +508,20 @@ def create_app(
         sweep_subjects_at(now_s)
 
     cursors: dict[str, Any] = {}
+    changes_seen: dict[str, int] = {}
 
     def sweep(state: StateTable, expired: Callable[[dict[str, Any]], bool], event: str) -> None:
-        """Look at the next SWEEP_SCAN entries of ``state`` and tombstone the ``expired`` ones (values
-        remember their partition): a bounded step per tick, so a large table never stalls the agents;
-        not during recovery."""
+        """Look at the next entries of ``state`` and tombstone the ``expired`` ones (values remember
+        their partition): a bounded step per tick, so a large table never stalls the agents; not
+        during recovery. The step is twice the keys written since the last one (at least SWEEP_MIN,
+        at most SWEEP_SCAN): the cursor goes round the table faster than it grows, so an expired
+        key goes within about half a window, and a quiet table costs a small scan a tick."""
         if app.in_recovery or app.rebalancing:
             return
-        entries, cursors[state.name] = state.scan_from(cursors.get(state.name), SWEEP_SCAN)
+        written = state.changes - changes_seen.get(state.name, 0)
+        changes_seen[state.name] = state.changes
+        step = min(SWEEP_SCAN, max(SWEEP_MIN, 2 * written))
+        entries, cursors[state.name] = state.scan_from(cursors.get(state.name), step)
         swept = 0
         for key, value in entries:
             if value is not None and expired(value):

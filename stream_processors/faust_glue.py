@@ -69,6 +69,7 @@ class StateTable:
         self._encoded: list[tuple[int, bytes, bytes | None]] = []  # the changelog records produced
         self._delivered: dict[int, int] = {}
         self._dbs: dict[int, Any] | None = None  # a RocksDB store's open partitions (Faust's own dict)
+        self.changes = 0  # keys changed so far (one changelog record each): what a sweep has to keep up with
 
     # --- the store --------------------------------------------------------------
     @property
@@ -111,6 +112,7 @@ class StateTable:
         """Queue one changelog record per key changed in this batch."""
         delivered = self._on_delivered
         encoded = self._encoded = []
+        self.changes += len(self._dirty)
         for key, (partition, value) in self._dirty.items():
             raw_key = faust_json(key)
             body = None if value is _DELETED else faust_json(value)

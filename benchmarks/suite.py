@@ -51,8 +51,8 @@ class Options:
     latency_rate: float = 5000.0
     latency_duration: float = 60.0
     latency_ramp: bool = True
-    latency_warm: float = 0.0  # seconds at the measured rate before the measured run (JIT, caches, merges)
-    latency_poll: float = 0.05  # seconds between the visibility probe's ClickHouse queries
+    latency_warm: float = 30.0  # seconds at the measured rate before the measured run (JIT, caches, merges)
+    latency_poll: float = 0.1  # seconds between the visibility probe's ClickHouse queries (each ~7 ms of its CPU)
     memory_events: int = 1_000_000
     scaleout_events: int | None = None
     client_events: int = 50_000
@@ -259,9 +259,9 @@ def parser(default_stages: tuple[str, ...] = DEFAULT_STAGES) -> argparse.Argumen
     p.add_argument("--latency-rate", type=float, default=5000.0)
     p.add_argument("--latency-duration", type=float, default=60.0)
     p.add_argument("--no-ramp", action="store_true", help="latency: skip the single-event ramp")
-    p.add_argument("--latency-warm", type=float, default=0.0,
+    p.add_argument("--latency-warm", type=float, default=30.0,
                    help="latency: seconds of bulk load at the measured rate before the measured run")
-    p.add_argument("--latency-poll", type=float, default=0.05, help="latency: seconds between visibility probes")
+    p.add_argument("--latency-poll", type=float, default=0.1, help="latency: seconds between visibility probes")
     p.add_argument("--memory-events", type=int, default=1_000_000)
     p.add_argument("--scaleout-events", type=int, default=None)
     p.add_argument("--client-events", type=int, default=50_000)

@@ -52,7 +52,8 @@ def _crafted() -> tuple[list[FeedbackEvent], dict[str, str]]:
     pii = "reach me at alice@example.com or +44 20 7946 0958; v2.3.1 on 2026-11-20 cost $12.50"
     alice = _e(0, user_id="alice", interaction_id="i-1", payload={"direction": "down", "comment": pii, "text": "T"})
     add((alice, "clean"))
-    add((_e(1, user_id="alice", interaction_id="i-1", payload={"direction": "down"}), "duplicate"))
+    # The same content again under another event id: an exact resend (a changed vote would be kept).
+    add((FeedbackEvent.model_validate({**alice.model_dump(), "event_id": "alice-resent"}), "duplicate"))
     carol = _e(2, user_id="carol", type="rating", idempotency_key="r-1", payload={"stars": 4})
     add((carol, "clean"))
     add((carol, "duplicate"))  # the same event sent twice

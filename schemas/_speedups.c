@@ -1568,6 +1568,39 @@ done:
     return result;
 }
 
+/* Kafka's Java partitioner hash (org.apache.kafka.common.utils.Utils.murmur2), as aiokafka's
+ * pure-Python murmur2: the partition of a key the worker groups by partition itself. */
+static PyObject *py_murmur2(PyObject *self, PyObject *arg) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
+    const unsigned char *data = (const unsigned char *)view.buf;
+    Py_ssize_t length = view.len;
+    const uint32_t m = 0x5bd1e995u;
+    uint32_t h = 0x9747b28cu ^ (uint32_t)length;
+    Py_ssize_t length4 = length / 4;
+    for (Py_ssize_t i = 0; i < length4; i++) {
+        Py_ssize_t i4 = i * 4;
+        uint32_t k = (uint32_t)data[i4] | ((uint32_t)data[i4 + 1] << 8) | ((uint32_t)data[i4 + 2] << 16) |
+                     ((uint32_t)data[i4 + 3] << 24);
+        k *= m;
+        k ^= k >> 24;
+        k *= m;
+        h *= m;
+        h ^= k;
+    }
+    Py_ssize_t tail = length & ~(Py_ssize_t)3;
+    switch (length % 4) {
+    case 3: h ^= (uint32_t)data[tail + 2] << 16; /* fall through */
+    case 2: h ^= (uint32_t)data[tail + 1] << 8; /* fall through */
+    case 1: h ^= (uint32_t)data[tail]; h *= m;
+    }
+    h ^= h >> 13;
+    h *= m;
+    h ^= h >> 15;
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLong(h);
+}
+
 static PyMethodDef methods[] = {
     {"encode", (PyCFunction)(void (*)(void))py_encode, METH_FASTCALL,
      "encode(program, header, record) -> header + the record's Avro binary"},
@@ -1582,6 +1615,7 @@ static PyMethodDef methods[] = {
      "bulk_encode(items, defaults, context) -> [Accepted | item for the model | None]"},
     {"native_block", (PyCFunction)(void (*)(void))py_native_block, METH_FASTCALL,
      "native_block(plan, header, messages, first, partition, prefix) -> prefix + a ClickHouse Native block | None"},
+    {"murmur2", py_murmur2, METH_O, "murmur2(key) -> Kafka's Java murmur2 of the bytes (as aiokafka's)"},
     {NULL, NULL, 0, NULL},
 };
 

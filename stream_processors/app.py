@@ -945,11 +945,17 @@ def interaction_index(settings: Settings) -> InteractionIndex:
 
     topic = Topics(settings.topic_prefix).interactions
     conf = {"bootstrap.servers": settings.kafka_bootstrap, "client.id": f"feedback-index-{settings.worker_id}"}
+    consumer_conf = {
+        **conf,
+        "group.id": f"{settings.topic_prefix}feedback-index",  # assigned, never joined nor committed
+        "enable.auto.commit": False,
+        "enable.partition.eof": True,  # the end of each partition, past compacted offsets
+        "fetch.wait.max.ms": 20,
+        "auto.offset.reset": "earliest",
+    }
     return InteractionIndex(
         topic,
-        lambda: Consumer({**conf, "group.id": f"{settings.topic_prefix}feedback-index", "enable.auto.commit": False,
-                          "enable.partition.eof": True, "fetch.wait.max.ms": 20,
-                          "auto.offset.reset": "earliest"}),  # fmt: skip
+        lambda: Consumer(consumer_conf),
         lambda: AdminClient(conf),
         # Longer than the interactions table keeps an interaction (swept at twice the TTL by event
         # time; an event time may be up to max_future_s ahead), plus the sweep's own lag.

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from aiokafka.partitioner import murmur2
+from aiokafka.partitioner import murmur2 as _murmur2_py
 from confluent_kafka import KafkaError, Message, Producer
 
 from pipeline.errors import PipelineError
@@ -50,6 +50,12 @@ REFUSED_FOR_GOOD: frozenset[int] = frozenset(
 
 class OutputRefused(PipelineError):
     """Kafka refused a message of the batch for good: the batch must not be acknowledged."""
+
+
+try:  # the same function in C (schemas/_speedups.c): ~0.07 us a key instead of ~3 us
+    from schemas._speedups import murmur2
+except ImportError:  # not built (no C compiler at install): aiokafka's pure-Python one
+    murmur2 = _murmur2_py
 
 
 def partition_for(key: bytes, partitions: int) -> int:
@@ -191,7 +197,10 @@ class CapturedOutputs:
         on_delivered: Delivered | None = None,
     ) -> None:  # fmt: skip
         self.sent.setdefault(topic, []).append((key, value, partition))
-        p = partition if partition is not None else (partition_for(key, self.partition_count) if key else 0)
+        if partition is not None:
+            p = partition
+        else:
+            p = partition_for(key, self.partition_count) if key and self.partition_count > 1 else 0
         offset = self._next.get((topic, p), 0)
         self._next[(topic, p)] = offset + 1
         if on_delivered is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime, timedelta
 
 import orjson
@@ -117,3 +118,13 @@ def test_partition_for_is_kafkas_java_partitioner(key: bytes, java_hash: int) ->
 def test_decode_list_refuses_anything_but_objects(value: bytes) -> None:
     with pytest.raises(ValueError):
         decode_list(value, dict)
+
+
+def test_the_c_murmur2_is_aiokafkas() -> None:
+    speedups = pytest.importorskip("schemas._speedups")  # built by `make setup` (a C compiler is there)
+    from aiokafka.partitioner import murmur2
+
+    rng = random.Random(5)
+    keys = [b"", b"a", b"ab", b"abc", b"abcd"] + [rng.randbytes(rng.randrange(0, 64)) for _ in range(5000)]
+    assert [speedups.murmur2(k) for k in keys] == [murmur2(k) for k in keys]
+    assert speedups.murmur2(bytearray(b"foobar")) == murmur2(b"foobar")

@@ -62,3 +62,20 @@ def test_no_rule_is_slow_on_generated_repetitions(first: str, second: str) -> No
     for rule in RULES:
         seconds = rule_seconds(rule, text, repeat=2)
         assert seconds * 1000 / 20 < MS_PER_KB, (rule.name, first, second, seconds)
+
+
+def test_clean_short_strings_are_remembered_and_pii_is_redacted_every_time() -> None:
+    from collections import Counter
+
+    from stream_processors import redact
+
+    redact._CLEAN.clear()
+    assert redact.redact_text("direction") == "direction"
+    assert "direction" in redact._CLEAN  # the next one costs a lookup
+    counts: Counter[str] = Counter()
+    for _ in range(3):  # never remembered: counted and replaced each time
+        assert redact.redact_text("mail bob@example.com", counts) == "mail [EMAIL]"
+    assert counts["EMAIL"] == 3
+    assert "mail bob@example.com" not in redact._CLEAN
+    long_clean = "fine " * 20
+    assert redact.redact_text(long_clean) == long_clean and long_clean not in redact._CLEAN  # only short ones

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -177,6 +176,7 @@ class TriageSink(_HistorySink):
         super().__init__(settings, Topics(settings.topic_prefix).triage, **kwargs)
         self.queue_path = Path(settings.path) / TRIAGE_QUEUE_FILE
         self._items: dict[str, TriageItem] = {item.triage_id: item for item in self._load()}
+        self._lines: dict[str, bytes] = {tid: item.to_bytes() + b"\n" for tid, item in self._items.items()}
         self._write_queue()  # ClickHouse is the truth on start (an erasure while stopped shows at once)
 
     def _load(self) -> list[TriageItem]:
@@ -193,6 +193,7 @@ class TriageSink(_HistorySink):
             if msg.value() is None:  # erased (``feedback forget``): from the queue and from ClickHouse
                 triage_id = (msg.key() or b"").decode()
                 self._items.pop(triage_id, None)
+                self._lines.pop(triage_id, None)
                 erased.add(triage_id)
                 continue
             try:
@@ -202,6 +203,7 @@ class TriageSink(_HistorySink):
             known = self._items.get(item.triage_id)
             if known is None or item.version >= known.version:
                 self._items[item.triage_id] = item
+                self._lines[item.triage_id] = item.to_bytes() + b"\n"
             erased.discard(item.triage_id)
         if erased:
             self.clickhouse.client.command(
@@ -212,11 +214,14 @@ class TriageSink(_HistorySink):
         self._write_queue()
 
     def _write_queue(self) -> None:
+        # Each item's line is kept from when it changed (orjson of the dataclass, as asdict would
+        # give): rewriting the queue costs a sort and a write, not a serialization of every item.
         queue = sorted((i for i in self._items.values() if i.status != "resolved"), key=lambda i: i.created_s)
         make_private_dirs(self.queue_path.parent)
         tmp = self.queue_path.with_suffix(".jsonl.tmp")
+        lines = self._lines
         with open_private(tmp, "wb") as fh:
-            fh.writelines(orjson.dumps(asdict(i)) + b"\n" for i in queue)
+            fh.writelines(lines[i.triage_id] for i in queue)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.queue_path)

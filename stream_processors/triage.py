@@ -80,4 +80,6 @@ def triage_apply(
         item = dataclasses.replace(
             item, note=note, updated_s=command.at_s, version=item.version + 1, history=[*item.history, change]
         )
-    return {**dataclasses.asdict(item), "offset": offset}, noise_source
+    # A shallow copy (asdict deep-copies the history): the item is frozen and its history list is
+    # never changed in place (a change builds a new one above).
+    return {**item.__dict__, "history": list(item.history), "offset": offset}, noise_source

@@ -785,9 +785,22 @@ def create_app(
 
     def reward_items_batch(events: list[EventT]) -> None:
         found: list[tuple[str, RewardItem]] = []
+        decode, weights = events_serde.decode, source_weights
         for event in events:
-            if event.message.value is None:
+            msg = event.message
+            value = msg.value
+            if value is None:
                 continue
+            if not is_envelope(value):  # the clean topic's usual message: one event, no per-event closure
+                try:
+                    record = decode(value)
+                    found += reward_items(
+                        record, partition=msg.partition, position=position(msg.offset),
+                        reputation_weight=weights.get(str(record["source"]), 1.0), config=reward_cfg,
+                    )  # fmt: skip
+                    continue
+                except Exception:  # handled again below, where it is dead-lettered
+                    pass
             items = items_of(event)
             for index, body in enumerate(items or ()):
                 enveloped = items is not None and (len(items) > 1 or body is not event.message.value)

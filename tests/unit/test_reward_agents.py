@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from pipeline.settings import Settings
+from schemas.envelope import position
 from schemas.reward_records import decode_reward
 from schemas.serde import AvroSerde
 from schemas.state_records import ReputationRecord, encode_record
@@ -183,3 +184,14 @@ def test_a_malformed_rewards_input_is_dead_lettered(tmp_path: Path) -> None:
     assert [letter["stage"] for letter in letters] == ["rewards", "rewards"]
     assert all("not a rewards-input message" in letter["error"] for letter in letters)
     assert h.table("rewards")["m|p"]["n"] == 1  # the good one still landed
+
+
+def test_an_undecodable_clean_message_is_dead_lettered_and_the_rest_counted(tmp_path: Path) -> None:
+    h = Harness(tmp_path, rate_limit_per_minute=60)
+    good = [v for _, v, _ in _clean_batch(tmp_path / "gate")[:3]]
+    sent = [(b"k", good[0], 0), (b"k", b"\x00not avro", 0), (b"k", good[1], 0), (b"k", None, 0), (b"k", good[2], 0)]
+    h.fa.handlers["reward-items"](_as_events(TOPICS.clean, sent))
+    letters = [LETTERS.decode(v) for _, v in h.sent[TOPICS.dlq]]
+    assert [(letter["stage"], letter["offset"]) for letter in letters] == [("reward-items", 1)]
+    items = [item for _, v in h.sent[TOPICS.rewards_input] for item in orjson.loads(v)]
+    assert sorted(item[1] for item in items) == [position(0), position(2), position(4)]

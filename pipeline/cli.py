@@ -26,27 +26,53 @@ _print_json = print_json
 
 
 # --- local stack -------------------------------------------------------------
+def _with_brokers(settings: Any, brokers: int | None) -> Any:
+    """``settings`` with FEEDBACK_KAFKA_BROKERS replaced by ``--brokers``, validated like the variable."""
+    from pipeline.errors import ConfigError
+
+    if brokers is None:
+        return settings
+    try:
+        return type(settings).model_validate({**settings.model_dump(), "kafka_brokers": brokers})
+    except ValidationError as exc:
+        problems = "; ".join(str(err["msg"]) for err in exc.errors())
+        raise ConfigError(f"--brokers {brokers}: {problems}") from None
+
+
 @app.command()
-def up() -> None:
+def up(
+    brokers: Annotated[
+        int | None,
+        typer.Option(
+            "--brokers",
+            min=1,
+            max=5,
+            help="Local Kafka brokers (default FEEDBACK_KAFKA_BROKERS, 1). 3: a three-broker KRaft cluster whose "
+            "topics keep 3 replicas, min.insync.replicas 2. Export FEEDBACK_KAFKA_BROKERS=3 for the other commands.",
+        ),
+    ] = None,
+) -> None:
     """Start the local stack (Kafka, embedded ClickHouse), create topics and tables. Idempotent."""
-    from pipeline.kafka_admin import ensure_topics
+    from pipeline.kafka_admin import ensure_topics, topic_replication
     from pipeline.localstack import LocalStack
     from sinks.clickhouse import connect
     from sinks.migrations import apply_migrations
 
-    settings = _settings()
+    settings = _with_brokers(_settings(), brokers)
     LocalStack(settings).up()
     created = ensure_topics(settings)
     applied = apply_migrations(connect(settings), settings.clickhouse_database)
+    replicas, min_isr = topic_replication(settings)
+    cluster = f", {replicas} replicas, min.insync.replicas {min_isr}" if replicas > 1 else ""
     console.print(
-        f"[green]up[/green]: Kafka {settings.kafka_bootstrap}, ClickHouse {settings.clickhouse_endpoint} "
+        f"[green]up[/green]: Kafka {settings.kafka_bootstrap}{cluster}, ClickHouse {settings.clickhouse_endpoint} "
         f"({len(created)} topics created, {len(applied)} migrations applied)"
     )
 
 
 @app.command()
 def down() -> None:
-    """Stop the local stack (by the PIDs it recorded). Idempotent."""
+    """Stop the local stack, every broker of it, by the PIDs it recorded. Idempotent."""
     from pipeline.localstack import LocalStack
 
     LocalStack(_settings()).down()
@@ -55,7 +81,7 @@ def down() -> None:
 
 @app.command()
 def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
-    """Show whether the local services run, with their PIDs, addresses and logs."""
+    """Show whether the local services run (each broker of a local cluster), with PIDs, addresses, logs."""
     from dataclasses import asdict
 
     from pipeline.localstack import LocalStack

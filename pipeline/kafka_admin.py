@@ -12,9 +12,36 @@ from pipeline.errors import StackError
 from pipeline.settings import Settings
 from schemas.topics import Topics, TopicSpec
 
-__all__ = ["ensure_topics", "topic_message_counts"]
+__all__ = ["ensure_topics", "replication_for", "topic_message_counts", "topic_replication"]
 
 log = logging.getLogger(__name__)
+
+
+def replication_for(brokers: int) -> tuple[int, int]:
+    """(replication factor, min.insync.replicas) for a cluster of ``brokers``: up to three
+    copies, and an acknowledged write on all but one of them, so losing any one broker
+    neither loses an acknowledged event nor stops writes; one broker: (1, 1)."""
+    replicas = max(1, min(3, brokers))
+    return replicas, max(1, replicas - 1)
+
+
+def topic_replication(settings: Settings) -> tuple[int, int | None]:
+    """(replication factor, min.insync.replicas) for the topics the pipeline creates; -1 and
+    None leave them to the cluster's defaults (a single local broker's are 1 and 1).
+
+    The settings win. Unset, a local cluster of several brokers gets :func:`replication_for`
+    its size (its brokers default to the same, for topics others create); anything else the
+    cluster's defaults. With only the replication factor set locally, min ISR follows from it."""
+    replicas, min_isr = -1, None
+    if settings.uses_local_kafka and settings.kafka_brokers > 1:
+        replicas, min_isr = replication_for(settings.kafka_brokers)
+    if settings.topic_replication_factor is not None:
+        replicas = settings.topic_replication_factor
+        if settings.uses_local_kafka:
+            min_isr = replication_for(replicas)[1]
+    if settings.topic_min_insync_replicas is not None:
+        min_isr = settings.topic_min_insync_replicas
+    return replicas, min_isr
 
 
 def _set_retention(admin: AdminClient, topic: str, retention_ms: str, timeout: float) -> None:
@@ -62,12 +89,14 @@ def ensure_topics(
         raise StackError(
             f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc}. Start it with `feedback up`."
         ) from None
+    replicas, min_isr = topic_replication(settings)
+    durability = {} if min_isr is None else {"min.insync.replicas": str(min_isr)}
     wanted = [
         NewTopic(
             name,
             num_partitions=spec.partitions or settings.topic_partitions,
-            replication_factor=-1,  # the broker default: 1 locally, the cluster's default elsewhere
-            config=spec.config(),
+            replication_factor=replicas,
+            config={**spec.config(), **durability},
         )
         for name, spec in specs.items()
         if name not in existing

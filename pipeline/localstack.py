@@ -25,7 +25,19 @@ from pipeline.errors import StackError
 from pipeline.private_files import PRIVATE_UMASK, open_private, private_dir, tighten_tree, write_private
 from pipeline.settings import PROJECT_ROOT, Settings
 
-__all__ = ["EmbeddedClickHouse", "LocalKafka", "LocalStack", "ManagedProcess", "ServiceStatus", "port_in_use"]
+__all__ = [
+    "EmbeddedClickHouse",
+    "KafkaNode",
+    "KafkaNodeSpec",
+    "LocalKafka",
+    "LocalStack",
+    "ManagedProcess",
+    "ServiceStatus",
+    "broker_config",
+    "kafka_found_on_disk",
+    "kafka_layout",
+    "port_in_use",
+]
 
 KAFKA_POM = PROJECT_ROOT / "pipeline" / "kafka" / "pom.xml"
 KAFKA_LOG4J = PROJECT_ROOT / "pipeline" / "kafka" / "log4j2.properties"
@@ -190,19 +202,201 @@ def _java(java: str | None) -> str:
     )
 
 
-class LocalKafka:
-    """Single-node Kafka in KRaft mode on 127.0.0.1, data and logs under ``<state_dir>/kafka``."""
+@dataclass(frozen=True)
+class KafkaNodeSpec:
+    """Where one local broker lives and listens: ``home`` holds its config, data, logs and PID file."""
 
-    def __init__(self, settings: Settings, java: str | None = None, heap: str = "512m") -> None:
+    node_id: int
+    port: int
+    controller_port: int
+    home: Path
+
+
+def kafka_layout(settings: Settings) -> list[KafkaNodeSpec]:
+    """The local brokers the settings ask for. One: ``<state_dir>/kafka`` itself, as it always
+    was; more: ``<state_dir>/kafka/node-<id>`` each, on the ports :meth:`Settings.kafka_node_ports` gives."""
+    root = settings.state_dir / "kafka"
+    if settings.kafka_brokers == 1:
+        return [KafkaNodeSpec(1, settings.kafka_port, settings.kafka_controller_port, root)]
+    return [
+        KafkaNodeSpec(n + 1, *settings.kafka_node_ports(n), root / f"node-{n + 1}")
+        for n in range(settings.kafka_brokers)
+    ]
+
+
+def kafka_found_on_disk(state_dir: Path) -> int:
+    """How many brokers the state folder was set up for: the node-<id> folders with a config
+    (``feedback up --brokers N``), 1 for the single broker's data, 0 for none."""
+    root = state_dir / "kafka"
+    nodes = [d for d in root.glob("node-*") if (d / "server.properties").exists()]
+    if nodes:
+        return len(nodes)
+    return 1 if (root / "data" / "meta.properties").exists() else 0
+
+
+def broker_config(settings: Settings, node: KafkaNodeSpec, layout: list[KafkaNodeSpec]) -> dict[str, str]:
+    """One broker's server.properties. With several brokers every node is a broker and a
+    controller (a static quorum of them all), and topics, the consumer offsets and the
+    transaction log default to :func:`replication_for` the cluster's size."""
+    from pipeline.kafka_admin import replication_for
+
+    rf, min_isr = replication_for(len(layout))
+    lines = {
+        "process.roles": "broker,controller",
+        "node.id": str(node.node_id),
+        "listeners": f"PLAINTEXT://127.0.0.1:{node.port},CONTROLLER://127.0.0.1:{node.controller_port}",
+        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{node.port}",
+        "controller.listener.names": "CONTROLLER",
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "controller.quorum.bootstrap.servers": f"127.0.0.1:{node.controller_port}",
+        "log.dirs": str(node.home / "data"),
+        "num.partitions": str(settings.topic_partitions),
+        "offsets.topic.replication.factor": str(rf),
+        "offsets.topic.num.partitions": "10",
+        "transaction.state.log.replication.factor": str(rf),
+        "transaction.state.log.min.isr": str(min_isr),
+        "share.coordinator.state.topic.replication.factor": str(rf),
+        "share.coordinator.state.topic.min.isr": str(min_isr),
+        "group.initial.rebalance.delay.ms": "0",
+        "auto.create.topics.enable": "true",
+        "log.retention.check.interval.ms": "60000",
+    }
+    if len(layout) > 1:
+        del lines["controller.quorum.bootstrap.servers"]
+        lines["controller.quorum.voters"] = ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in layout)
+        lines["default.replication.factor"] = str(rf)  # topics any client creates (a worker's changelogs)
+        lines["min.insync.replicas"] = str(min_isr)
+        lines["unclean.leader.election.enable"] = "false"  # never elect a replica that lacks acknowledged writes
+    return lines
+
+
+class KafkaNode:
+    """One local broker process: its config, storage format, start, readiness and PID file."""
+
+    def __init__(self, settings: Settings, spec: KafkaNodeSpec, layout: list[KafkaNodeSpec], libs: Path) -> None:
+        self.settings = settings
+        self.spec = spec
+        self.layout = layout
+        self.libs = libs
+        self.home = spec.home
+        self.data = spec.home / "data"
+        self.config = spec.home / "server.properties"
+        self.log = spec.home / "logs" / "stdout.log"
+        self.name = "kafka" if len(layout) == 1 else f"kafka-{spec.node_id}"
+        self.what = "Kafka" if len(layout) == 1 else f"Kafka broker {spec.node_id} (127.0.0.1:{spec.port})"
+        self.process = ManagedProcess(self.name, [], spec.home / "kafka.pid", self.log, marker=str(self.config))
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.spec.port}"
+
+    def check_ports(self) -> None:
+        """Raise StackError naming the setting when another process holds one of this node's ports."""
+        if len(self.layout) == 1:
+            where = (
+                (self.spec.port, "FEEDBACK_KAFKA_PORT"),
+                (self.spec.controller_port, "FEEDBACK_KAFKA_CONTROLLER_PORT"),
+            )
+        else:
+            step = f"+ {2 * (self.spec.node_id - 1)}"
+            where = (
+                (self.spec.port, f"FEEDBACK_KAFKA_PORT ({self.what}: the port {step})"),
+                (self.spec.controller_port, f"FEEDBACK_KAFKA_CONTROLLER_PORT ({self.what}'s controller: {step})"),
+            )
+        for port, var in where:
+            if port_in_use("127.0.0.1", port):
+                raise StackError(
+                    f"127.0.0.1:{port} is in use by another process: stop it or choose another port with {var}."
+                )
+
+    def prepare(self, java: str, cluster_id: str) -> None:
+        """Write the config; format the storage on first start (one ``cluster_id`` for all nodes)."""
+        private_dir(self.home)
+        write_private(
+            self.config, "".join(f"{k}={v}\n" for k, v in broker_config(self.settings, self.spec, self.layout).items())
+        )
+        tighten_tree(self.home / "logs")
+        tighten_tree(self.data)  # topic data from before it was private
+        if not (self.data / "meta.properties").exists():
+            self._format(java, cluster_id)
+
+    def launch(self, java: str, heap: str) -> None:
+        self.process.argv = [
+            java,
+            f"-Xmx{heap}",
+            f"-Xms{heap}",
+            "-XX:+UseG1GC",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={KAFKA_LOG4J}",
+            f"-Dkafka.logs.dir={self.home / 'logs'}",
+            "-cp",
+            f"{self.libs}/*",
+            "kafka.Kafka",
+            str(self.config),
+        ]
+        self.process.start()
+
+    def _format(self, java: str, cluster_id: str) -> None:
+        # One node: a standalone dynamic quorum. Several: the static voters of the config.
+        quorum = ["--standalone"] if len(self.layout) == 1 else []
+        cmd = [
+            java,
+            "-cp",
+            f"{self.libs}/*",
+            "kafka.tools.StorageTool",
+            "format",
+            *quorum,
+            # One argument, "=" form: a random id may start with "-", which argparse would take for an option.
+            f"--cluster-id={cluster_id}",
+            "-c",
+            str(self.config),
+        ]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, umask=PRIVATE_UMASK)
+        if result.returncode != 0:
+            raise StackError(f"formatting {self.what} storage in {self.data} failed:\n{result.stdout}{result.stderr}")
+
+    def ready(self) -> bool:
+        """This node answers metadata naming every broker of the cluster."""
+        from confluent_kafka.admin import AdminClient
+
+        # Probe the socket first: librdkafka logs every refused connection to stderr.
+        if not port_in_use("127.0.0.1", self.spec.port):
+            return False
+        admin = AdminClient({"bootstrap.servers": self.address, "socket.timeout.ms": 2000})
+        try:
+            return len(admin.list_topics(timeout=2).brokers) >= len(self.layout)
+        except Exception:
+            return False
+
+    def status(self) -> ServiceStatus:
+        return ServiceStatus(
+            self.name,
+            self.process.is_running(),
+            self.process.pid(),
+            self.address,
+            str(self.home / "logs" / "server.log"),
+            str(self.data),
+        )
+
+
+class LocalKafka:
+    """Kafka in KRaft mode on 127.0.0.1 from the Maven jars: one combined broker and controller
+    under ``<state_dir>/kafka`` (the default), or ``FEEDBACK_KAFKA_BROKERS`` of them forming one
+    cluster, each under ``<state_dir>/kafka/node-<id>``. The jars in ``<state_dir>/kafka/libs`` serve all."""
+
+    def __init__(self, settings: Settings, java: str | None = None, heap: str | None = None) -> None:
         self.settings = settings
         self.java = java
-        self.heap = heap
+        self.heap = heap or ("512m" if settings.kafka_brokers == 1 else "384m")  # several JVMs share 2 cores
+        self.libs = settings.state_dir / "kafka" / "libs"
+        self.layout = kafka_layout(settings)
+        self.nodes = [KafkaNode(settings, spec, self.layout, self.libs) for spec in self.layout]
+        # Kept for callers that knew the single broker's paths.
         self.home = settings.state_dir / "kafka"
-        self.libs = self.home / "libs"
-        self.data = self.home / "data"
-        self.config = self.home / "server.properties"
-        self.log = self.home / "logs" / "stdout.log"
-        self.process = ManagedProcess("kafka", [], self.home / "kafka.pid", self.log, marker=str(self.config))
+        self.data = self.nodes[0].data
+        self.config = self.nodes[0].config
+        self.log = self.nodes[0].log
+        self.process = self.nodes[0].process
 
     def ensure_jars(self) -> None:
         """Fetch the broker jars with Maven unless present. Raises StackError when Maven is missing or fails."""
@@ -229,111 +423,85 @@ class LocalKafka:
         if result.returncode != 0:
             raise StackError(f"fetching the Kafka jars failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
 
-    def _write_config(self) -> None:
-        s = self.settings
-        lines = {
-            "process.roles": "broker,controller",
-            "node.id": "1",
-            "listeners": f"PLAINTEXT://127.0.0.1:{s.kafka_port},CONTROLLER://127.0.0.1:{s.kafka_controller_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{s.kafka_port}",
-            "controller.listener.names": "CONTROLLER",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-            "controller.quorum.bootstrap.servers": f"127.0.0.1:{s.kafka_controller_port}",
-            "log.dirs": str(self.data),
-            "num.partitions": str(s.topic_partitions),
-            "offsets.topic.replication.factor": "1",
-            "offsets.topic.num.partitions": "10",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
-            "share.coordinator.state.topic.replication.factor": "1",
-            "share.coordinator.state.topic.min.isr": "1",
-            "group.initial.rebalance.delay.ms": "0",
-            "auto.create.topics.enable": "true",
-            "log.retention.check.interval.ms": "60000",
-        }
-        private_dir(self.home)
-        write_private(self.config, "".join(f"{k}={v}\n" for k, v in lines.items()))
+    def _check_layout(self) -> None:
+        found = kafka_found_on_disk(self.settings.state_dir)
+        wanted = len(self.layout)
+        if found and found != wanted:
+            held = "one broker" if found == 1 else f"a {found}-broker cluster"
+            raise StackError(
+                f"{self.home} holds {held}, not the {wanted} asked for: run `feedback up --brokers {found}` "
+                f"(FEEDBACK_KAFKA_BROKERS={found}), or use another FEEDBACK_STATE_DIR."
+            )
+
+    def start(self, timeout: float | None = None) -> None:
+        """Start every broker not running; returns when each serves metadata naming all of them.
+        Raises StackError naming the broker that failed. ``timeout``: 90 s for one, 150 s for a cluster."""
+        idle = [node for node in self.nodes if not node.process.is_running()]
+        if not idle:
+            return
+        self._check_layout()
+        java = _java(self.java)
+        for node in idle:
+            node.check_ports()
+        self.ensure_jars()
+        cluster_id = _cluster_id()
+        for node in self.nodes:  # a cluster id of a node already formatted is its own (not rewritten)
+            if node in idle:
+                node.prepare(java, cluster_id)
+        for node in idle:  # all at once: a quorum elects a leader only once a majority runs
+            node.launch(java, self.heap)
+        deadline = time.monotonic() + (timeout or (90.0 if len(self.nodes) == 1 else 150.0))
+        for node in self.nodes:
+            wait_until(node.ready, max(1.0, deadline - time.monotonic()), node.what, node.process.is_running, node.log)
+
+    def start_node(self, node_id: int, timeout: float = 120.0) -> None:
+        """Start one broker of the cluster (after it was stopped or killed); returns once it is back."""
+        node = self._node(node_id)
+        if node.process.is_running():
+            return
+        node.check_ports()
+        node.prepare(_java(self.java), _cluster_id())
+        node.launch(_java(self.java), self.heap)
+        wait_until(node.ready, timeout, node.what, node.process.is_running, node.log)
+
+    def _node(self, node_id: int) -> KafkaNode:
+        for node in self.nodes:
+            if node.spec.node_id == node_id:
+                return node
+        raise StackError(f"no local Kafka broker {node_id}: the brokers are 1 to {len(self.nodes)}")
+
+    def _ready(self) -> bool:
+        return all(node.ready() for node in self.nodes)
 
     def _classpath(self) -> str:
         return f"{self.libs}/*"
 
-    def start(self, timeout: float = 90.0) -> None:
-        """Start the broker unless it runs; returns when it serves metadata. Raises StackError."""
-        if self.process.is_running():
-            return
-        java = _java(self.java)
-        s = self.settings
-        for port, var in (
-            (s.kafka_port, "FEEDBACK_KAFKA_PORT"),
-            (s.kafka_controller_port, "FEEDBACK_KAFKA_CONTROLLER_PORT"),
-        ):
-            if port_in_use("127.0.0.1", port):
-                raise StackError(
-                    f"127.0.0.1:{port} is in use by another process: stop it or choose another port with {var}."
-                )
-        self.ensure_jars()
-        self._write_config()
-        tighten_tree(self.home / "logs")
-        tighten_tree(self.data)  # topic data from before it was private
-        if not (self.data / "meta.properties").exists():
-            self._format(java)
-        self.process.argv = [
-            java,
-            f"-Xmx{self.heap}",
-            f"-Xms{self.heap}",
-            "-XX:+UseG1GC",
-            "-Djava.awt.headless=true",
-            f"-Dlog4j2.configurationFile={KAFKA_LOG4J}",
-            f"-Dkafka.logs.dir={self.home / 'logs'}",
-            "-cp",
-            self._classpath(),
-            "kafka.Kafka",
-            str(self.config),
-        ]
-        self.process.start()
-        wait_until(self._ready, timeout, "Kafka", self.process.is_running, self.log)
-
     def _format(self, java: str) -> None:
-        cmd = [
-            java,
-            "-cp",
-            self._classpath(),
-            "kafka.tools.StorageTool",
-            "format",
-            "--standalone",
-            # One argument, "=" form: a random id may start with "-", which argparse would take for an option.
-            f"--cluster-id={_cluster_id()}",
-            "-c",
-            str(self.config),
-        ]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, umask=PRIVATE_UMASK)
-        if result.returncode != 0:
-            raise StackError(f"formatting Kafka storage in {self.data} failed:\n{result.stdout}{result.stderr}")
+        """Format the first (or only) broker's storage with a new cluster id."""
+        self.nodes[0]._format(java, _cluster_id())
 
-    def _ready(self) -> bool:
-        from confluent_kafka.admin import AdminClient
-
-        # Probe the socket first: librdkafka logs every refused connection to stderr.
-        if not port_in_use("127.0.0.1", self.settings.kafka_port):
-            return False
-        admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap, "socket.timeout.ms": 2000})
-        try:
-            return len(admin.list_topics(timeout=2).brokers) >= 1
-        except Exception:
-            return False
+    def _found_nodes(self) -> list[KafkaNode]:
+        """The brokers this state folder holds, whatever the settings ask now (for stop and status)."""
+        found = kafka_found_on_disk(self.settings.state_dir)
+        if found in (0, len(self.layout)):
+            return self.nodes
+        other = self.settings.model_copy(update={"kafka_brokers": found})
+        layout = kafka_layout(other)
+        return [KafkaNode(other, spec, layout, self.libs) for spec in layout]
 
     def stop(self, timeout: float = 30.0) -> None:
-        self.process.stop(timeout)
+        """SIGTERM every broker first (a broker shutting down alone waits on a quorum that is
+        leaving too), then wait for each by PID."""
+        nodes = self._found_nodes()
+        for node in nodes:
+            pid = node.process.pid()
+            if pid is not None:
+                os.kill(pid, signal.SIGTERM)
+        for node in nodes:
+            node.process.stop(timeout)
 
-    def status(self) -> ServiceStatus:
-        return ServiceStatus(
-            "kafka",
-            self.process.is_running(),
-            self.process.pid(),
-            self.settings.kafka_bootstrap,
-            str(self.home / "logs" / "server.log"),
-            str(self.data),
-        )
+    def status(self) -> list[ServiceStatus]:
+        return [node.status() for node in self._found_nodes()]
 
 
 def _cluster_id() -> str:
@@ -462,4 +630,4 @@ class LocalStack:
         self.kafka.stop()
 
     def status(self) -> list[ServiceStatus]:
-        return [self.kafka.status(), self.clickhouse.status()]
+        return [*self.kafka.status(), self.clickhouse.status()]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 import orjson
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.errors import ConfigError
@@ -39,6 +39,25 @@ class Settings(BaseSettings):
     )
     kafka_port: int = Field(default=9092, ge=1, le=65535, description="Local broker port.")
     kafka_controller_port: int = Field(default=9093, ge=1, le=65535)
+    kafka_brokers: int = Field(
+        default=1,
+        ge=1,
+        le=5,
+        description="Local brokers `feedback up` runs (`--brokers`), each a KRaft broker and controller; broker "
+        "n (from 0) listens on FEEDBACK_KAFKA_PORT + 2n, its controller on FEEDBACK_KAFKA_CONTROLLER_PORT + 2n.",
+    )
+    topic_replication_factor: int | None = Field(
+        default=None,
+        ge=1,
+        description="Replicas of each topic the pipeline creates. Unset: min(3, FEEDBACK_KAFKA_BROKERS) with the "
+        "local stack, the cluster's default.replication.factor with FEEDBACK_BOOTSTRAP_SERVERS.",
+    )
+    topic_min_insync_replicas: int | None = Field(
+        default=None,
+        ge=1,
+        description="min.insync.replicas of those topics: acks=all writes fail below it. Unset: the replication "
+        "factor minus one (at least 1) with the local stack, the cluster's default otherwise.",
+    )
     topic_prefix: str = Field(default="", description="Prepended to every topic name (isolates tests and tenants).")
     topic_partitions: int = Field(default=6, ge=1, le=1024)
     schema_registry_url: str | None = Field(
@@ -294,6 +313,28 @@ class Settings(BaseSettings):
                 raise ValueError(f"{entry!r}: each entry is a tag name, or a prefix ending in one '*' (e.g. lang:*)")
         return value
 
+    @model_validator(mode="after")
+    def _local_cluster_fits(self) -> Settings:
+        ports = [port for node in range(self.kafka_brokers) for port in self.kafka_node_ports(node)]
+        if self.kafka_brokers > 1 and (len(set(ports)) != len(ports) or max(ports) > 65535):
+            raise ValueError(
+                f"FEEDBACK_KAFKA_PORT {self.kafka_port} and FEEDBACK_KAFKA_CONTROLLER_PORT "
+                f"{self.kafka_controller_port} give {self.kafka_brokers} brokers overlapping or out-of-range ports "
+                f"{ports}: each broker n takes both plus 2n, so choose two ports that differ by an odd number"
+            )
+        rf, isr = self.topic_replication_factor, self.topic_min_insync_replicas
+        if rf is not None and isr is not None and isr > rf:
+            raise ValueError(
+                f"FEEDBACK_TOPIC_MIN_INSYNC_REPLICAS {isr} is above FEEDBACK_TOPIC_REPLICATION_FACTOR {rf}: "
+                "no write could ever succeed"
+            )
+        return self
+
+    def kafka_node_ports(self, node: int) -> tuple[int, int]:
+        """(client port, controller port) of local broker ``node`` (0-based): both settings plus 2·node,
+        so every process computes the same layout without reading the state folder."""
+        return self.kafka_port + 2 * node, self.kafka_controller_port + 2 * node
+
     def to_env(self) -> dict[str, str]:
         """These settings as ``FEEDBACK_*`` variables, to hand to a child process."""
         env: dict[str, str] = {}
@@ -309,7 +350,9 @@ class Settings(BaseSettings):
     @property
     def kafka_bootstrap(self) -> str:
         """The bootstrap servers every Kafka client uses."""
-        return self.bootstrap_servers or f"127.0.0.1:{self.kafka_port}"
+        if self.bootstrap_servers:
+            return self.bootstrap_servers
+        return ",".join(f"127.0.0.1:{self.kafka_node_ports(n)[0]}" for n in range(self.kafka_brokers))
 
     @property
     def uses_local_kafka(self) -> bool:

@@ -107,6 +107,17 @@ class Settings(BaseSettings):
         description="A sink batch with rows is written once nothing new arrived for this long (0: wait the whole "
         "FEEDBACK_SINK_BATCH_MS).",
     )
+    sink_side_batch_ms: int = Field(
+        default=2000,
+        ge=1,
+        description="The longest batch of the side-table sinks (rejected, dead letters, state history, triage, "
+        "interactions); feedback_events and the JSONL files keep FEEDBACK_SINK_BATCH_MS.",
+    )
+    sink_side_idle_ms: int = Field(
+        default=500,
+        ge=0,
+        description="A side-table sink's batch with rows is written once nothing new arrived for this long.",
+    )
     jsonl_compress_after_days: int = Field(
         default=1,
         ge=0,

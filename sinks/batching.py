@@ -132,6 +132,10 @@ class BatchingSink(ABC):
 
     name = "sink"
     overlap_flush = False  # flush batch N on a worker thread while batch N+1 is collected
+    # A side table (rejections, dead letters, state history, triage, interactions): nobody waits on
+    # it within a second, so it writes bigger batches less often (sink_side_batch_ms/idle_ms). Every
+    # insert costs the embedded ClickHouse ~10 ms of CPU however small; these are most of them.
+    side_table = False
 
     def __init__(
         self,
@@ -148,6 +152,9 @@ class BatchingSink(ABC):
         self.batch_rows = batch_rows or settings.sink_batch_rows
         self.batch_ms = batch_ms or settings.sink_batch_ms
         self.idle_ms = settings.sink_idle_ms
+        if self.side_table and batch_ms is None:
+            self.batch_ms = max(self.batch_ms, settings.sink_side_batch_ms)
+            self.idle_ms = max(self.idle_ms, settings.sink_side_idle_ms)
         conf: dict[str, Any] = {
             "bootstrap.servers": settings.kafka_bootstrap,
             "group.id": group_id,

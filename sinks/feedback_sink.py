@@ -453,6 +453,8 @@ def _code(exc: Exception) -> str:
 class DeadLetterSink(BatchingSink):
     """``feedback.dlq.v1`` → ClickHouse ``dlq_events`` (metadata only; the bytes stay in Kafka)."""
 
+    side_table = True
+
     name = "dlq"
     COLUMNS = ("ts", "stage", "error", "topic", "partition", "offset", "raw_bytes")
 
@@ -486,6 +488,8 @@ class RejectedSink(_DeadLetters, BatchingSink):
     collapses to one row. A message that does not decode goes to the DLQ (stage ``sink``)
     and never stops the sink.
     """
+
+    side_table = True
 
     name = "rejected"
 

@@ -77,6 +77,7 @@ def bias_row(msg: Message) -> list[Any]:
 
 
 class _HistorySink(BatchingSink):
+    side_table = True
     table: str
     columns: tuple[str, ...]
     to_row: Callable[[Message], list[Any]]
@@ -258,6 +259,8 @@ class InteractionSink(BatchingSink):
     its insert is deduplicated by token and the delete bound is the same offset. A record that
     does not decode or breaks the schema's rules is logged by coordinates and skipped (the worker
     dead-letters the same record)."""
+
+    side_table = True
 
     name = "interactions"
 

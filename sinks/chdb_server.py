@@ -48,11 +48,13 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import contextlib
 import hmac
 import logging
 import os
 import queue
 import re
+import secrets
 import signal
 import socket
 import tempfile
@@ -60,7 +62,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -118,6 +120,12 @@ _ERROR_CODE = re.compile(r"Code:\s*(\d+)")
 _LOOPBACK_HOST = re.compile(r"^(?:127\.0\.0\.1|localhost|\[::1\])(?::[0-9]{1,5})?$", re.IGNORECASE)
 _HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: Output formats a result may be streamed in: those whose output for no rows is empty (chDB's
+#: streaming API sends nothing at all for an empty result, not even a format's header or names).
+_STREAM_FORMATS = frozenset(
+    {"Native", "RowBinary", "TabSeparated", "TSV", "TabSeparatedRaw", "TSVRaw", "CSV", "JSONEachRow",
+     "JSONCompactEachRow", "JSONStringsEachRow", "JSONLines", "NDJSON", "Values", "RawBLOB"}
+)  # fmt: skip
 #: Statement kinds a GET may run (ClickHouse's readonly: reads, and settings for the query).
 _READ_KINDS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN", "SET", "USE", "CHECK"})
 #: Statement kinds that produce a result (and so a format), even an empty one.
@@ -142,6 +150,7 @@ class ServerLimits:
     max_sessions: int = 256  # open session_id handles; past it the least recently used idle one is closed
     default_session_timeout_s: float = 60.0
     max_session_timeout_s: float = 3600.0
+    stream_buffer_bytes: int = 1 << 20  # a result up to this size is sent whole; a larger one is streamed
 
 
 class QueryError(Exception):
@@ -289,6 +298,239 @@ def _quote(value: str) -> str:
 
 def _header_safe(value: str) -> str:
     return _HEADER_UNSAFE.sub("", value)
+
+
+# --- Native at the client's protocol revision ---------------------------------------------------
+# chDB writes Native at protocol revision 0. A client that sends ``client_protocol_version`` > 0
+# (clickhouse-connect probes for 54405 and then sends it with every query) reads what ClickHouse
+# writes at that revision: each block starts with its BlockInfo, and from revision 54337 a
+# top-level ``DateTime('zone')`` keeps its zone (revision 0 hides it: ``DateTime``). The column
+# data itself is the same at both revisions for the types chDB writes, so a result is brought to
+# the client's revision by adding each block's BlockInfo and putting the zones back in its headers.
+
+_TZ_REVISION = 54337
+#: BlockInfo: field 1 is_overflows = 0, field 2 bucket_num = -1, field 0 (end), as ClickHouse writes it.
+_BLOCK_INFO = b"\x01\x00\x02\xff\xff\xff\xff\x00"
+_FIXED_WIDTH = {
+    **dict.fromkeys(("UInt8", "Int8", "Bool", "Enum8", "Nothing"), 1),
+    **dict.fromkeys(("UInt16", "Int16", "Date", "Enum16", "BFloat16"), 2),
+    **dict.fromkeys(("UInt32", "Int32", "Float32", "DateTime", "Date32", "IPv4", "Decimal32", "Time"), 4),
+    **dict.fromkeys(("UInt64", "Int64", "Float64", "DateTime64", "Decimal64", "Time64"), 8),
+    **dict.fromkeys(("UInt128", "Int128", "UUID", "IPv6", "Decimal128"), 16),
+    **dict.fromkeys(("UInt256", "Int256", "Decimal256"), 32),
+}
+_ALIASES = {
+    "Point": "Tuple(Float64, Float64)",
+    "Ring": "Array(Point)",
+    "LineString": "Array(Point)",
+    "Polygon": "Array(Ring)",
+    "MultiLineString": "Array(LineString)",
+    "MultiPolygon": "Array(Polygon)",
+}
+_LC_INDEX_WIDTH = (1, 2, 4, 8)
+
+
+class _NotNative(Exception):
+    """A block this reader cannot walk (a type it does not know, or truncated data)."""
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    for _ in range(10):
+        if pos >= len(data):
+            raise _NotNative("truncated")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    raise _NotNative("varint too long")
+
+
+def _varuint_bytes(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _uint64(data: bytes, pos: int) -> int:
+    if pos + 8 > len(data):
+        raise _NotNative("truncated")
+    return int.from_bytes(data[pos : pos + 8], "little")
+
+
+def _type_args(type_name: str) -> tuple[str, list[str]]:
+    """``Map(String, Array(UInt8))`` → ``("Map", ["String", "Array(UInt8)"])``, quotes respected."""
+    head, paren, rest = type_name.strip().partition("(")
+    if not paren:
+        return head, []
+    if not rest.endswith(")"):
+        raise _NotNative("unbalanced type")
+    args: list[str] = []
+    depth, quote, start = 0, False, 0
+    inner = rest[:-1]
+    for i, ch in enumerate(inner):
+        if quote:
+            quote = ch != "'" or inner[i - 1] == "\\"
+        elif ch == "'":
+            quote = True
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            args.append(inner[start:i].strip())
+            start = i + 1
+    args.append(inner[start:].strip())
+    return head.strip(), args
+
+
+def _skip_column(data: bytes, pos: int, type_name: str, rows: int) -> int:
+    """The position after ``rows`` values of ``type_name`` in Native's column layout.
+
+    Raises _NotNative for a type it does not know (Variant, Dynamic, JSON, AggregateFunction...)."""
+    head, args = _type_args(type_name)
+    if head in _ALIASES:
+        return _skip_column(data, pos, _ALIASES[head], rows)
+    if head in _FIXED_WIDTH:
+        end = pos + _FIXED_WIDTH[head] * rows
+    elif head == "Decimal":
+        precision = int(args[0])
+        end = pos + rows * (4 if precision <= 9 else 8 if precision <= 18 else 16 if precision <= 38 else 32)
+    elif head == "FixedString":
+        end = pos + int(args[0]) * rows
+    elif head.startswith("Interval"):
+        end = pos + 8 * rows
+    elif head == "String":
+        end = pos
+        for _ in range(rows):
+            size, end = _varint(data, end)
+            end += size
+    elif head == "Nullable":
+        return _skip_column(data, pos + rows, args[0], rows)
+    elif head == "SimpleAggregateFunction":
+        return _skip_column(data, pos, args[-1], rows)
+    elif head in ("Array", "Map"):
+        if rows == 0:
+            return pos
+        nested = _uint64(data, pos + 8 * (rows - 1))
+        element = args[0] if head == "Array" else f"Tuple({args[0]}, {args[1]})"
+        return _skip_column(data, pos + 8 * rows, element, nested)
+    elif head == "Tuple":
+        end = pos
+        for arg in args:
+            name, _, typed = arg.partition(" ")  # a named element is `name Type`
+            end = _skip_column(data, end, typed.strip() if typed and "(" not in name else arg, rows)
+    elif head == "LowCardinality":
+        end = _skip_low_cardinality(data, pos, args[0], rows)
+    else:
+        raise _NotNative(f"unsupported type {head}")
+    if end > len(data):
+        raise _NotNative("truncated")
+    return end
+
+
+def _skip_low_cardinality(data: bytes, pos: int, type_name: str, rows: int) -> int:
+    # Key version, then granules of: index type and flags, [a dictionary], the row count, the indexes.
+    if rows == 0:
+        return pos
+    pos += 8
+    head, args = _type_args(type_name)
+    dictionary_type = args[0] if head == "Nullable" else type_name
+    done = 0
+    for _ in range(rows):  # at least one row per granule
+        flags = _uint64(data, pos)
+        pos += 8
+        if flags & (1 << 9):  # HasAdditionalKeysBit: a dictionary follows
+            keys = _uint64(data, pos)
+            pos = _skip_column(data, pos + 8, dictionary_type, keys)
+        count = _uint64(data, pos)
+        if flags & 0xFF >= len(_LC_INDEX_WIDTH):
+            raise _NotNative("low cardinality index type")
+        pos += 8 + _LC_INDEX_WIDTH[flags & 0xFF] * count
+        done += count
+        if done >= rows or count == 0:
+            return pos
+    raise _NotNative("low cardinality granules")
+
+
+def _read_string(data: bytes, pos: int) -> tuple[str, int]:
+    size, pos = _varint(data, pos)
+    if pos + size > len(data):
+        raise _NotNative("truncated")
+    return data[pos : pos + size].decode("utf-8", "surrogateescape"), pos + size
+
+
+def _native_type_names(data: bytes) -> list[str]:
+    """The column types in the first block's header of a Native result ([] for no block)."""
+    if not data:
+        return []
+    columns, pos = _varint(data, 0)
+    rows, pos = _varint(data, pos)
+    types = []
+    for _ in range(columns):
+        _, pos = _read_string(data, pos)
+        type_name, pos = _read_string(data, pos)
+        types.append(type_name)
+        pos = _skip_column(data, pos, type_name, rows)
+    return types
+
+
+def _rewrite_blocks(data: bytes, types: list[str] | None, block_info: bool) -> bytes:
+    """``data`` (whole Native blocks) at the client's revision: each block with its BlockInfo
+    (``block_info``), and each bare ``DateTime`` column typed as in ``types`` (``DateTime('zone')``);
+    every other type name stays the engine's own. Raises _NotNative when a block cannot be walked."""
+    out = bytearray()
+    pos = 0
+    for _ in range(len(data) + 1):  # a block takes at least one byte
+        if pos >= len(data):
+            return bytes(out)
+        start = pos
+        columns, pos = _varint(data, pos)
+        rows, pos = _varint(data, pos)
+        if types is not None and columns != len(types):
+            raise _NotNative("column count")
+        if block_info:
+            out += _BLOCK_INFO
+        out += data[start:pos]
+        for i in range(columns):
+            name_start = pos
+            _, pos = _read_string(data, pos)
+            out += data[name_start:pos]
+            type_start = pos
+            old_type, pos = _read_string(data, pos)
+            new_type = types[i] if types is not None else old_type
+            if old_type == "DateTime" and new_type.startswith("DateTime("):
+                encoded = new_type.encode()
+                out += _varuint_bytes(len(encoded)) + encoded
+            else:
+                out += data[type_start:pos]
+            end = _skip_column(data, pos, old_type, rows)
+            out += data[pos:end]
+            pos = end
+    raise _NotNative("no progress")
+
+
+def _for_client(block: bytes, types: list[str] | None, block_info: bool) -> bytes:
+    """One block of chDB's streaming API (it yields a block at a time) at the client's revision."""
+    if types:
+        with contextlib.suppress(_NotNative):  # not one whole block after all: its own type names
+            block = _rewrite_blocks(block, types, False)
+    return _BLOCK_INFO + block if block_info and block else block
+
+
+def _has_bare_datetime(block: bytes) -> bool:
+    """Whether a Native block has a top-level column the engine wrote as bare ``DateTime``."""
+    if b"\x08DateTime" not in block:  # the length-prefixed type name: absent means no such column
+        return False
+    try:
+        return "DateTime" in _native_type_names(block)
+    except _NotNative:
+        return False
 
 
 # --- the engine ----------------------------------------------------------------------------------
@@ -441,7 +683,7 @@ def _counters(result: Any, ingested: bool) -> dict[str, int]:
 
 
 def _engine_error(exc: Exception) -> QueryError:
-    message = str(exc).strip()
+    message = str(exc).strip().removeprefix("Streaming query failed: ")
     match = _ERROR_CODE.search(message)
     return QueryError(message, int(match.group(1)) if match else 1002)
 
@@ -457,14 +699,140 @@ class _Request:
     infile: bytes | memoryview | None
     externals: list[_External]
     statement: Statement
+    revision: int = 0  # the client's client_protocol_version (Native output is brought to it)
+
+
+def _native_revision(req: _Request) -> bool:
+    """Whether the result is Native at a revision other than chDB's own (0)."""
+    return req.fmt == "Native" and req.revision > 0
+
+
+def _result_types(conn: Any, sql: str, req: _Request) -> list[str] | None:
+    """The result's column types as the engine knows them (``DESCRIBE`` of the query); None if
+    it cannot say (the result is then sent with the engine's own type names)."""
+    stem = _TRAILING_FORMAT.sub("", sql).rstrip().rstrip(";")
+    describe = f"DESCRIBE TABLE ({stem}\n)"
+    try:
+        _check(describe)  # the client's text inside our statement: the guard reads it again
+        if req.params:
+            result = conn.query(_sql_bytes(describe), "JSONCompactEachRow", params=req.params)
+        else:
+            result = conn.query(_sql_bytes(describe), "JSONCompactEachRow")
+        return [str(orjson.loads(line)[1]) for line in bytes(result.bytes() or b"").splitlines() if line]
+    except Exception:  # QueryError from the guard, the engine's error: keep the engine's names
+        log.debug("result_types_unavailable")
+        return None
 
 
 def _sql_bytes(sql: str) -> bytes:
     return sql.encode("utf-8", "surrogateescape")
 
 
-def _execute(engine: _Engine, conn: Any, req: _Request, in_session: bool) -> tuple[bytes, dict[str, int]]:
-    """Run one request's statement on ``conn``; in a session, per-query settings are put back after."""
+@dataclass
+class _Stream:
+    """Where a result goes once it outgrows ``limit`` bytes: ``begin`` sends the status and headers
+    (with the counters so far), ``write`` one chunk of the result."""
+
+    limit: int
+    begin: Callable[[dict[str, int]], None]
+    write: Callable[[bytes], None]
+    started: bool = False
+
+
+def _by_blocks(req: _Request, out: _Stream | None) -> bool:
+    """Whether the query runs through chDB's streaming API, a block at a time: to stream it, or
+    to bring its Native blocks to the client's revision (the API yields whole blocks)."""
+    if req.statement.kind not in ("SELECT", "WITH"):  # chDB streams only queries
+        return False
+    # A parameterized query is never streamed: it holds the engine's params lock while it runs.
+    streamed = out is not None and not req.params and req.fmt in _STREAM_FORMATS
+    return streamed or _native_revision(req)
+
+
+def _stream_result(
+    engine: _Engine, conn: Any, sql: str, out: _Stream | None, req: _Request
+) -> tuple[bytes, dict[str, int]]:
+    """Run ``sql`` block by block: a result up to ``out.limit`` bytes comes back whole, a larger one
+    goes out as it is produced (never without ``out``). An error after the first block is sent in
+    the stream (the caller writes ClickHouse's exception block), as ClickHouse does once its
+    headers are out; an error before it is an ordinary error response. Raises the engine's error.
+
+    A result whose zones must be put back and that outgrows the buffer is started again once its
+    types are known: a handle runs one query at a time, and any other query cancels its stream."""
+    if req.params:
+        with engine.params_lock:
+            return _blocks(conn, sql, None, req)
+    return _blocks(conn, sql, out, req)
+
+
+def _blocks(conn: Any, sql: str, out: _Stream | None, req: _Request) -> tuple[bytes, dict[str, int]]:
+    started = time.perf_counter()
+    block_info = _native_revision(req)
+    zones = block_info and req.revision >= _TZ_REVISION
+    if req.params:
+        stream = conn.send_query(_sql_bytes(sql), req.fmt, params=req.params)
+    else:
+        stream = conn.send_query(_sql_bytes(sql), req.fmt)  # a query that cannot start raises here
+    counters = {"read_rows": 0, "read_bytes": 0, "written_rows": 0, "written_bytes": 0, "elapsed_ns": 0}
+    held: list[bytes] = []
+    size = 0
+    finished = False
+    types: list[str] | None = None
+    try:
+        for _ in range(2):  # the second pass only to restart a stream with its zones known
+            for chunk in stream:  # ends with the result, or with the engine's error
+                counters["read_rows"] += int(chunk.rows_read())
+                counters["read_bytes"] += int(chunk.bytes_read())
+                data = bytes(chunk.bytes() or b"")
+                if out is not None and out.started:
+                    out.write(_for_client(data, types, block_info))
+                    continue
+                held.append(data)
+                size += len(data)
+                if out is not None and size > out.limit:
+                    if types is None and zones and _has_bare_datetime(held[0]):
+                        stream.cancel()
+                        types = _result_types(conn, sql, req) or []
+                        stream = conn.send_query(_sql_bytes(sql), req.fmt)
+                        counters = dict.fromkeys(counters, 0)
+                        held, size = [], 0
+                        break
+                    _begin(out, counters, [_for_client(piece, types, block_info) for piece in held])
+                    held = []
+            else:
+                finished = True
+                break
+    except Exception:
+        if out is not None and held and not out.started:  # rows came before the error: they go first
+            if types is None and zones and _has_bare_datetime(held[0]):
+                types = _result_types(conn, sql, req)  # the failed query no longer holds the handle
+            _begin(out, counters, [_for_client(piece, types, block_info) for piece in held])
+        raise
+    finally:
+        if not finished:
+            try:
+                stream.cancel()  # the client went away or the query failed: stop the engine's work
+            except Exception:
+                log.debug("stream_cancel_failed")
+    counters["elapsed_ns"] = int((time.perf_counter() - started) * 1e9)
+    if held and types is None and zones and _has_bare_datetime(held[0]):
+        types = _result_types(conn, sql, req)
+    return b"".join(_for_client(piece, types, block_info) for piece in held), counters
+
+
+def _begin(out: _Stream, counters: dict[str, int], held: list[bytes]) -> None:
+    out.begin(dict(counters, elapsed_ns=0))
+    out.started = True
+    for piece in held:
+        out.write(piece)
+
+
+def _execute(
+    engine: _Engine, conn: Any, req: _Request, in_session: bool, out: _Stream | None = None
+) -> tuple[bytes, dict[str, int]]:
+    """Run one request's statement on ``conn``; in a session, per-query settings are put back after.
+
+    With ``out``, a large result of a query is streamed through it (see :func:`_stream_result`)."""
     paths: list[str] = []
     restore: dict[str, str] = {}
     try:
@@ -513,8 +881,19 @@ def _execute(engine: _Engine, conn: Any, req: _Request, in_session: bool) -> tup
                 return bytes(result.bytes() or b""), _counters(result, False)
             sql = f"{stem.rstrip()}\nFROM INFILE {_quote(path)} FORMAT {in_fmt}"
             ingested = True
+        if not ingested and _by_blocks(req, out):
+            return _stream_result(engine, conn, sql, out, req)
         result = _run(engine, conn, sql, req)
-        return bytes(result.bytes() or b""), _counters(result, ingested)
+        data = bytes(result.bytes() or b"")
+        if _native_revision(req) and data:
+            try:
+                data = _rewrite_blocks(data, None, block_info=True)  # SHOW, DESCRIBE...: all blocks at once
+            except _NotNative as exc:
+                raise _error(
+                    1002, "UNKNOWN_EXCEPTION",
+                    f"This result cannot be sent at client_protocol_version {req.revision} ({exc}); send it without",
+                ) from None  # fmt: skip
+        return data, _counters(result, ingested)
     except QueryError:
         raise
     except Exception as exc:  # chDB raises ChdbError (a RuntimeError) with ClickHouse's message
@@ -591,6 +970,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, read_body: bool) -> None:
         started = time.perf_counter()
         status, code, size_in, size_out = 200, 0, 0, 0
+        self._streamed_bytes: int | None = None  # set once a streamed response's headers are out
+        self._exception_tag = secrets.token_hex(8)
         try:
             refusal = self._refuse_browser()
             if refusal is not None:
@@ -599,6 +980,9 @@ class _Handler(BaseHTTPRequestHandler):
             size_in = len(body)
             result, headers = self._handle(body)
         except QueryError as exc:
+            if self._streamed_bytes is not None:
+                self._end_stream(str(exc), started, exc.code)
+                return
             status, code = exc.status, exc.code
             if status == 413:
                 self.close_connection = True  # the rest of the body was not read
@@ -606,6 +990,10 @@ class _Handler(BaseHTTPRequestHandler):
             headers = {"Content-Type": "text/plain; charset=UTF-8", "X-ClickHouse-Exception-Code": str(code)}
             if getattr(exc, "query_id", None):
                 headers["X-ClickHouse-Query-Id"] = exc.query_id  # type: ignore[attr-defined]
+        if self._streamed_bytes is not None:
+            self._write_chunk(result)
+            self._end_stream(None, started, 0)
+            return
         size_out = len(result)
         self._send(status, result, headers)
         log.info(
@@ -614,6 +1002,48 @@ class _Handler(BaseHTTPRequestHandler):
             status,
             size_in,
             size_out,
+            (time.perf_counter() - started) * 1000,
+            code,
+        )
+
+    def _begin_stream(self, headers: dict[str, str]) -> None:
+        """Send a streamed result's status and headers; its body follows in chunks."""
+        self.send_response(200)
+        self.send_header("X-ClickHouse-Server-Display-Name", "feedback-chdb")
+        headers.setdefault("X-ClickHouse-Timezone", "UTC")
+        headers["X-ClickHouse-Exception-Tag"] = self._exception_tag
+        for name, value in headers.items():
+            self.send_header(name, _header_safe(value))
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self._streamed_bytes = 0
+
+    def _write_chunk(self, data: bytes) -> None:
+        if data:
+            self.wfile.write(b"%x\r\n" % len(data))
+            self.wfile.write(data)
+            self.wfile.write(b"\r\n")
+            self._streamed_bytes = (self._streamed_bytes or 0) + len(data)
+
+    def _end_stream(self, error: str | None, started: float, code: int) -> None:
+        """Finish a streamed response; an error goes last, in ClickHouse's (25.11+) exception block
+        marked with the response's ``X-ClickHouse-Exception-Tag``, so clients tell it from data."""
+        if error is not None:
+            message = (error.rstrip() + "\n").encode("utf-8", "replace")
+            tag = self._exception_tag.encode()
+            block = b"__exception__\r\n" + tag + b"\r\n" + message
+            block += b"%d " % len(message) + tag + b"\r\n__exception__\r\n"
+            self.close_connection = True
+        try:
+            if error is not None:
+                self._write_chunk(block)
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            self.close_connection = True
+        log.info(
+            "http method=%s status=200 streamed=1 bytes_out=%d ms=%.1f code=%d",
+            self.command,
+            self._streamed_bytes or 0,
             (time.perf_counter() - started) * 1000,
             code,
         )
@@ -736,14 +1166,42 @@ class _Handler(BaseHTTPRequestHandler):
             raise _error(36, "BAD_ARGUMENTS", "a database name may not hold a backslash or a control character")
         session_id = args.get("session_id")
         req = _Request(sql, fmt, params, settings, database, readonly, infile, externals, statement)
+        req.revision = _revision(args)
+
+        def headers_for(counters: dict[str, int], size: int | None) -> dict[str, str]:
+            summary = {k: str(v) for k, v in counters.items()}
+            summary.update(total_rows_to_read=summary["read_rows"], result_rows="0")
+            if size is not None:
+                summary["result_bytes"] = str(size)
+            headers = {
+                "Content-Type": "text/plain; charset=UTF-8"
+                if fmt.startswith(("TabSeparated", "TSV", "CSV"))
+                else "application/octet-stream",
+                "X-ClickHouse-Summary": orjson.dumps(summary).decode(),
+                "X-ClickHouse-Query-Id": query_id,
+            }
+            if size or statement.kind in _RESULT_KINDS:  # as ClickHouse: only a statement with a result has a format
+                headers["X-ClickHouse-Format"] = fmt
+            timezone = settings.get("session_timezone")
+            if timezone:
+                headers["X-ClickHouse-Timezone"] = timezone
+            if session_id:
+                headers["X-ClickHouse-Session-Id"] = session_id
+            return headers
+
+        out = None
+        if args.get("wait_end_of_query") != "1":  # as ClickHouse: wait_end_of_query=1 buffers the whole result
+            out = _Stream(
+                server.limits.stream_buffer_bytes, lambda c: self._begin_stream(headers_for(c, None)), self._write_chunk
+            )
         if session_id:
-            result, counters = self._in_session(session_id, args, req)
+            result, counters = self._in_session(session_id, args, req, out)
         else:
             req.database = req.database or "default"
             conn = server.engine.acquire()
             dirty = True
             try:
-                result, counters = _execute(server.engine, conn, req, in_session=False)
+                result, counters = _execute(server.engine, conn, req, in_session=False, out=out)
                 dirty = bool(externals or readonly) or statement.temporary or statement.kind not in _STATELESS_KINDS
                 if settings and not dirty:
                     # Only the request's own settings changed: put them back (cheaper than a new handle,
@@ -751,25 +1209,11 @@ class _Handler(BaseHTTPRequestHandler):
                     dirty = not _reset(conn, list(settings))
             finally:
                 server.engine.release(conn, dirty)
-        summary = {k: str(v) for k, v in counters.items()}
-        summary.update(total_rows_to_read=summary["read_rows"], result_rows="0", result_bytes=str(len(result)))
-        headers = {
-            "Content-Type": "text/plain; charset=UTF-8"
-            if fmt.startswith(("TabSeparated", "TSV", "CSV"))
-            else "application/octet-stream",
-            "X-ClickHouse-Summary": orjson.dumps(summary).decode(),
-            "X-ClickHouse-Query-Id": query_id,
-        }
-        if result or statement.kind in _RESULT_KINDS:  # as ClickHouse: only a statement with a result has a format
-            headers["X-ClickHouse-Format"] = fmt
-        timezone = settings.get("session_timezone")
-        if timezone:
-            headers["X-ClickHouse-Timezone"] = timezone
-        if session_id:
-            headers["X-ClickHouse-Session-Id"] = session_id
-        return result, headers
+        return result, headers_for(counters, len(result))
 
-    def _in_session(self, session_id: str, args: dict[str, str], req: _Request) -> tuple[bytes, dict[str, int]]:
+    def _in_session(
+        self, session_id: str, args: dict[str, str], req: _Request, out: _Stream | None
+    ) -> tuple[bytes, dict[str, int]]:
         limits = self.server.limits
         if _HEADER_UNSAFE.search(session_id) or len(session_id) > 256:
             raise _error(36, "BAD_ARGUMENTS", "session_id must be at most 256 printable characters")
@@ -782,7 +1226,7 @@ class _Handler(BaseHTTPRequestHandler):
         session = self.server.sessions.acquire(session_id, timeout, args.get("session_check") == "1")
         try:
             req.database = req.database or session.database
-            result = _execute(self.server.engine, session.conn, req, in_session=True)
+            result = _execute(self.server.engine, session.conn, req, in_session=True, out=out)
             if req.statement.kind == "USE":
                 session.database = _current_database(session.conn, session.database)
             return result
@@ -816,6 +1260,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
+
+
+def _revision(args: dict[str, str]) -> int:
+    try:
+        return int(args.get("client_protocol_version") or 0)
+    except ValueError:
+        return 0
 
 
 def _check(sql: str) -> Statement:

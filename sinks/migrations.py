@@ -814,6 +814,19 @@ MIGRATIONS += (
     ),
 )
 
+# feedback_current has every column of feedback_events: the interaction_* ALIAS columns too.
+MIGRATIONS += (
+    Migration(
+        23,
+        "feedback_current interaction context",
+        tuple(
+            f"ALTER TABLE {{db}}.feedback_current ADD COLUMN IF NOT EXISTS {name} {type_} ALIAS {expr} "
+            f"COMMENT '{comment}'"
+            for name, type_, expr, comment in _ALIASES
+        ),
+    ),
+)
+
 # Interactions as track() published them, so the gateway can answer for one (its context
 # beside its feedback stats). ORDER BY interaction_id: a lookup reads one granule. The
 # stream's rule for a re-tracked id is the latest ts (ties: the later offset); the version

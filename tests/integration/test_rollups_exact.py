@@ -106,6 +106,12 @@ def test_every_store_counts_an_event_inserted_twice_once(isolated: Settings) -> 
                                       "dlq_events": 3}  # fmt: skip
     assert _sums(client, db) == want
 
+    def columns(table: str) -> set[str]:
+        sql = f"SELECT name FROM system.columns WHERE database = '{db}' AND table = '{table}'"
+        return {r[0] for r in client.query(sql).result_rows}
+
+    assert columns("feedback_current") == columns("feedback_events") | {"rater", "opinion_key"}  # every column
+
     # The rollups agree with the deduplicated events, column by column.
     daily = client.query(
         "SELECT sum(value_count), round(sum(value_sum), 6), sum(thumbs_up), sum(thumbs_down) FROM feedback_daily"
@@ -124,7 +130,7 @@ def test_every_store_counts_an_event_inserted_twice_once(isolated: Settings) -> 
 
 
 def test_an_existing_deployment_moves_to_exact_rollups(isolated: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Migrations 20-22 on a database the old views counted repeats in: the rollups become exact,
+    """Migrations 20-23 on a database the old views counted repeats in: the rollups become exact,
     the old counts stay in *_legacy, feedback_current and the rebuilt tables hold every row, and a
     re-run of the statements (a crash before the ledger row) changes nothing."""
     db = isolated.clickhouse_database
@@ -141,7 +147,7 @@ def test_an_existing_deployment_moves_to_exact_rollups(isolated: Settings, monke
     assert int(client.command(f"SELECT count() FROM `{db}`.rejected_events")) == 4  # r3a and r3b: one row
 
     monkeypatch.setattr(migrations, "MIGRATIONS", MIGRATIONS)
-    assert [v for v in migrate(client, isolated) if 20 <= v < 30] == [20, 21, 22]
+    assert [v for v in migrate(client, isolated) if 20 <= v < 30] == [20, 21, 22, 23]
     after = _sums(client, db)
     assert (after["daily"], after["interactions"], after["current"]) == (N, N, N)
     assert (after["rejected"], after["dlq"]) == (4, 2)  # every row the old tables held, once

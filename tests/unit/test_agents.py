@@ -254,6 +254,10 @@ def test_a_changed_vote_lands_as_a_revision_and_its_replay_repeats_it(tmp_path: 
     asyncio.run(twice.feed("gate", msgs, lambda: len(twice.sent[TOPICS.outcomes]) >= len(msgs), replay_from=0))
     assert twice.table("seen") == once.table("seen")
     assert [e["payload"]["extra"] for e in twice.clean()] == [landed[i] for i in ids[:3]] * 2
+    # Opinions are swept with the resend keys once their window ends: the table stays bounded.
+    assert len(once.table("seen")) == 3 + 2  # three resend keys, two opinions
+    once.fa.sweeps["seen"]((T0 + timedelta(seconds=once.settings.dedup_window_s + 10)).timestamp())
+    assert once.table("seen") == {}
 
 
 def test_sampling_drops_by_type_and_counts(tmp_path: Path) -> None:

@@ -372,3 +372,97 @@ def test_a_failing_dead_letter_stops_the_worker_and_nothing_is_acknowledged(isol
             assert worker.poll() is None
     assert figures["lost"] == 0 and figures["duplicated"] == 0
     print("fault_figures", orjson.dumps({**figures, "test": "dead letter refused"}).decode())
+
+
+def test_poison_of_every_kind_is_dead_lettered_or_rejected_and_the_rest_lands(
+    isolated: Settings, tmp_path: Path
+) -> None:
+    """Random bytes, truncated Avro, an unknown fingerprint, an envelope nested in an envelope,
+    NaN and infinities, far-future and ancient timestamps, and a 2 MB message, between good
+    events: each bad one ends where the rules say (the DLQ with its decode reason, or
+    rejected_events as invalid with its field and rule), the 2 MB one is refused to its
+    producer, every good event lands once, and the worker never stops."""
+    import math
+    from datetime import UTC, datetime
+
+    from confluent_kafka import KafkaException
+
+    from producers.producer import DeliveryError
+    from schemas import FeedbackEvent
+    from schemas.envelope import pack
+    from schemas.serde import SINGLE_OBJECT_MAGIC
+
+    settings = _settings(isolated)
+    ensure_topics(settings)
+    serde = AvroSerde()
+    rng = random.Random(11)
+    now = datetime.now(UTC).replace(microsecond=0)
+
+    def encoded(event_id: str, **over: Any) -> bytes:
+        record = FeedbackEvent.model_validate(
+            {"event_id": event_id, "source": "faults", "type": "rating", "ts": now, "payload": {"stars": 3}}
+        ).to_avro()
+        return serde.encode({**record, **over})
+
+    valid = encoded("00000000-0000-4000-8000-000000000001")
+    undecodable = {  # what the DLQ must hold for each (its decode reason starts with this)
+        b"fault-poison " + rng.randbytes(64): "unknown framing",
+        valid[: len(valid) // 2]: "avro decode failed",
+        SINGLE_OBJECT_MAGIC + rng.randbytes(8) + valid[10:]: "unknown schema fingerprint",
+    }
+    nested_item = pack([valid])  # an envelope as an envelope's item: dead-lettered as that item
+    invalid = {  # event id → (field, rule) of the rejection
+        "00000000-0000-4000-8000-0000000000a1": ("value", "finite", {"value": math.nan}),
+        "00000000-0000-4000-8000-0000000000a2": ("value", "finite", {"value": math.inf}),
+        "00000000-0000-4000-8000-0000000000a3": ("confidence", "finite", {"confidence": -math.inf}),
+        "00000000-0000-4000-8000-0000000000a4": ("ts", "future", {"ts": datetime(2099, 1, 1, tzinfo=UTC)}),
+        "00000000-0000-4000-8000-0000000000a5": ("ts", "older", {"ts": datetime(1970, 1, 1, 0, 0, 1, tzinfo=UTC)}),
+    }
+    good = [{"type": "thumbs", "user_id": f"u{i}", "payload": {"direction": "up"}, "idempotency_key": f"g{i}"}
+            for i in range(400)]  # fmt: skip
+    with FeedbackClient("faults", settings) as client, FeedbackProducer(settings) as raw:
+        accepted = {a.event_id for a in client.emit_many(good[:200])}
+        client.flush()
+        for value in undecodable:
+            raw.send_raw(value, key=b"poison")
+        raw.send_raw(pack([nested_item]), key=b"poison")
+        for event_id, (_, _, over) in invalid.items():
+            raw.send_raw(encoded(event_id, **over), key=b"invalid")
+        raw.flush()
+        with pytest.raises((DeliveryError, KafkaException)):  # over the broker's limit: never accepted
+            raw.send_raw(rng.randbytes(2 * 1024 * 1024), key=b"big")
+            raw.flush()
+        accepted |= {a.event_id for a in client.emit_many(good[200:])}
+        client.flush()
+
+    with (
+        pipeline_process(settings, "sink", tmp_path / "sink.log") as sink,
+        pipeline_process(settings, "worker", tmp_path / "worker.log") as worker,
+    ):
+        procs = [worker, sink]
+        _wait_count(lambda: len(_final_ids(settings, "feedback_events")), len(accepted), "ClickHouse", procs)
+        _wait_count(lambda: len(_final_ids(settings, "rejected_events")), len(invalid), "rejected_events", procs)
+        _wait_count(lambda: len(_final_ids(settings, "dlq_events", "(partition, offset)")), 4, "dlq_events", procs)
+        time.sleep(2.0)  # anything still in flight lands now, to be counted below
+        assert worker.poll() is None and sink.poll() is None, "poison must never stop the pipeline"
+
+    final = _final_ids(settings, "feedback_events")
+    assert set(final) == accepted and _extra(final) == 0
+    client = connect(settings)
+    db = settings.clickhouse_database
+    rows = client.query(f"SELECT event_id, reason, field, rule FROM `{db}`.rejected_events FINAL").result_rows
+    assert {r[0] for r in rows} == set(invalid)
+    for event_id, reason, field_, rule in rows:
+        want_field, want_rule, _ = invalid[event_id]
+        assert (reason, field_) == ("invalid", want_field) and want_rule in rule, (event_id, field_, rule)
+    letters = [AvroSerde("dead_letter_v1").decode(v) for _, v in read_topic(settings, Topics(settings.topic_prefix).dlq)
+               if v]  # fmt: skip
+    assert {letter["stage"] for letter in letters} == {"decode"} and len(letters) == 4
+    by_raw = {bytes(letter["raw"]): letter["error"] for letter in letters}
+    for value, reason in undecodable.items():
+        assert by_raw[value].startswith(reason), (reason, by_raw[value])
+    assert "envelope item 0" in by_raw[nested_item]
+    log = (tmp_path / "worker.log").read_bytes()
+    assert b"fault-poison" not in log  # coordinates and reasons, never the bytes
+    print("fault_figures", orjson.dumps({"test": "poison of every kind", "accepted": len(accepted),
+                                         "rejected": len(rows), "dead_lettered": len(letters)}).decode())  # fmt: skip

@@ -24,6 +24,7 @@ from sinks import feedback_sink
 from sinks.clickhouse import EVENT_COLUMNS, connect
 from sinks.feedback_sink import EventSink, JsonlSink
 from sinks.jsonl import Ledger
+from sinks.migrations import migrate
 from stream_processors.normalize import normalize
 from tests.conftest import _free_port
 from tests.integration.kafka_read import read_topic
@@ -55,14 +56,22 @@ def _counts(settings: Settings) -> tuple[int, int]:
     return plain, final
 
 
-def _inserted(settings: Settings) -> int:
-    """Every row ever inserted into feedback_events, as its rollup view counted it.
-
-    ReplacingMergeTree merges hide a duplicate from ``count()`` too, sooner or later; the
-    rollup's ``sum(events)`` keeps it (a block ClickHouse deduplicated never reaches the view).
-    """
+def _no_merges(settings: Settings) -> None:
+    """Keep this test's feedback_events unmerged (no part may grow past 1 byte by merging), so a
+    row inserted twice stays in ``count()`` without FINAL: ReplacingMergeTree merges would hide it
+    sooner or later, and the rollups count each event id once (migration 21)."""
     client = connect(settings)
-    return int(client.command(f"SELECT sum(events) FROM `{settings.clickhouse_database}`.feedback_daily"))
+    migrate(client, settings)
+    client.command(
+        f"ALTER TABLE `{settings.clickhouse_database}`.feedback_events "
+        "MODIFY SETTING max_bytes_to_merge_at_max_space_in_pool = 1"
+    )
+
+
+def _inserted(settings: Settings) -> int:
+    """Every row ever inserted into feedback_events, repeats included (after :func:`_no_merges`);
+    a block ClickHouse deduplicated by its token is not among them."""
+    return _counts(settings)[0]
 
 
 def _jsonl_ids(settings: Settings, *, allow_partial: bool = False) -> Counter[str]:
@@ -139,6 +148,7 @@ def test_the_same_batch_delivered_twice_is_stored_once(isolated: Settings, monke
     settings = isolated.model_copy(update={"sink_batch_rows": 700, "sink_batch_ms": 200})
     monkeypatch.setattr(feedback_sink, "INSERT_CHUNK_ROWS", 150)  # a partition's range goes in as 1-2 chunks
     ensure_topics(settings)
+    _no_merges(settings)
     n = 3000
     ids = _produce_clean(settings, n, seed=21)
 
@@ -196,6 +206,7 @@ def test_killed_between_the_chunks_of_a_batch(isolated: Settings, monkeypatch: p
     settings = isolated.model_copy(update={"sink_batch_rows": 900, "sink_batch_ms": 300})
     monkeypatch.setattr(feedback_sink, "INSERT_CHUNK_ROWS", 100)
     ensure_topics(settings)
+    _no_merges(settings)
     n = 2000
     ids = _produce_clean(settings, n, seed=23)
     landed: list[str] = []
@@ -269,6 +280,7 @@ def test_sink_killed_with_sigkill_leaves_exact_jsonl_and_clickhouse(isolated: Se
         update={"sink_batch_rows": 500, "sink_batch_ms": 100, "kafka_session_timeout_s": 6.0}
     )
     ensure_topics(settings)
+    _no_merges(settings)
     n = 20_000
     ids = _produce_clean(settings, n, seed=23)
     kills = 0
@@ -320,6 +332,7 @@ def test_clickhouse_down_mid_stream_loses_nothing(isolated: Settings, tmp_path: 
     thread: threading.Thread | None = None
     try:
         ensure_topics(private)
+        _no_merges(private)
         produced: list[str] = []
         producing = threading.Thread(
             target=lambda: [produced.extend(_produce_clean(private, 500, seed=240 + i)) for i in range(8)],
@@ -368,6 +381,7 @@ def test_a_row_clickhouse_refuses_goes_to_the_dlq_and_the_rest_lands(
     isolated: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     ensure_topics(isolated)
+    _no_merges(isolated)
     serde = AvroSerde()
     topic = Topics(isolated.topic_prefix).clean
     events = [normalize(e.to_avro()) for e in generate_events(20, seed=26)]

@@ -15,6 +15,15 @@ through a temporary table. Requests run in parallel, each on its own chDB handle
 (``--connections``, default 4). Errors come back as ClickHouse does: ``Code: N.
 DB::Exception: ...`` and ``X-ClickHouse-Exception-Code``.
 
+Results of queries are produced a block at a time (chDB's streaming API): one up to 1 MiB is
+sent whole, a larger one with chunked transfer as it is produced (not with
+``wait_end_of_query=1``, a parameterized query, or a format with a header or footer); an error
+after the first block comes last in the body, in ClickHouse's exception block marked by
+``X-ClickHouse-Exception-Tag``. Native results follow the client's ``client_protocol_version``:
+BlockInfo before each block, and ``DateTime('zone')`` column types from revision 54337 (chDB
+itself writes revision 0); clickhouse-connect negotiates revision 54405. ``SHOW CREATE TABLE
+system.<table>`` is built from ``system.columns`` (clickhouse-local keeps no metadata for them).
+
 Hardening (issue 18; ``docs/security.md``, "Embedded ClickHouse server"):
 
 * **Authentication** of the user ``default`` by URL arguments (``user``/``password``),
@@ -34,11 +43,10 @@ Hardening (issue 18; ``docs/security.md``, "Embedded ClickHouse server"):
 * No CR/LF (or any control character) reaches a response header.
 
 Not supported (a full server's features): users other than ``default``, roles and grants
-management, dictionaries, ``system.query_log``, the native TCP port, streamed results (a result
-is sent once complete), ``client_protocol_version`` (chDB's Native output has the oldest
-protocol: ``DateTime('tz')`` comes back as ``DateTime``), and ClickHouse's own
-``compress=1``/``decompress=1`` block framing. clickhouse-connect's suite: 785 of 831 pass,
-each exception with its reason in ``docs/security.md``.
+management, dictionaries, ``system.query_log``, the native TCP port, progress headers
+(``send_progress_in_http_headers``), revision-dependent serializations other than the above
+(``Dynamic``'s shared variant), and ClickHouse's own ``compress=1``/``decompress=1`` block
+framing. clickhouse-connect's suite: each exception with its reason in ``docs/security.md``.
 
 Run: ``python -m sinks.chdb_server --port 8123 --data-dir .local/clickhouse/data --password-file F``.
 """
@@ -120,6 +128,10 @@ _ERROR_CODE = re.compile(r"Code:\s*(\d+)")
 _LOOPBACK_HOST = re.compile(r"^(?:127\.0\.0\.1|localhost|\[::1\])(?::[0-9]{1,5})?$", re.IGNORECASE)
 _HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SHOW_CREATE_SYSTEM = re.compile(
+    r"^\s*SHOW\s+CREATE\s+(?:TABLE\s+)?`?system`?\.`?([A-Za-z_][A-Za-z0-9_]*)`?\s*(FORMAT\s+\w+)?\s*;?\s*$",
+    re.IGNORECASE,
+)
 #: Output formats a result may be streamed in: those whose output for no rows is empty (chDB's
 #: streaming API sends nothing at all for an empty result, not even a format's header or names).
 _STREAM_FORMATS = frozenset(
@@ -465,27 +477,18 @@ def _read_string(data: bytes, pos: int) -> tuple[str, int]:
     return data[pos : pos + size].decode("utf-8", "surrogateescape"), pos + size
 
 
-def _native_type_names(data: bytes) -> list[str]:
-    """The column types in the first block's header of a Native result ([] for no block)."""
-    if not data:
-        return []
-    columns, pos = _varint(data, 0)
-    rows, pos = _varint(data, pos)
-    types = []
-    for _ in range(columns):
-        _, pos = _read_string(data, pos)
-        type_name, pos = _read_string(data, pos)
-        types.append(type_name)
-        pos = _skip_column(data, pos, type_name, rows)
-    return types
-
-
 def _rewrite_blocks(data: bytes, types: list[str] | None, block_info: bool) -> bytes:
     """``data`` (whole Native blocks) at the client's revision: each block with its BlockInfo
     (``block_info``), and each bare ``DateTime`` column typed as in ``types`` (``DateTime('zone')``);
-    every other type name stays the engine's own. Raises _NotNative when a block cannot be walked."""
+    every other type name stays the engine's own. Raises _NotNative when a block cannot be walked.
+
+    With ``types`` and no BlockInfo, ``data`` is one block, walked only up to its last column
+    that needs its zone (walking a column's values is Python's work, row by row for strings)."""
     out = bytearray()
     pos = 0
+    last = max((i for i, t in enumerate(types or ()) if t.startswith("DateTime(")), default=-1)
+    if types is not None and not block_info and last < 0:
+        return data
     for _ in range(len(data) + 1):  # a block takes at least one byte
         if pos >= len(data):
             return bytes(out)
@@ -509,6 +512,8 @@ def _rewrite_blocks(data: bytes, types: list[str] | None, block_info: bool) -> b
                 out += _varuint_bytes(len(encoded)) + encoded
             else:
                 out += data[type_start:pos]
+            if i == last and not block_info:
+                return bytes(out) + data[pos:]
             end = _skip_column(data, pos, old_type, rows)
             out += data[pos:end]
             pos = end
@@ -524,13 +529,9 @@ def _for_client(block: bytes, types: list[str] | None, block_info: bool) -> byte
 
 
 def _has_bare_datetime(block: bytes) -> bool:
-    """Whether a Native block has a top-level column the engine wrote as bare ``DateTime``."""
-    if b"\x08DateTime" not in block:  # the length-prefixed type name: absent means no such column
-        return False
-    try:
-        return "DateTime" in _native_type_names(block)
-    except _NotNative:
-        return False
+    """Whether a Native block may have a top-level column the engine wrote as bare ``DateTime``:
+    its length-prefixed type name is in the block (a false positive costs one ``DESCRIBE``)."""
+    return b"\x08DateTime" in block
 
 
 # --- the engine ----------------------------------------------------------------------------------
@@ -881,6 +882,9 @@ def _execute(
                 return bytes(result.bytes() or b""), _counters(result, False)
             sql = f"{stem.rstrip()}\nFROM INFILE {_quote(path)} FORMAT {in_fmt}"
             ingested = True
+        show_create = _SHOW_CREATE_SYSTEM.match(sql) if req.statement.kind == "SHOW" else None
+        if show_create:
+            sql = _show_create_system(conn, show_create.group(1), show_create.group(2)) or sql
         if not ingested and _by_blocks(req, out):
             return _stream_result(engine, conn, sql, out, req)
         result = _run(engine, conn, sql, req)
@@ -911,6 +915,30 @@ def _execute(
                 conn.query("SET " + ", ".join(f"{n} = {_quote(v)}" for n, v in restore.items()))
             except Exception:
                 log.warning("session_settings_restore_failed count=%d", len(restore))
+
+
+def _show_create_system(conn: Any, table: str, fmt: str | None) -> str | None:
+    """``SHOW CREATE TABLE system.<table>`` as a query of its statement, built as ClickHouse shows
+    it from ``system.columns`` (clickhouse-local keeps no metadata for system tables); None for a
+    table that does not exist (the engine's own error follows)."""
+    where = f"database = 'system' AND {{}} = {_quote(table)}"
+    info = bytes(
+        conn.query(
+            f"SELECT engine, comment FROM system.tables WHERE {where.format('name')}", "JSONCompactEachRow"
+        ).bytes()
+    )
+    if not info.strip():
+        return None
+    engine, comment = orjson.loads(info.splitlines()[0])
+    rows = conn.query(
+        f"SELECT name, type FROM system.columns WHERE {where.format('table')} ORDER BY position", "JSONCompactEachRow"
+    )
+    columns = [orjson.loads(line) for line in bytes(rows.bytes()).splitlines() if line]
+    body = ",\n".join(f"    `{name}` {type_name}" for name, type_name in columns)
+    statement = f"CREATE TABLE system.{table}\n(\n{body}\n)\nENGINE = {engine}"
+    if comment:
+        statement += f"\nCOMMENT {_quote(comment)}"
+    return f"SELECT {_quote(statement)} AS statement" + (f" {fmt}" if fmt else "")
 
 
 def _reset(conn: Any, names: list[str]) -> bool:

@@ -186,3 +186,16 @@ def test_every_kind_of_result_reads_at_the_negotiated_protocol(server: EmbeddedC
     described = client.query("DESCRIBE TABLE default.kinds").result_rows
     assert [r[1] for r in described][-1] == "DateTime('Europe/Berlin')"
     assert client.query("EXISTS TABLE default.kinds").result_rows == [(1,)]
+
+
+def test_show_create_of_a_system_table_is_built_from_its_columns(server: EmbeddedClickHouseServer) -> None:
+    client = _client(server)
+    result = client.query("SHOW CREATE TABLE system.one")
+    assert result.column_names == ("statement",)
+    assert result.result_rows[0][0].startswith("CREATE TABLE system.one\n(\n    `dummy` UInt8\n)\nENGINE = SystemOne")
+    tables = client.command("SHOW CREATE TABLE system.tables")
+    assert "`database` String" in str(tables) and "ENGINE = SystemTables" in str(tables)
+    with pytest.raises(DatabaseError, match="UNKNOWN_TABLE"):
+        client.query("SHOW CREATE TABLE system.no_such_table")
+    client.command("CREATE TABLE IF NOT EXISTS default.shown (x UInt8) ENGINE = MergeTree ORDER BY x")
+    assert "CREATE TABLE default.shown" in client.command("SHOW CREATE TABLE default.shown")

@@ -1,9 +1,11 @@
 """clickhouse-connect's own integration suite against the embedded ClickHouse server (``make test-compat``).
 
-The suite is not part of the clickhouse-connect wheel: it needs a checkout of the
-ClickHouse/clickhouse-connect repository (``--source``, default
-``.local/compat/clickhouse-connect``; cloned from GitHub at the pinned client's tag when
-absent and the network allows) and a Python environment with the suite's test
+The suite is not part of the clickhouse-connect wheel (nor of its sdist, which holds only
+``tests/test_bare_install.py``): it needs a checkout of the ClickHouse/clickhouse-connect
+repository (``--source``, default ``.local/compat/clickhouse-connect``; cloned from GitHub at
+the pinned client's tag when absent and the network allows; where GitHub is out of reach, the
+newest snapshot at hand, which may be older than the pinned client: ``docs/security.md`` says
+which one the last result used) and a Python environment with the suite's test
 dependencies (``--python``, default ``.local/compat/venv``, created with ``uv`` when absent:
 the pinned clickhouse-connect plus pytest, pytest-asyncio, pytest-mock, pandas, pyarrow,
 polars, SQLAlchemy and alembic; these are test-only and stay out of the project's lock).

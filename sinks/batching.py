@@ -228,12 +228,14 @@ class BatchingSink(ABC):
                 log.info("batch_intent sink=%s partition=%d first=%d last=%d", self.name, tp.partition, tp.offset, end)
         self._intent_deadline = time.monotonic() + INTENT_TIMEOUT_S
         starts = self.start_offsets(partitions, {(tp.topic, tp.partition): tp.offset for tp in committed})
-        if starts:
-            for tp in partitions:
-                if (tp.topic, tp.partition) in starts:
-                    tp.offset = starts[(tp.topic, tp.partition)]
-                    self._intents.pop((tp.topic, tp.partition), None)
-            consumer.assign(partitions)
+        for tp in partitions:
+            if (tp.topic, tp.partition) in starts:
+                tp.offset = starts[(tp.topic, tp.partition)]
+                self._intents.pop((tp.topic, tp.partition), None)
+        consumer.assign(partitions)
+        # librdkafka keeps a partition's pause across a rebalance: one paused by _wait_paused when the
+        # group moved (a broker lost) would be assigned again paused and never deliver its intent.
+        consumer.resume(partitions)
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._drain_inflight()

@@ -54,9 +54,11 @@ test: setup audit
 
 # The fault suite (tests/integration/test_faults.py, docs/reliability.md): the worker and the sink
 # SIGKILLed under a steady load, every event id reconciled across the stores. `make test` runs only
-# its fast subset (the tests not marked slow).
+# its fast subset (the tests not marked slow). test_cluster_failover.py: a three-broker cluster losing
+# one broker, then two (slow: only here).
 test-faults: setup
-	$(BIN)/python -m pytest -m faults tests/integration/test_faults.py $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m faults tests/integration/test_faults.py tests/integration/test_cluster_failover.py \
+		$(PYTEST_ARGS)
 
 unit: setup
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

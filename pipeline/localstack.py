@@ -454,22 +454,6 @@ class LocalKafka:
         for node in self.nodes:
             wait_until(node.ready, max(1.0, deadline - time.monotonic()), node.what, node.process.is_running, node.log)
 
-    def start_node(self, node_id: int, timeout: float = 120.0) -> None:
-        """Start one broker of the cluster (after it was stopped or killed); returns once it is back."""
-        node = self._node(node_id)
-        if node.process.is_running():
-            return
-        node.check_ports()
-        node.prepare(_java(self.java), _cluster_id())
-        node.launch(_java(self.java), self.heap)
-        wait_until(node.ready, timeout, node.what, node.process.is_running, node.log)
-
-    def _node(self, node_id: int) -> KafkaNode:
-        for node in self.nodes:
-            if node.spec.node_id == node_id:
-                return node
-        raise StackError(f"no local Kafka broker {node_id}: the brokers are 1 to {len(self.nodes)}")
-
     def _ready(self) -> bool:
         return all(node.ready() for node in self.nodes)
 

@@ -45,7 +45,7 @@ from confluent_kafka import Consumer, TopicPartition
 from faust.types import EventT
 
 from pipeline.errors import InvalidEvent, PoisonEvent
-from pipeline.kafka_admin import ensure_topics
+from pipeline.kafka_admin import ensure_topics, topic_replication
 from pipeline.settings import Settings
 from producers.subscriber import CompactedTopicReader
 from schemas.dead_letter import dead_letter
@@ -210,6 +210,9 @@ def create_app(
         # messages still fill a take_events batch of BATCH from it.
         "stream_buffer_maxsize": 512,
     }
+    replicas, _ = topic_replication(settings)
+    if replicas > 0:  # the topics Faust creates itself (its leader topic) get the pipeline's replication
+        conf["topic_replication_factor"] = replicas
     conf.update(overrides)
     if settings.table_store == "rocksdb":
         bound_rocksdb(settings.table_memory_mb * 1024 * 1024)

@@ -87,3 +87,15 @@ def test_up_refuses_a_broker_count_other_than_the_one_the_state_holds(tmp_path: 
     kafka = LocalKafka(Settings(state_dir=tmp_path, kafka_brokers=3, kafka_port=20000, kafka_controller_port=20001))
     with pytest.raises(StackError, match=r"holds one broker, not the 3 asked for: run `feedback up --brokers 1`"):
         kafka._check_layout()
+
+
+@pytest.mark.parametrize(("brokers", "faust_replicas"), [(1, 1), (3, 3)])
+def test_the_topics_faust_creates_itself_get_the_pipelines_replication(
+    tmp_path: Path, brokers: int, faust_replicas: int
+) -> None:
+    from stream_processors.app import create_app
+    from stream_processors.outputs import CapturedOutputs
+
+    settings = Settings(state_dir=tmp_path, table_store="memory", kafka_brokers=brokers, worker_metrics_port=0)
+    fa = create_app(settings, outputs=CapturedOutputs())
+    assert fa.app.conf.topic_replication_factor == faust_replicas  # its leader topic, outside ensure_topics

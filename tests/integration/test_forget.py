@@ -91,7 +91,9 @@ def test_forget_erases_a_user_from_every_store_and_keeps_the_others(isolated: Se
             except Exception:
                 return False
             files = b"".join(_file_bytes(Path(settings.path)).values()) if Path(settings.path).exists() else b""
-            return rows == 10 and triaged >= 4 and files.count(alice.encode()) >= 5 and queue.exists()
+            # The queue file is rewritten just after its batch reached ClickHouse: wait for the item itself.
+            queued = queue.exists() and alice_ids[0].encode() in queue.read_bytes()
+            return rows == 10 and triaged >= 4 and files.count(alice.encode()) >= 5 and queued
 
         wait_for(landed, 150, "both users' events in ClickHouse, the files and the triage queue", procs)
         before = _file_bytes(Path(settings.path))

@@ -103,7 +103,7 @@ def test_workers_joining_and_leaving_lose_nothing_and_count_nothing_twice(isolat
         def observations() -> int:
             return sum(decode_reputation(v).observations for v in latest_by_key(settings, topics.reputation).values())
 
-        wait_for(lambda: observations() == total, 120, f"{total} observations", [a])
+        wait_for(lambda: observations() == total, 240, f"{total} observations", [a])
         serde = AvroSerde()
         clean: dict[str, dict[str, Any]] = {}
 

@@ -49,6 +49,11 @@ def _events(topic: str, values: list[tuple[bytes, bytes]], first_offset: int, ts
     ]
 
 
+def _raise(exc: BaseException) -> None:
+    """A batch that fails as a whole fails the measurement (the worker would stop)."""
+    raise exc
+
+
 def measure(n: int = 50_000, *, envelope: int = 500, seed: int = 3) -> dict[str, Any]:
     """CPU µs per event for the gate alone and for the agents downstream of it."""
     with tempfile.TemporaryDirectory(prefix="gate-cpu-") as tmp:
@@ -57,7 +62,7 @@ def measure(n: int = 50_000, *, envelope: int = 500, seed: int = 3) -> dict[str,
             rate_limit_per_minute=1e9, bias_publish_interval_s=3600.0,
         )  # fmt: skip
         outputs = CapturedOutputs()
-        fa = create_app(settings, outputs=outputs, on_fatal=lambda exc: (_ for _ in ()).throw(exc))
+        fa = create_app(settings, outputs=outputs, on_fatal=_raise)
         fa.app.finalize()
         topics = Topics(settings.topic_prefix)
         encoder = BulkEncoder(AvroSerde())

@@ -80,7 +80,7 @@ class TrackedIds:
     the previous one and the previous one is dropped. A lookup checks both, so an id stays
     for at least ``keep_s`` after it was added. A generation filled past its capacity keeps
     working with a higher false-positive rate (more events take the hop, as they would without
-    the index); ``saturated`` says so.
+    the index).
     """
 
     def __init__(self, keep_s: float, capacity: int, error_rate: float = 0.01, *, now: float) -> None:
@@ -99,10 +99,6 @@ class TrackedIds:
 
     def may_contain(self, key: bytes) -> bool:
         return key in self._current or key in self._previous
-
-    @property
-    def saturated(self) -> bool:
-        return self._current.count > self.capacity
 
 
 @dataclass

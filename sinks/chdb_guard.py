@@ -9,7 +9,8 @@ every chDB handle of the process loads (:func:`write_engine_config`):
 * the user ``default`` is given explicit grants without ``SOURCES`` (no ``READ``/``WRITE``
   on FILE, URL, REMOTE, S3, HDFS, MYSQL, POSTGRES, ODBC, JDBC, SQLITE, AZURE, ...), without
   ``TABLE ENGINE`` except the MergeTree family, Memory, Null, views and the like, without
-  ``SYSTEM``, ``BACKUP``, ``CREATE DICTIONARY``, ``INTROSPECTION``;
+  ``SYSTEM`` (but ``SYSTEM RELOAD DICTIONARY``), ``BACKUP``, ``INTROSPECTION``; dictionaries
+  are allowed (``CREATE DICTIONARY``), their sources checked by the lexer below;
 * the settings that name files (``format_template_row``, ``format_schema``,
   ``output_format_schema``, ...) are constrained to their defaults in the profile;
 * ``user_files_path`` and ``user_scripts_path`` point at empty folders inside the data
@@ -21,7 +22,10 @@ heredocs, nested comments): ``INTO OUTFILE`` and ``FROM INFILE`` (client-side fe
 server never runs), more than one statement per request, chDB's ``Python()`` table function,
 ad-hoc ``disk(...)`` definitions (a ``web`` disk fetches URLs), ``ATTACH ... FROM 'path'``, and, as
 a second line behind the grants, every table function that reaches files, URLs or other
-servers. Anything the lexer cannot read the way ClickHouse would (an unterminated string
+servers. Dictionaries are allowed over this server's own tables only
+(:func:`_check_dictionary`): a ``CLICKHOUSE`` source without a host or a named collection,
+or ``NULL``; the queries a source holds as strings pass the same checks; no layout that keeps
+a file (``SSD_CACHE``). Anything the lexer cannot read the way ClickHouse would (an unterminated string
 or comment, a stray ``#``) is refused rather than guessed at.
 """
 
@@ -279,12 +283,160 @@ def check_statement(sql: str) -> Statement:
                     "processes or other servers. (ACCESS_DENIED)",
                     497,
                 )
-    if kind == "ATTACH" and any(t.kind == "word" and t.text.upper() == "FROM" for t in tokens):
+    if kind in ("CREATE", "ATTACH", "REPLACE") and _is_dictionary(tokens):
+        _check_dictionary(tokens)
+    elif kind == "ATTACH" and any(t.kind == "word" and t.text.upper() == "FROM" for t in tokens):
         raise GuardError(
             "Code: 497. DB::Exception: ATTACH ... FROM a path is not allowed on this server. (ACCESS_DENIED)", 497
         )
     temporary = any(t.kind == "word" and t.text.upper() == "TEMPORARY" for t in tokens)
     return Statement(kind, temporary)
+
+
+# --- dictionaries ------------------------------------------------------------------------------
+
+#: The keys a ``CLICKHOUSE`` dictionary source may have: a table or query of this server. No
+#: ``HOST``/``PORT``/``USER``/``PASSWORD``/``SECURE`` (another server) and no ``NAME`` (a named
+#: collection, which can hold one).
+_SOURCE_KEYS = frozenset({"table", "db", "database", "where", "query", "invalidate_query", "update_field", "update_lag"})
+#: The source keys whose string is SQL the engine runs: checked as statements of their own.
+_SOURCE_SQL = {"query": "{}", "invalidate_query": "{}", "where": "SELECT 1 WHERE ({})"}
+#: Layouts that keep the dictionary in memory (``SSD_CACHE`` writes to a ``PATH`` it is given).
+_LAYOUTS = frozenset(
+    {
+        "flat",
+        "hashed",
+        "sparse_hashed",
+        "complex_key_hashed",
+        "complex_key_sparse_hashed",
+        "hashed_array",
+        "complex_key_hashed_array",
+        "range_hashed",
+        "complex_key_range_hashed",
+        "cache",
+        "complex_key_cache",
+        "direct",
+        "complex_key_direct",
+        "ip_trie",
+        "polygon",
+        "polygon_simple",
+        "polygon_index_each",
+        "polygon_index_cell",
+    }
+)
+_STRING_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "b": "\b", "f": "\f", "a": "\a", "v": "\v", "e": "\x1b"}
+
+
+def _denied(what: str) -> GuardError:
+    return GuardError(f"Code: 497. DB::Exception: {what} (ACCESS_DENIED)", ACCESS_DENIED)
+
+
+def _is_dictionary(tokens: list[Token]) -> bool:
+    """``CREATE [OR REPLACE] DICTIONARY``, ``ATTACH DICTIONARY``, ``REPLACE DICTIONARY``."""
+    for token in tokens[:5]:
+        if token.kind == "word" and token.text.upper() == "DICTIONARY":
+            return True
+        if token.text == "(":
+            return False
+    return False
+
+
+def _unquote(text: str) -> str:
+    """A string literal's value, as ClickHouse reads it (backslash escapes, a doubled quote)."""
+    out: list[str] = []
+    i, body = 0, text[1:-1]
+    while i < len(body):
+        c = body[i]
+        if c == "\\" and i + 1 < len(body):
+            nxt = body[i + 1]
+            if nxt == "x" and i + 3 < len(body):
+                out.append(chr(int(body[i + 2 : i + 4], 16)))
+                i += 4
+                continue
+            out.append(_STRING_ESCAPES.get(nxt, nxt))
+            i += 2
+            continue
+        if c == "'" and i + 1 < len(body) and body[i + 1] == "'":
+            out.append("'")
+            i += 2
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _parenthesized(tokens: list[Token], open_at: int) -> int:
+    """The index of the ``)`` closing the ``(`` at ``open_at``."""
+    depth = 0
+    for i in range(open_at, len(tokens)):
+        if tokens[i].text == "(":
+            depth += 1
+        elif tokens[i].text == ")":
+            depth -= 1
+            if depth == 0:
+                return i
+    raise GuardError("Code: 62. DB::Exception: Syntax error: unbalanced parentheses. (SYNTAX_ERROR)", SYNTAX_ERROR)
+
+
+def _clause(tokens: list[Token], keyword: str) -> list[tuple[int, int]]:
+    """``(open, close)`` of each ``KEYWORD(...)`` clause at the statement's top level."""
+    found: list[tuple[int, int]] = []
+    depth = 0
+    for i, token in enumerate(tokens):
+        if token.text == "(":
+            depth += 1
+        elif token.text == ")":
+            depth -= 1
+        elif depth <= 1 and token.kind == "word" and token.text.upper() == keyword:
+            if i + 1 < len(tokens) and tokens[i + 1].text == "(":
+                found.append((i + 1, _parenthesized(tokens, i + 1)))
+    return found
+
+
+def _check_dictionary(tokens: list[Token]) -> None:
+    """A dictionary over this server's own tables, or none at all: refuse every other source,
+    a source's SQL that would be refused as a statement, and a layout that keeps a file."""
+    sources = _clause(tokens, "SOURCE")
+    if len(sources) != 1:
+        raise _denied("a dictionary needs exactly one SOURCE(...) clause on this server.")
+    open_at, close_at = sources[0]
+    inner = tokens[open_at + 1 : close_at]
+    if len(inner) < 3 or inner[0].kind != "word" or inner[1].text != "(" or inner[-1].text != ")":
+        raise _denied("a dictionary's SOURCE must be CLICKHOUSE(...) or NULL() on this server.")
+    source = inner[0].text.lower()
+    if _parenthesized(inner, 1) != len(inner) - 1:
+        raise _denied("a dictionary's SOURCE must be CLICKHOUSE(...) or NULL() on this server.")
+    args = inner[2:-1]
+    if source == "null":
+        if args:
+            raise _denied("a NULL() dictionary source takes no arguments.")
+    elif source == "clickhouse":
+        i = 0
+        while i < len(args):
+            key = args[i]
+            if key.kind != "word" or i + 1 >= len(args) or args[i + 1].kind not in ("string", "number", "word"):
+                raise _denied("a CLICKHOUSE dictionary source takes KEY 'value' pairs on this server.")
+            name = key.text.lower()
+            if name not in _SOURCE_KEYS:
+                raise _denied(
+                    f"a dictionary source may not set {key.text.upper()} on this server: it reads this "
+                    "server's own tables only (no other host, port, user or named collection)."
+                )
+            value = args[i + 1]
+            if name in _SOURCE_SQL and value.kind == "string":
+                check_statement(_SOURCE_SQL[name].format(_unquote(value.text)))
+            i += 2
+    else:
+        raise _denied(
+            f"a dictionary source {inner[0].text.upper()}() is not allowed on this server: it reaches files, "
+            "URLs, processes or other servers (use CLICKHOUSE over a table here, or NULL)."
+        )
+    if _clause(tokens, "SETTINGS"):
+        raise _denied("a dictionary's SETTINGS(...) clause is not allowed on this server.")
+    for open_at, close_at in _clause(tokens, "LAYOUT"):
+        layout = tokens[open_at + 1] if open_at + 1 < close_at else None
+        if layout is None or layout.kind != "word" or layout.text.lower() not in _LAYOUTS:
+            raise _denied("this dictionary LAYOUT is not allowed on this server: it keeps a file (SSD_CACHE).")
 
 
 # --- the engine's own controls ---------------------------------------------------------------
@@ -294,7 +446,7 @@ def check_statement(sql: str) -> Statement:
 _GRANTS = (
     "SHOW, SELECT, INSERT, ALTER, CREATE DATABASE, CREATE TABLE, CREATE VIEW, CREATE TEMPORARY TABLE, "
     "CREATE FUNCTION, DROP DATABASE, DROP TABLE, DROP VIEW, DROP FUNCTION, UNDROP TABLE, TRUNCATE, OPTIMIZE, "
-    "KILL QUERY, dictGet, CHECK ON *.*"
+    "KILL QUERY, dictGet, CHECK, CREATE DICTIONARY, DROP DICTIONARY, SYSTEM RELOAD DICTIONARY ON *.*"
 )
 #: Table engines a client may create: data stays in the data directory.
 ALLOWED_ENGINES = (

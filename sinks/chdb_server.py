@@ -42,11 +42,12 @@ Hardening (issue 18; ``docs/security.md``, "Embedded ClickHouse server"):
   concurrent request and ``session_timeout``/``session_check``).
 * No CR/LF (or any control character) reaches a response header.
 
-Not supported (a full server's features): users other than ``default``, roles and grants
-management, dictionaries, ``system.query_log``, the native TCP port, progress headers
-(``send_progress_in_http_headers``), revision-dependent serializations other than the above
-(``Dynamic``'s shared variant), and ClickHouse's own ``compress=1``/``decompress=1`` block
-framing. clickhouse-connect's suite: each exception with its reason in ``docs/security.md``.
+Dictionaries are served over this server's own tables (a ``CLICKHOUSE`` source without a host,
+or ``NULL``; :mod:`sinks.chdb_guard`). Not supported (a full server's features): users other
+than ``default``, roles and grants management, dictionaries with any other source,
+``system.query_log``, the native TCP port, progress headers (``send_progress_in_http_headers``),
+and ClickHouse's own ``compress=1``/``decompress=1`` block framing. clickhouse-connect's suite:
+each exception with its reason in ``docs/security.md``.
 
 Run: ``python -m sinks.chdb_server --port 8123 --data-dir .local/clickhouse/data --password-file F``.
 """

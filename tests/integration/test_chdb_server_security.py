@@ -292,6 +292,17 @@ BYPASSES = [
     "CREATE DATABASE ov ENGINE = Overlay",
     "CREATE DICTIONARY sandbox.d (s String) PRIMARY KEY s SOURCE(FILE(path '{secret}' format 'RawBLOB')) "
     "LAYOUT(COMPLEX_KEY_HASHED()) LIFETIME(0)",
+    # dictionaries are allowed over this server's own tables only
+    "CREATE DICTIONARY sandbox.d (s String) PRIMARY KEY s SOURCE(CLICKHOUSE(QUERY 'SELECT * FROM file(''{secret}'', "
+    "''RawBLOB'')')) LAYOUT(COMPLEX_KEY_HASHED()) LIFETIME(0)",
+    "CREATE DICTIONARY sandbox.d (s String) PRIMARY KEY s SOURCE(CLICKHOUSE(TABLE 't' WHERE 's IN (SELECT * FROM "
+    "file(''{secret}'', ''RawBLOB''))')) LAYOUT(COMPLEX_KEY_HASHED()) LIFETIME(0)",
+    "CREATE DICTIONARY sandbox.d (s String) PRIMARY KEY s SOURCE(CLICKHOUSE(HOST '127.0.0.1' PORT {port} "
+    "TABLE 't')) LAYOUT(COMPLEX_KEY_HASHED()) LIFETIME(0)",
+    "CREATE DICTIONARY sandbox.d (s String) PRIMARY KEY s SOURCE(HTTP(URL 'http://127.0.0.1:{port}/ping' "
+    "FORMAT 'RawBLOB')) LAYOUT(COMPLEX_KEY_HASHED()) LIFETIME(0)",
+    "CREATE DICTIONARY sandbox.d (s String) PRIMARY KEY s SOURCE(CLICKHOUSE(TABLE 't')) "
+    "LAYOUT(COMPLEX_KEY_SSD_CACHE(PATH '{outside}/ssd')) LIFETIME(0)",
     "CREATE TABLE sandbox.w (a String) ENGINE = MergeTree ORDER BY a "
     "SETTINGS disk = disk(type = 'web', endpoint = 'http://127.0.0.1:{port}/')",
     "CREATE TABLE sandbox.l (a String) ENGINE = MergeTree ORDER BY a "
@@ -335,6 +346,7 @@ def test_the_sandbox_refuses_every_bypass_attempt(server: EmbeddedClickHouseServ
     assert client.command("SELECT count() FROM sandbox.t") == 0
     for name in ("v", "f", "u", "c", "ff", "d", "w", "l", "at"):
         assert client.command(f"EXISTS TABLE sandbox.{name}") == 0
+    assert client.command("EXISTS DICTIONARY sandbox.d") == 0
 
 
 def test_the_environment_of_the_process_is_out_of_reach(server: EmbeddedClickHouseServer) -> None:
@@ -366,6 +378,26 @@ def test_legit_project_queries_still_work(server: EmbeddedClickHouseServer) -> N
     assert client.command("SELECT sum(x) FROM default.kept") == 3
     # format() reads data from its own argument, not from a file
     assert client.command("SELECT * FROM format(JSONEachRow, '{\"a\": 7}')") == 7
+
+
+def test_a_dictionary_over_a_table_of_this_server_works(server: EmbeddedClickHouseServer) -> None:
+    client = _client(server)
+    client.command("CREATE DATABASE IF NOT EXISTS dicts")
+    client.command("CREATE TABLE IF NOT EXISTS dicts.src (id UInt64, name String) ENGINE = MergeTree ORDER BY id")
+    client.insert("src", [[13, "user_1"], [14, "user_2"]], database="dicts")
+    client.command(
+        "CREATE DICTIONARY IF NOT EXISTS dicts.names (id UInt64, name String DEFAULT '') PRIMARY KEY id "
+        "SOURCE(CLICKHOUSE(DB 'dicts' TABLE 'src' WHERE 'id < 100')) LAYOUT(HASHED()) LIFETIME(MIN 0 MAX 10)"
+    )
+    client.command("SYSTEM RELOAD DICTIONARY dicts.names")
+    row = client.query("SELECT status, element_count FROM system.dictionaries WHERE name = 'names'").result_rows
+    assert row == [("LOADED", 2)]
+    assert client.command("SELECT dictGet('dicts.names', 'name', toUInt64(14))") == "user_2"
+    assert "SOURCE(CLICKHOUSE(DB 'dicts' TABLE 'src' WHERE 'id < 100'))" in client.command(
+        "SHOW CREATE DICTIONARY dicts.names"
+    ).replace("\\'", "'")
+    client.command("DROP DICTIONARY dicts.names")
+    assert client.command("SELECT count() FROM system.dictionaries WHERE name = 'names'") == 0
 
 
 # --- limits ---------------------------------------------------------------------------------------

@@ -52,6 +52,37 @@ REFUSED = [
     "SELECT 1 #x",
     "SELECT 1 /* a /* b */",  # still open: comments nest
     "SELECT $$ not a heredoc, file('/etc/passwd')",
+    # dictionaries: only this server's own tables, whatever the spelling
+    "CREATE DICTIONARY d (id UInt64) PRIMARY KEY id SOURCE(CLICKHOUSE(HOST '10.0.0.1' PORT 9000 TABLE 't')) "
+    "LAYOUT(FLAT()) LIFETIME(0)",
+    "CREATE DICTIONARY d (id UInt64) PRIMARY KEY id SOURCE(clickhouse(host 'localhost' table 't')) LAYOUT(FLAT()) LIFETIME(0)",
+    "CREATE DICTIONARY d (id UInt64) PRIMARY KEY id SOURCE(CLICKHOUSE(TABLE 't' /* x */ USER 'u' PASSWORD 'p')) "
+    "LAYOUT(FLAT()) LIFETIME(0)",
+    "CREATE DICTIONARY d (id UInt64) PRIMARY KEY id SOURCE(CLICKHOUSE(NAME my_collection)) LAYOUT(FLAT()) LIFETIME(0)",
+    "CREATE DICTIONARY d (id UInt64) PRIMARY KEY id SOURCE(CLICKHOUSE(TABLE 't' SECURE 1)) LAYOUT(FLAT()) LIFETIME(0)",
+    "CREATE DICTIONARY d (id UInt64) PRIMARY KEY id SOURCE(FILE(PATH '/etc/passwd' FORMAT 'TSV')) LAYOUT(FLAT()) LIFETIME(0)",
+    "CREATE DICTIONARY d (id UInt64) PRIMARY KEY id SOURCE(HTTP(URL 'http://h/x' FORMAT 'TSV')) LAYOUT(FLAT()) LIFETIME(0)",
+    "CREATE DICTIONARY d (id UInt64) PRIMARY KEY id SOURCE(EXECUTABLE(COMMAND 'cat /etc/passwd' FORMAT 'TSV')) "
+    "LAYOUT(FLAT()) LIFETIME(0)",
+    "CREATE DICTIONARY d (id UInt64) PRIMARY KEY id SOURCE(YAMLRegExpTree(PATH '/etc/x.yaml')) LAYOUT(REGEXP_TREE) LIFETIME(0)",
+    "CREATE DICTIONARY d (id UInt64) PRIMARY KEY id SOURCE(`ClickHouse`(HOST 'h' TABLE 't')) LAYOUT(FLAT()) LIFETIME(0)",
+    "CREATE DICTIONARY d (id UInt64) PRIMARY KEY id SOURCE(CLICKHOUSE(QUERY 'SELECT * FROM file(\\'/etc/passwd\\')')) "
+    "LAYOUT(FLAT()) LIFETIME(0)",
+    "CREATE DICTIONARY d (id UInt64) PRIMARY KEY id SOURCE(CLICKHOUSE(QUERY 'SELECT * FROM fi\\x6ce(''/etc/passwd'')')) "
+    "LAYOUT(FLAT()) LIFETIME(0)",
+    "CREATE DICTIONARY d (id UInt64) PRIMARY KEY id SOURCE(CLICKHOUSE(TABLE 't' WHERE 'id IN (SELECT 1 FROM "
+    "url(''http://h/''))')) LAYOUT(FLAT()) LIFETIME(0)",
+    "CREATE DICTIONARY d (id UInt64) PRIMARY KEY id SOURCE(CLICKHOUSE(TABLE 't' INVALIDATE_QUERY "
+    "'SELECT 1 FROM remote(''h'', system.one)')) LAYOUT(FLAT()) LIFETIME(0)",
+    "CREATE DICTIONARY d (id UInt64) PRIMARY KEY id SOURCE(CLICKHOUSE(TABLE 't')) SOURCE(FILE(PATH '/x')) "
+    "LAYOUT(FLAT()) LIFETIME(0)",
+    "CREATE DICTIONARY d (id UInt64) PRIMARY KEY id LAYOUT(FLAT()) LIFETIME(0)",
+    "CREATE DICTIONARY d (id UInt64) PRIMARY KEY id SOURCE(CLICKHOUSE(TABLE 't')) "
+    "LAYOUT(SSD_CACHE(PATH '/var/lib/x' BLOCK_SIZE 4096)) LIFETIME(0)",
+    "CREATE DICTIONARY d (id UInt64) PRIMARY KEY id SOURCE(CLICKHOUSE(TABLE 't')) LAYOUT(FLAT()) LIFETIME(0) "
+    "SETTINGS(format_csv_allow_single_quotes = 0)",
+    "ATTACH DICTIONARY d (id UInt64) PRIMARY KEY id SOURCE(CLICKHOUSE(HOST 'h' TABLE 't')) LAYOUT(FLAT()) LIFETIME(0)",
+    "CREATE OR REPLACE DICTIONARY d (id UInt64) PRIMARY KEY id SOURCE(MYSQL(HOST 'h' TABLE 't')) LAYOUT(FLAT()) LIFETIME(0)",
     "",
     "   -- only a comment",
 ]
@@ -79,6 +110,16 @@ ALLOWED = [
     "SELECT 1 #! shebang-style comment\n",
     "SELECT $tag$ file('x') $tag$, $ab$$ab$ AS s",
     "SELECT a$b, $1 FROM t",
+    "CREATE DICTIONARY db.d (`id` UInt32, `value` String) PRIMARY KEY id SOURCE(CLICKHOUSE(TABLE 'system.one')) "
+    "LAYOUT(FLAT()) LIFETIME(MIN 0 MAX 10)",
+    "CREATE DICTIONARY IF NOT EXISTS d (id UInt64, v String DEFAULT '') PRIMARY KEY id "
+    "SOURCE(CLICKHOUSE(DB 'db' TABLE 'src' WHERE 'id > 3' UPDATE_FIELD 'ts' UPDATE_LAG 15)) "
+    "LAYOUT(HASHED()) LIFETIME(300)",
+    "CREATE DICTIONARY d (id UInt64) PRIMARY KEY id SOURCE(CLICKHOUSE(QUERY 'SELECT id FROM db.src')) "
+    "LAYOUT(COMPLEX_KEY_HASHED()) LIFETIME(0)",
+    "CREATE OR REPLACE DICTIONARY d (id UInt64) PRIMARY KEY id SOURCE(NULL()) LAYOUT(CACHE(SIZE_IN_CELLS 10)) LIFETIME(0)",
+    "DROP DICTIONARY IF EXISTS d",
+    "SYSTEM RELOAD DICTIONARY d",
 ]
 
 
@@ -119,7 +160,8 @@ def test_tokens_cover_the_text_exactly() -> None:
 def test_engine_config_grants_no_sources_and_pins_file_settings(tmp_path: Path) -> None:
     config = write_engine_config(tmp_path / "cfg", tmp_path / "data")
     users = (tmp_path / "cfg" / "users.xml").read_text()
-    assert "SOURCES" not in users and "READ ON" not in users and "SYSTEM" not in users
+    assert "SOURCES" not in users and "READ ON" not in users
+    assert users.count("SYSTEM") == 1 and "SYSTEM RELOAD DICTIONARY ON" in users  # no other SYSTEM privilege
     assert "TABLE ENGINE ON File" not in users and "TABLE ENGINE ON URL" not in users
     assert "<format_template_row><const/></format_template_row>" in users
     assert f"<user_files_path>{tmp_path / 'data' / 'user_files'}/</user_files_path>" in config.read_text()

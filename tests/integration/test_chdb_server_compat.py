@@ -6,6 +6,7 @@ Each test runs the real server (chDB) and talks to it with clickhouse-connect or
 from __future__ import annotations
 
 import base64
+import datetime
 import http.client
 import urllib.parse
 from collections.abc import Iterator
@@ -199,3 +200,22 @@ def test_show_create_of_a_system_table_is_built_from_its_columns(server: Embedde
         client.query("SHOW CREATE TABLE system.no_such_table")
     client.command("CREATE TABLE IF NOT EXISTS default.shown (x UInt8) ENGINE = MergeTree ORDER BY x")
     assert "CREATE TABLE default.shown" in client.command("SHOW CREATE TABLE default.shown")
+
+
+def test_a_dynamic_columns_shared_variant_is_sent_as_a_server_sends_it(server: EmbeddedClickHouseServer) -> None:
+    """``Dynamic(max_types=0)`` keeps every value in its shared variant: each one its binary type
+    code and its RowBinary value (a Date is ``0x0f`` and its day number, a String ``0x15`` and
+    its length-prefixed bytes), exactly the bytes of a server at the client's revision."""
+    client = _client(server)
+    client.command("CREATE TABLE IF NOT EXISTS default.shared (id UInt8, d Dynamic(max_types=0)) ENGINE = MergeTree ORDER BY id")
+    client.command("INSERT INTO default.shared SELECT 1, toDate('2024-01-02')")
+    client.command("INSERT INTO default.shared SELECT 2, 'hello'")
+    body = _post(server, "SELECT d FROM default.shared ORDER BY id FORMAT Native", client_protocol_version="54405").read()
+    assert body.startswith(bytes.fromhex("010002ffffffff00"))  # BlockInfo at this revision
+    assert b"\x14Dynamic(max_types=0)" in body
+    assert b"\x0f\x0cM" in body  # Date 2024-01-02 = day 19724 = 0x4d0c, in the shared variant
+    assert b"\x15\x05hello" in body
+    # and clickhouse-connect decodes both from the shared variant
+    assert [r[0] for r in client.query("SELECT d FROM default.shared ORDER BY id").result_rows] == [
+        datetime.date(2024, 1, 2), "hello"
+    ]  # fmt: skip

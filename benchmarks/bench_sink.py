@@ -23,14 +23,17 @@ from __future__ import annotations
 import argparse
 import gc
 import platform
+import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import record_result, stack
+from benchmarks.common import free_port, record_result, stack
+from benchmarks.procs import Child, tree_env
 from pipeline.kafka_admin import ensure_topics
 from pipeline.settings import Settings
 from producers.producer import FeedbackProducer
@@ -112,6 +115,52 @@ def measure(settings: Settings, rows: int) -> dict[str, Any]:
         "targets": {"ratio": 0.7, "sink_rows_per_s": 150_000},
         "machine": f"{platform.machine()} {platform.python_version()}",
     }
+
+
+def measure_beside(settings: Settings, rows: int, server_src: Path, home: Path, rounds: int = 2) -> dict[str, Any]:
+    """The sink through this stack's embedded server and through the embedded server of
+    ``server_src`` (another source tree: the server before a change), started beside it on a
+    free port with a data folder of its own. The two alternate ``rounds`` times each, in one run
+    and on one broker, with this tree's sink, client and rows; the best round of each is kept
+    (on a shared machine the best is the least disturbed), with every round in the result."""
+    port = free_port()
+    server = Child.python(
+        "clickhouse-before",
+        ["-m", "sinks.chdb_server", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(home / "data")],
+        tree_env(None, server_src), home / "server.log", cwd=server_src,
+    ).start()  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=1):
+                    break
+            except OSError:
+                if not server.alive() or time.monotonic() > deadline:
+                    raise SystemExit(f"the server of {server_src} did not start: {server.tail()}") from None
+                time.sleep(0.1)
+        here: list[dict[str, Any]] = []
+        before: list[dict[str, Any]] = []
+        for i in range(rounds):
+            here.append(measure(settings.model_copy(update={
+                "topic_prefix": f"{settings.topic_prefix}now{i}.", "clickhouse_database": f"bench_sink_now{i}"}), rows))
+            before.append(measure(settings.model_copy(update={
+                "topic_prefix": f"{settings.topic_prefix}before{i}.", "clickhouse_database": f"bench_sink_before{i}",
+                "clickhouse_url": f"http://127.0.0.1:{port}"}), rows))  # fmt: skip
+    finally:
+        server.stop()
+    best_now = max(here, key=lambda r: r["sink_rows_per_s"])
+    best_before = max(before, key=lambda r: r["sink_rows_per_s"])
+    return {
+        **best_now,
+        "server_src": str(server_src),
+        "before_sink_rows_per_s": best_before["sink_rows_per_s"],
+        "before_bare_rows_per_s": best_before["bare_rows_per_s"],
+        "sink_over_before": round(best_now["sink_rows_per_s"] / best_before["sink_rows_per_s"], 3),
+        "bare_over_before": round(best_now["bare_rows_per_s"] / best_before["bare_rows_per_s"], 3),
+        "rounds": {"now": [(r["bare_rows_per_s"], r["sink_rows_per_s"]) for r in here],
+                   "before": [(r["bare_rows_per_s"], r["sink_rows_per_s"]) for r in before]},
+    }  # fmt: skip
 
 
 def main() -> None:

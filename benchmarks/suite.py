@@ -9,7 +9,10 @@ the git commit of this tree and of ``--worker-src``) to ``benchmarks/results/ben
 Stages: ``worker``, ``state``, ``latency``, ``memory``, ``scaleout`` (:mod:`benchmarks.bench_worker`);
 ``client`` and ``gateway`` (:mod:`benchmarks.bench_ingest`, one run recorded as ``ingest``: the
 bare producer, ``thumbs()`` and ``emit_many``, and the gateway's paths when ``gateway`` is
-asked for), ``sink`` (:mod:`benchmarks.bench_sink`). These three always run this tree's code.
+asked for), ``sink`` (:mod:`benchmarks.bench_sink`). These three always run this tree's code;
+``--server-src TREE`` also runs the sink stage through ``TREE``'s embedded ClickHouse server
+started beside the stack's, the two alternating (``measure_beside``: a server change before
+and after in one run).
 A stage that fails is recorded with its error; the others still run.
 """
 
@@ -47,6 +50,7 @@ class Options:
     stages: tuple[str, ...] = DEFAULT_STAGES
     events: int = 50_000
     worker_src: Path | None = None
+    server_src: Path | None = None  # sink stage: also measure through this tree's embedded ClickHouse server
     partitions: int = 6
     latency_rate: float = 5000.0
     latency_duration: float = 60.0
@@ -176,7 +180,13 @@ def run(opts: Options, say: Any = None) -> dict[str, Any]:
             elif name == "sink":
                 from benchmarks.bench_sink import measure as sink_measure
 
-                attempt("sink", sink_measure, ctx.scoped("sink.", clickhouse_database="bench_sink"), opts.sink_rows)
+                if opts.server_src is None:
+                    attempt("sink", sink_measure, ctx.scoped("sink.", clickhouse_database="bench_sink"), opts.sink_rows)
+                else:
+                    from benchmarks.bench_sink import measure_beside
+
+                    attempt("sink", measure_beside, ctx.scoped("sink."), opts.sink_rows, opts.server_src.resolve(),
+                            tmp / "clickhouse-before")  # fmt: skip
     finally:
         from benchmarks.procs import stop_all
 
@@ -255,6 +265,8 @@ def parser(default_stages: tuple[str, ...] = DEFAULT_STAGES) -> argparse.Argumen
     p.add_argument("--stages", default=",".join(default_stages), help=f"comma-separated, of {','.join(ALL_STAGES)}")
     p.add_argument("--events", type=int, default=50_000, help="events for the worker and scale-out stages")
     p.add_argument("--worker-src", type=Path, default=None, help="run worker, sink and client from this tree")
+    p.add_argument("--server-src", type=Path, default=None,
+                   help="sink stage: also run it through this tree's embedded ClickHouse server, alternately")
     p.add_argument("--partitions", type=int, default=6)
     p.add_argument("--latency-rate", type=float, default=5000.0)
     p.add_argument("--latency-duration", type=float, default=60.0)
@@ -286,7 +298,8 @@ def main(argv: list[str] | None = None, default_stages: tuple[str, ...] = DEFAUL
         stages = parse_stages(args.stages, default_stages)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
-    opts = Options(stages=stages, events=args.events, worker_src=args.worker_src, partitions=args.partitions,
+    opts = Options(stages=stages, events=args.events, worker_src=args.worker_src, server_src=args.server_src,
+                   partitions=args.partitions,
                    latency_rate=args.latency_rate, latency_duration=args.latency_duration,
                    latency_ramp=not args.no_ramp, latency_warm=args.latency_warm, latency_poll=args.latency_poll,
                    memory_events=args.memory_events,

@@ -82,6 +82,9 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         out["sink_rows_per_s"] = sink.get("sink_rows_per_s")
         out["sink_bare_rows_per_s"] = sink.get("bare_rows_per_s")
         out["sink_ratio"] = sink.get("ratio")
+        if "before_sink_rows_per_s" in sink:  # --server-src: the same through another tree's server
+            out["sink_before_rows_per_s"] = sink["before_sink_rows_per_s"]
+            out["sink_over_before"] = sink["sink_over_before"]
     out["targets_met"] = _targets(out)
     return out
 
@@ -165,4 +168,7 @@ def table_rows(summary: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     if "sink_rows_per_s" in s:
         rows.append(("sink", "rows/s into ClickHouse", _fmt(s["sink_rows_per_s"]),
                      f"bare insert {_fmt(s.get('sink_bare_rows_per_s'))}", _fmt(s.get("sink_ratio"))))  # fmt: skip
+    if "sink_before_rows_per_s" in s:
+        rows.append(("sink", "rows/s, the --server-src server", _fmt(s["sink_before_rows_per_s"]),
+                     f"this tree's server {_fmt(s.get('sink_rows_per_s'))}", _fmt(s.get("sink_over_before"))))  # fmt: skip
     return rows

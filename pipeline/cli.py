@@ -394,6 +394,10 @@ def bench(
     worker_src: Annotated[
         Path | None, typer.Option(help="Run the worker, sink and publishing client from this source tree.")
     ] = None,
+    server_src: Annotated[
+        Path | None,
+        typer.Option(help="Sink stage: also measure through this source tree's embedded ClickHouse server."),
+    ] = None,
     latency_rate: Annotated[float, typer.Option(min=1, help="Latency stage: emit_many events per second.")] = 5000.0,
     latency_duration: Annotated[float, typer.Option(min=1, help="Latency stage: seconds of publishing.")] = 60.0,
     ramp: Annotated[bool, typer.Option(help="Latency stage: find the rate single-event messages sustain.")] = True,
@@ -417,7 +421,7 @@ def bench(
         chosen = parse_stages(stages)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--stages") from None
-    opts = Options(stages=chosen, events=events, worker_src=worker_src, latency_rate=latency_rate,
+    opts = Options(stages=chosen, events=events, worker_src=worker_src, server_src=server_src, latency_rate=latency_rate,
                    latency_duration=latency_duration, latency_ramp=ramp, memory_events=memory_events, label=label,
                    keep_tmp=keep_tmp)  # fmt: skip
     raise typer.Exit(run_and_report(opts, as_json=as_json))

@@ -859,3 +859,21 @@ MIGRATIONS += (
         ),
     ),
 )
+
+# interaction_stats counted feedback that names no interaction, as interaction '': in the rows
+# view, `assumeNotNull(interaction_id) AS interaction_id` shadows the column, so its
+# `WHERE interaction_id IS NOT NULL` tested the alias (never NULL). The fault suite found it (the
+# rollup's sum exceeded the events naming an interaction). The qualified name is the column; the
+# rows written for '' go (an interaction id is never empty: the gate refuses one).
+MIGRATIONS += (
+    Migration(
+        31,
+        "interaction_stats: only feedback that names an interaction",
+        (
+            "ALTER TABLE {db}.interaction_stats_rows_mv MODIFY QUERY SELECT "
+            "assumeNotNull(interaction_id) AS interaction_id, event_id, ts, type, value "
+            "FROM {db}.feedback_events WHERE isNotNull(feedback_events.interaction_id)",
+            "ALTER TABLE {db}.interaction_stats_rows DELETE WHERE interaction_id = '' SETTINGS mutations_sync = 2",
+        ),
+    ),
+)

@@ -53,12 +53,13 @@ test: setup audit
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # The fault suite (tests/integration/test_faults.py, docs/reliability.md): the worker and the sink
-# SIGKILLed under a steady load, every event id reconciled across the stores. `make test` runs only
+# SIGKILLed under a steady load, every event id reconciled across the stores; test_faults_restarts.py:
+# the broker and the embedded ClickHouse SIGKILLed and started again. `make test` runs only
 # its fast subset (the tests not marked slow). test_cluster_failover.py: a three-broker cluster losing
 # one broker, then two (slow: only here).
 test-faults: setup
-	$(BIN)/python -m pytest -m faults tests/integration/test_faults.py tests/integration/test_cluster_failover.py \
-		$(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m faults tests/integration/test_faults.py tests/integration/test_faults_restarts.py \
+		tests/integration/test_cluster_failover.py $(PYTEST_ARGS)
 
 unit: setup
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

@@ -29,10 +29,11 @@ import orjson
 import pytest
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 
+from pipeline.errors import TransientError
 from pipeline.kafka_admin import ensure_topics, topic_message_counts
 from pipeline.settings import Settings
 from producers.client import FeedbackClient
-from producers.producer import FeedbackProducer
+from producers.producer import DeliveryError, FeedbackProducer
 from schemas.serde import AvroSerde
 from schemas.topics import Topics
 from sinks.clickhouse import connect
@@ -57,16 +58,29 @@ class Produced:
     duplicate: set[str] = field(default_factory=set)  # an idempotency key already used: new id, refused
     invalid: set[str] = field(default_factory=set)  # ts far in the future: refused
     poison: set[bytes] = field(default_factory=set)  # not Avro at all: dead-lettered whole
+    # With the broker away (a tolerant Load): items the client was told failed (never "accepted",
+    # but a send that failed on the client may have reached the log: once at most, where its kind
+    # says, or nowhere), and acknowledged resends whose original failed (accepted if the original
+    # never landed, else refused as duplicate: either way exactly once).
+    failed: dict[str, str] = field(default_factory=dict)  # event id → its kind (accepted, duplicate, invalid)
+    either: set[str] = field(default_factory=set)
+    failed_poison: set[bytes] = field(default_factory=set)
+    interaction: set[str] = field(default_factory=set)  # ids (of any bucket) that name an interaction
+    bad_output: set[str] = field(default_factory=set)  # ids (of any bucket) of a directive type (the bias)
 
     @property
     def total(self) -> int:
-        return len(self.accepted) + len(self.duplicate) + len(self.invalid) + len(self.poison)
+        return (
+            len(self.accepted) + len(self.duplicate) + len(self.invalid) + len(self.poison)
+            + len(self.failed) + len(self.either) + len(self.failed_poison)
+        )  # fmt: skip
 
 
 def _items(round_no: int) -> list[dict[str, Any]]:
     """One round: ROUND events; the last 1% resend an earlier event of the round as a client
     retry does (the same fields and idempotency key, a new event id: refused as duplicates), and
-    0.5% are stamped far in the future (refused as invalid)."""
+    0.5% are stamped far in the future (refused as invalid). Every tenth names an interaction of
+    its own (never tracked): one opinion each, counted by interaction_stats."""
     out: list[dict[str, Any]] = []
     for i in range(ROUND):
         if i >= ROUND - ROUND // 100:
@@ -80,18 +94,24 @@ def _items(round_no: int) -> list[dict[str, Any]]:
         }  # fmt: skip
         if i % 200 == 7:
             item["ts"] = "2099-01-01T00:00:00Z"
+        if i % 10 == 3:
+            item["interaction_id"] = f"chat-r{round_no}-{i}"
         out.append(item)
     return out
 
 
 class Load:
     """A producer thread: a round of events every ROUND_S and one poison message every fifth
-    round, until :meth:`stop` (or MAX_ROUNDS). ``produced`` says what each item must become."""
+    round, until :meth:`stop` (or MAX_ROUNDS). ``produced`` says what each item must become.
 
-    def __init__(self, settings: Settings, seed: int) -> None:
+    ``delivery_timeout_ms`` (with the broker away): the client's delivery timeout, and a round
+    whose delivery fails is filed (``Produced.failed``, ``either``) instead of stopping the load."""
+
+    def __init__(self, settings: Settings, seed: int, delivery_timeout_ms: int | None = None) -> None:
         self.settings = settings
         self.produced = Produced()
         self.rounds = 0
+        self.delivery_timeout_ms = delivery_timeout_ms
         self._rng = random.Random(seed)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -103,36 +123,71 @@ class Load:
 
     def stop(self) -> Produced:
         self._stop.set()
-        self._thread.join(120)
+        self._thread.join(120 + (self.delivery_timeout_ms or 0) / 1000)
         assert not self._thread.is_alive(), "the load did not stop"
         if self.error is not None:
             raise self.error
         return self.produced
 
+    def _flush(self, flush: Callable[[float], None], ids: list[str]) -> set[str]:
+        """Flush; the ids whose delivery failed (all of them when some are still in flight)."""
+        if self.delivery_timeout_ms is None:
+            flush(60.0)
+            return set()
+        try:
+            flush(self.delivery_timeout_ms / 1000 + 15)
+        except DeliveryError as exc:
+            return {event_id for event_id, _ in exc.failures} & set(ids)
+        except TransientError:  # neither acknowledged nor failed: as uncertain as a failure
+            return set(ids)
+        return set()
+
     def _run(self) -> None:
         try:
             with FeedbackClient("faults", self.settings) as client, FeedbackProducer(self.settings) as raw:
+                if self.delivery_timeout_ms is not None:
+                    config = {"message.timeout.ms": self.delivery_timeout_ms}
+                    client.producer.close()  # the same client, with a delivery timeout the test can wait out
+                    client.producer = FeedbackProducer(self.settings, config=config)
+                    raw.close()
+                    raw = FeedbackProducer(self.settings, config=config)
                 while not self._stop.is_set() and self.rounds < MAX_ROUNDS:
                     started = time.monotonic()
-                    items = _items(self.rounds)
-                    accepted = client.emit_many(items)
-                    client.flush()
-                    for i, (item, result) in enumerate(zip(items, accepted, strict=True)):
-                        bucket = self.produced.accepted
-                        if item["idempotency_key"] != f"r{self.rounds}-{i}":
-                            bucket = self.produced.duplicate
-                        elif item.get("ts"):
-                            bucket = self.produced.invalid
-                        bucket.add(result.event_id)
-                    if self.rounds % 5 == 2:
-                        poison = b"fault-poison " + self._rng.randbytes(64)
-                        raw.send_raw(poison, key=b"poison")
-                        raw.flush()
-                        self.produced.poison.add(poison)
+                    self._round(client, raw)
                     self.rounds += 1
                     self._stop.wait(max(0.0, ROUND_S - (time.monotonic() - started)))
+                if self.delivery_timeout_ms is not None:
+                    raw.close()
         except BaseException as exc:  # reported by stop()
             self.error = exc
+
+    def _round(self, client: FeedbackClient, raw: FeedbackProducer) -> None:
+        items = _items(self.rounds)
+        results = client.emit_many(items)
+        ids = [result.event_id for result in results]
+        failed = self._flush(client.flush, ids)
+        produced = self.produced
+        buckets = {"accepted": produced.accepted, "duplicate": produced.duplicate, "invalid": produced.invalid}
+        for i, (item, event_id) in enumerate(zip(items, ids, strict=True)):
+            kind = "accepted"
+            if item["idempotency_key"] != f"r{self.rounds}-{i}":
+                kind = "duplicate"
+            elif item.get("ts"):
+                kind = "invalid"
+            if item.get("interaction_id"):
+                produced.interaction.add(event_id)
+            if item["type"] == "bad_output":
+                produced.bad_output.add(event_id)
+            if event_id in failed:
+                produced.failed[event_id] = kind
+            elif kind == "duplicate" and ids[i - ROUND // 2] in failed:
+                produced.either.add(event_id)
+            else:
+                buckets[kind].add(event_id)
+        if self.rounds % 5 == 2:
+            poison = b"fault-poison " + self._rng.randbytes(64)
+            raw.send_raw(poison, key=b"poison")
+            (produced.failed_poison if self._flush(raw.flush, ["raw"]) else produced.poison).add(poison)
 
 
 def _settings(isolated: Settings) -> Settings:
@@ -198,12 +253,22 @@ def _wait_count(count: Callable[[], int], want: int, what: str, procs: list[subp
 
 
 def _settle(settings: Settings, produced: Produced, procs: list[subprocess.Popen[bytes]]) -> float:
-    """Wait until every store holds what it should; returns the seconds it took."""
+    """Wait until every store holds what it should; returns the seconds it took. Items whose
+    delivery failed are not waited for (they may never land)."""
     started = time.monotonic()
     refused = len(produced.duplicate) + len(produced.invalid)
-    _wait_count(lambda: len(_final_ids(settings, "feedback_events")), len(produced.accepted), "ClickHouse", procs)
-    _wait_count(lambda: _jsonl_distinct(settings), len(produced.accepted), "the JSONL files", procs)
-    _wait_count(lambda: len(_final_ids(settings, "rejected_events")), refused, "rejected_events", procs)
+    clean, either = produced.accepted, produced.either
+
+    def landed(count: Callable[[], set[Any]], want: set[Any]) -> Callable[[], int]:
+        return lambda: len(count() & want)
+
+    events = lambda: set(_final_ids(settings, "feedback_events"))  # noqa: E731
+    rejected = lambda: set(_final_ids(settings, "rejected_events"))  # noqa: E731
+    _wait_count(landed(events, clean), len(clean), "ClickHouse", procs)
+    _wait_count(landed(lambda: set(_jsonl_ids(settings, allow_partial=True)), clean), len(clean), "the JSONL files",
+                procs)  # fmt: skip
+    _wait_count(landed(rejected, produced.duplicate | produced.invalid), refused, "rejected_events", procs)
+    _wait_count(lambda: len((events() | rejected()) & either), len(either), "the acknowledged resends", procs)
     _wait_count(
         lambda: len(_final_ids(settings, "dlq_events", "(partition, offset)")), len(produced.poison), "dlq", procs
     )
@@ -215,13 +280,36 @@ def _extra(found: Counter[Any]) -> int:
     return sum(n - 1 for n in found.values() if n > 1)
 
 
+def _rollups(settings: Settings) -> dict[str, int]:
+    """What the rollups count (docs/stream.md, "Rollups exact after a crash"): events in
+    feedback_daily and interaction_stats (views over their rows tables, FINAL), opinions in
+    feedback_current FINAL, and each rows table and feedback_current counted plain after
+    OPTIMIZE ... FINAL."""
+    client = connect(settings)
+    db = f"`{settings.clickhouse_database}`"
+    one = lambda sql: int(client.command(sql.replace("{db}", db)))  # noqa: E731
+    weighted = f"SELECT sum(weighted_events) FROM {db}.feedback_daily"
+    out = {
+        "feedback_daily": one("SELECT sum(events) FROM {db}.feedback_daily"),
+        "feedback_daily_weighted": round(float(client.command(weighted))),
+        "interaction_stats": one("SELECT sum(feedback_count) FROM {db}.interaction_stats"),
+        "interactions": one("SELECT count() FROM {db}.interaction_stats"),
+        "feedback_current": one("SELECT count() FROM {db}.feedback_current FINAL"),
+    }
+    for table in ("feedback_daily_rows", "interaction_stats_rows", "feedback_current"):
+        client.command(f"OPTIMIZE TABLE {db}.{table} FINAL")
+        out[f"{table}_optimized"] = one(f"SELECT count() FROM {{db}}.{table}")
+    return out
+
+
 def _reconcile(settings: Settings, produced: Produced) -> dict[str, Any]:
-    """Every produced item in exactly the places the rules say (asserted); the figures."""
+    """Every produced item in exactly the places the rules say (asserted), the rollups summing to
+    the accepted events; the figures."""
     topics = Topics(settings.topic_prefix)
     client = connect(settings)
     db = settings.clickhouse_database
     refused = produced.duplicate | produced.invalid
-    everything = produced.accepted | refused
+    uncertain = set(produced.failed) | produced.either  # accepted, refused or (failed) nowhere
 
     final = _final_ids(settings, "feedback_events")
     client.command(f"OPTIMIZE TABLE `{db}`.feedback_events FINAL")
@@ -234,29 +322,58 @@ def _reconcile(settings: Settings, produced: Produced) -> dict[str, Any]:
     dead = {bytes(letter["raw"]) for letter in letters}
     dlq_rows = _final_ids(settings, "dlq_events", "(partition, offset)")
 
+    landed_clean = uncertain & set(final)  # what of the uncertain landed, and where
+    landed_refused = uncertain & set(reasons)
+    clean = produced.accepted | landed_clean
     stores = {"clickhouse_final": final, "clickhouse_optimized": plain, "jsonl": lines}
     for name, found in stores.items():
-        assert set(found) == produced.accepted, f"{name}: {len(produced.accepted - set(found))} lost, "
-        f"{len(set(found) - produced.accepted)} that do not belong"
+        assert set(found) == clean, f"{name}: {len(clean - set(found))} lost, "
+        f"{len(set(found) - clean)} that do not belong"
         assert _extra(found) == 0, f"{name}: {_extra(found)} duplicated"
-    assert set(reasons) == refused, "the rejected topic holds exactly the refused ids"
-    assert {reasons[i] for i in produced.duplicate} <= {"duplicate"}
+    assert not landed_clean & landed_refused, "an event both accepted and refused"
+    assert produced.either <= landed_clean | landed_refused, "an acknowledged resend is nowhere"
+    assert set(reasons) == refused | landed_refused, "the rejected topic holds exactly the refused ids"
+    assert {reasons[i] for i in produced.duplicate | produced.either & landed_refused} <= {"duplicate"}
     assert {reasons[i] for i in produced.invalid} <= {"invalid"}
-    assert set(rejected_rows) == refused and _extra(rejected_rows) == 0
-    assert dead == produced.poison and {letter["stage"] for letter in letters} == {"decode"}
-    assert len(dlq_rows) == len(produced.poison) and _extra(dlq_rows) == 0
-    accounted = len(everything & set(final) & set(lines)) + len(refused & set(rejected_rows))
-    accounted += len(produced.poison & dead)
+    for event_id in landed_refused & set(produced.failed):
+        assert reasons[event_id] == ("invalid" if produced.failed[event_id] == "invalid" else "duplicate"), event_id
+    assert not {i for i in landed_clean if produced.failed.get(i) == "invalid"}, "an invalid event accepted"
+    assert set(rejected_rows) == set(reasons) and _extra(rejected_rows) == 0
+    assert produced.poison <= dead <= produced.poison | produced.failed_poison
+    assert {letter["stage"] for letter in letters} <= {"decode"}
+    assert len(dlq_rows) == len(dead) and _extra(dlq_rows) == 0
+
+    # The rollups: every accepted event counted once (each event is its own opinion here: the
+    # interactions named are distinct, so no event revises another).
+    rollups = _rollups(settings)
+    with_interaction = len(clean & produced.interaction)
+    want = {
+        "feedback_daily": len(clean), "feedback_daily_weighted": len(clean), "interaction_stats": with_interaction,
+        "interactions": with_interaction, "feedback_current": len(clean), "feedback_daily_rows_optimized": len(clean),
+        "interaction_stats_rows_optimized": with_interaction, "feedback_current_optimized": len(clean),
+    }  # fmt: skip
+    assert rollups == want, f"rollups {rollups} != accepted {want}"
+
+    acknowledged = produced.accepted | refused | produced.either
+    accounted = len(produced.accepted & set(final) & set(lines)) + len(refused & set(rejected_rows))
+    accounted += len(produced.either & (landed_clean | landed_refused)) + len(produced.poison & dead)
+    failed_landed = len((landed_clean | landed_refused) & set(produced.failed)) + len(dead - produced.poison)
     return {
         "produced": produced.total,
         "accepted": len(produced.accepted),
+        "accepted_landed": len(clean),  # with the failed that landed as accepted
         "refused": len(refused),
         "poison": len(produced.poison),
+        "failed": len(produced.failed) + len(produced.failed_poison),
+        "failed_landed": failed_landed,
+        "acked_resends_of_failed": len(produced.either),
         "accounted_for": accounted,
-        "lost": produced.total - accounted,
+        "lost": len(acknowledged) + len(produced.poison) - accounted,
         "duplicated": sum(_extra(c) for c in (final, plain, lines, rejected_rows, dlq_rows)),
         "repeats_on_topics": len(rejections) - len(reasons) + len(letters) - len(dead),
-    }
+        "rollups": {"feedback_daily": rollups["feedback_daily"], "interaction_stats": rollups["interaction_stats"],
+                    "feedback_current": rollups["feedback_current"]},
+    }  # fmt: skip
 
 
 def _kills(settings: Settings, tmp_path: Path, victims: list[str], seed: int) -> dict[str, Any]:
@@ -466,3 +583,72 @@ def test_poison_of_every_kind_is_dead_lettered_or_rejected_and_the_rest_lands(
     assert b"fault-poison" not in log  # coordinates and reasons, never the bytes
     print("fault_figures", orjson.dumps({"test": "poison of every kind", "accepted": len(accepted),
                                          "rejected": len(rows), "dead_lettered": len(letters)}).decode())  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_workers_one_sigkilled_during_a_rebalance(isolated: Settings, tmp_path: Path) -> None:
+    """Two workers of one group on a 12-partition raw topic (a state folder each, as two hosts
+    would have) under the load; a third joins, and once it has asked to join (the group is
+    rebalancing) one of the first two is SIGKILLed: no commit, no flush, in the middle of the
+    handover. Every store reconciles; reputation counts every decided event once and the
+    directive bias every accepted bad_output event once."""
+    from schemas.state_records import decode_bias, decode_reputation
+    from tests.integration.kafka_read import latest_by_key
+
+    settings = _settings(isolated).model_copy(update={"topic_partitions": 12, "bias_publish_interval_s": 0.2})
+    ensure_topics(settings)
+    topics = Topics(settings.topic_prefix)
+    rng = random.Random(34)
+    figures: dict[str, Any] = {"test": "two workers, one killed in a rebalance"}
+    with contextlib.ExitStack() as stack:
+
+        def start(name: str) -> subprocess.Popen[bytes]:
+            own = settings.model_copy(update={"state_dir": tmp_path / f"state-{name}"})
+            return stack.enter_context(pipeline_process(own, "worker", tmp_path / f"{name}.log"))
+
+        a, b = start("worker-a"), start("worker-b")
+        sink = stack.enter_context(pipeline_process(settings, "sink", tmp_path / "sink.log"))
+        load = Load(settings, seed=34).start()
+        wait_for(lambda: _jsonl_distinct(settings) >= ROUND, 180, "the first events end to end", [a, b, sink])
+        both = lambda: b"Joined group" in (tmp_path / "worker-b.log").read_bytes()  # noqa: E731
+        wait_for(both, 120, "the second worker in the group", [a, b, sink])
+        before = _clean_messages(settings)
+        wait_for(lambda: _clean_messages(settings) >= before + 2 * ROUND, 180, "two workers deciding", [a, b, sink])
+
+        c = start("worker-c")  # joins: the group rebalances
+        joining = lambda: b"(Re-)joining group" in (tmp_path / "worker-c.log").read_bytes()  # noqa: E731
+        wait_for(joining, 120, "the third worker asking to join", [a, b, c, sink])
+        time.sleep(rng.uniform(0.0, 1.0))  # inside the rebalance: the group waits for every member
+        killed_at = time.monotonic()
+        b.kill()
+        assert b.wait(10) == -9
+        at_kill = _clean_messages(settings)
+        wait_for(lambda: _clean_messages(settings) >= at_kill + 2 * ROUND, 240, "progress after the kill", [a, c, sink])
+        figures["recover_s"] = round(time.monotonic() - killed_at, 1)
+        produced = load.stop()
+        assert load.rounds < MAX_ROUNDS, "the load ended before the kill: it proved nothing"
+        figures["settle_s"] = round(_settle(settings, produced, [a, c, sink]), 1)
+        figures.update(_reconcile(settings, produced))
+
+        # The state: each decided event observed once, each accepted bad_output once in the bias.
+        decided = len(produced.accepted) + len(produced.duplicate) + len(produced.invalid)
+        feeding = len(produced.accepted & produced.bad_output)
+
+        def observations() -> int:
+            return sum(decode_reputation(v).observations for v in latest_by_key(settings, topics.reputation).values())
+
+        def bias_events() -> int:
+            return sum(decode_bias(v).events for v in latest_by_key(settings, topics.directive_bias).values())
+
+        with contextlib.suppress(AssertionError):  # judged below, with the figures
+            wait_for(lambda: observations() == decided and bias_events() == feeding, 120, "the state", [a, c, sink])
+        figures["reputation_observations"], figures["bias_events"] = observations(), bias_events()
+        figures["decided"], figures["bad_output_accepted"] = decided, feeding
+        assert all(p.poll() is None for p in (a, c, sink)), "a pipeline process died on its own"
+        figures["clean_messages_resent"] = _clean_messages(settings) - len(produced.accepted)
+    logs = {log.name: log.read_bytes() for log in tmp_path.glob("*.log")}
+    assert not any(b"batch_failed" in text for text in logs.values()), "the kill was the only fault"
+    print("fault_figures", orjson.dumps(figures).decode())
+    assert figures["lost"] == 0 and figures["duplicated"] == 0
+    assert figures["reputation_observations"] == decided, "reputation: every decided event once"
+    assert figures["bias_events"] == feeding, "the directive bias: every accepted bad_output event once"

@@ -10,12 +10,13 @@ from __future__ import annotations
 import re
 from datetime import UTC, date, datetime, timedelta
 
+from schemas.avro_binary import micros
+
 __all__ = ["UNITS", "parse_time", "to_micros"]
 
 #: Relative units: seconds, minutes, hours, days, weeks.
 UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 _RELATIVE = re.compile(r"(\d{1,9})\s*([smhdw])")
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _EXPECTED = "try 30m, 1h, 7d, 2w or 2026-11-01"
 
 
@@ -46,4 +47,4 @@ def parse_time(text: str, now: datetime) -> datetime:
 
 def to_micros(instant: datetime) -> int:
     """Microseconds since the epoch (how the queries pass instants to ClickHouse)."""
-    return (instant.astimezone(UTC) - _EPOCH) // timedelta(microseconds=1)
+    return micros(instant.astimezone(UTC))

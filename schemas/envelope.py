@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 
 from pipeline.errors import PoisonEvent
+from schemas.avro_binary import append_long
 from schemas.serde import SINGLE_OBJECT_MAGIC, load_schema, schema_fingerprint
 
 __all__ = [
@@ -57,14 +58,6 @@ def position(offset: int, index: int = 0) -> int:
     return (offset << INDEX_BITS) | index
 
 
-def _varint(n: int, out: bytearray) -> None:
-    n = (n << 1) ^ (n >> 63)  # Avro long: zigzag, then base 128
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-
-
 def pack(values: Sequence[bytes]) -> bytes:
     """One envelope holding ``values`` (each a complete event message value)."""
     if not values:
@@ -72,9 +65,9 @@ def pack(values: Sequence[bytes]) -> bytes:
     if len(values) > MAX_EVENTS:
         raise ValueError(f"an envelope holds at most {MAX_EVENTS} events, not {len(values)}")
     out = bytearray(ENVELOPE_HEADER)
-    _varint(len(values), out)  # one block of len(values) items
+    append_long(len(values), out)  # one block of len(values) items
     for value in values:
-        _varint(len(value), out)
+        append_long(len(value), out)
         out += value
     out.append(0)  # end of the array
     return bytes(out)

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from schemas.models import _micros
+from schemas.avro_binary import micros
 
 __all__ = ["MAX_ID_CHARS", "MAX_SNAPSHOT_CHARS", "SNAPSHOT_FIELDS", "Interaction", "tracked_interaction"]
 
@@ -51,7 +51,7 @@ class Interaction(BaseModel):
         return value.astimezone(UTC)
 
     def to_avro(self) -> dict[str, Any]:
-        return {**self.model_dump(), "ts": _micros(self.ts)}
+        return {**self.model_dump(), "ts": micros(self.ts)}
 
     @classmethod
     def from_avro(cls, record: dict[str, Any]) -> Interaction:

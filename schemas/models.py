@@ -15,6 +15,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from schemas.avro_binary import EPOCH, from_micros, micros
+
 __all__ = [
     "FREE_TEXT_FIELDS",
     "FeedbackEvent",
@@ -33,9 +35,8 @@ FREE_TEXT_FIELDS = ("text", "comment", "corrected_response")
 Scalar = None | bool | int | float | str
 
 _INT64 = 2**63
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Avro timestamp-micros holds microseconds since the epoch; keep within what it and ClickHouse store.
-_TS_MIN = _EPOCH
+_TS_MIN = EPOCH
 _TS_MAX = datetime(2262, 1, 1, tzinfo=UTC)
 Name = Annotated[str, Field(min_length=1, max_length=128)]
 OptionalId = Annotated[str | None, Field(default=None, min_length=1, max_length=256)]
@@ -189,7 +190,7 @@ class FeedbackEvent(BaseModel):
         """The record as fastavro writes it (``ts`` as microseconds since the epoch)."""
         return {
             "event_id": self.event_id,
-            "ts": _micros(self.ts),
+            "ts": micros(self.ts),
             "source": self.source,
             "type": self.type,
             "severity": self.severity.value,
@@ -215,7 +216,7 @@ class FeedbackEvent(BaseModel):
         """Build (and validate) an event from a decoded Avro record."""
         data = dict(record)
         ts = data["ts"]
-        data["ts"] = ts if isinstance(ts, datetime) else _from_micros(ts)
+        data["ts"] = ts if isinstance(ts, datetime) else from_micros(ts)
         return cls.model_validate(data)
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -239,15 +240,6 @@ def _load_compute_hash() -> Callable[[FeedbackEvent], str]:
     return compute_hash
 
 
-def _micros(value: datetime) -> int:
-    delta = value - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
-def _from_micros(micros: int) -> datetime:
-    from datetime import timedelta
-
-    return _EPOCH + timedelta(microseconds=micros)
 
 
 def format_ts(value: datetime) -> str:

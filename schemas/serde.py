@@ -20,7 +20,7 @@ import json
 import struct
 import sys
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -29,6 +29,8 @@ import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from pipeline.errors import ConfigError, PoisonEvent
+from schemas.avro_binary import long_bytes as _long
+from schemas.avro_binary import micros as _micros
 
 try:  # built from schemas/_speedups.c by `pip install -e .` when a C compiler is present
     from schemas import _speedups
@@ -87,25 +89,6 @@ _LENGTHS = []
 
 class _Unsupported(Exception):
     """The compiled encoder does not handle this value or schema; fastavro does."""
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _micros(value: datetime) -> int:
-    delta = value - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
-def _long(n: int) -> bytes:
-    """Avro long: zigzag, then a little-endian base-128 varint."""
-    n = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 _LENGTHS.extend(_long(n) for n in range(4096))

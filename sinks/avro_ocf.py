@@ -10,24 +10,15 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["container", "zigzag"]
+from schemas.avro_binary import long_bytes
+
+__all__ = ["container"]
 
 _MAGIC = b"Obj\x01"
 
 
-def zigzag(n: int) -> bytes:
-    """Avro's variable-length zig-zag encoding of a long."""
-    n = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while n & ~0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def _bytes(value: bytes) -> bytes:
-    return zigzag(len(value)) + value
+    return long_bytes(len(value)) + value
 
 
 def container(schema_json: str, bodies: list[bytes], sync: bytes | None = None) -> bytes:
@@ -35,9 +26,9 @@ def container(schema_json: str, bodies: list[bytes], sync: bytes | None = None) 
     sync = sync or os.urandom(16)
     meta = {b"avro.schema": schema_json.encode(), b"avro.codec": b"null"}
     header = bytearray(_MAGIC)
-    header += zigzag(len(meta))
+    header += long_bytes(len(meta))
     for key, value in meta.items():
         header += _bytes(key) + _bytes(value)
-    header += zigzag(0) + sync
+    header += long_bytes(0) + sync
     data = b"".join(bodies)
-    return bytes(header) + zigzag(len(bodies)) + zigzag(len(data)) + data + sync
+    return bytes(header) + long_bytes(len(bodies)) + long_bytes(len(data)) + data + sync

@@ -298,7 +298,9 @@ def check_statement(sql: str) -> Statement:
 #: The keys a ``CLICKHOUSE`` dictionary source may have: a table or query of this server. No
 #: ``HOST``/``PORT``/``USER``/``PASSWORD``/``SECURE`` (another server) and no ``NAME`` (a named
 #: collection, which can hold one).
-_SOURCE_KEYS = frozenset({"table", "db", "database", "where", "query", "invalidate_query", "update_field", "update_lag"})
+_SOURCE_KEYS = frozenset(
+    {"table", "db", "database", "where", "query", "invalidate_query", "update_field", "update_lag"}
+)
 #: The source keys whose string is SQL the engine runs: checked as statements of their own.
 _SOURCE_SQL = {"query": "{}", "invalidate_query": "{}", "where": "SELECT 1 WHERE ({})"}
 #: Layouts that keep the dictionary in memory (``SSD_CACHE`` writes to a ``PATH`` it is given).
@@ -387,9 +389,14 @@ def _clause(tokens: list[Token], keyword: str) -> list[tuple[int, int]]:
             depth += 1
         elif token.text == ")":
             depth -= 1
-        elif depth <= 1 and token.kind == "word" and token.text.upper() == keyword:
-            if i + 1 < len(tokens) and tokens[i + 1].text == "(":
-                found.append((i + 1, _parenthesized(tokens, i + 1)))
+        elif (
+            depth <= 1
+            and token.kind == "word"
+            and token.text.upper() == keyword
+            and i + 1 < len(tokens)
+            and tokens[i + 1].text == "("
+        ):
+            found.append((i + 1, _parenthesized(tokens, i + 1)))
     return found
 
 

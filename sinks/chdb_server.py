@@ -83,6 +83,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
+from schemas.avro_binary import read_varuint, varuint
 from sinks.chdb_guard import GuardError, Statement, check_statement, write_engine_config
 
 __all__ = ["EmbeddedClickHouseServer", "ServerLimits", "main"]
@@ -348,26 +349,10 @@ class _NotNative(Exception):
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    for _ in range(10):
-        if pos >= len(data):
-            raise _NotNative("truncated")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-    raise _NotNative("varint too long")
-
-
-def _varuint_bytes(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+    try:
+        return read_varuint(data, pos)
+    except ValueError as exc:
+        raise _NotNative(str(exc)) from None
 
 
 def _uint64(data: bytes, pos: int) -> int:
@@ -510,7 +495,7 @@ def _rewrite_blocks(data: bytes, types: list[str] | None, block_info: bool) -> b
             new_type = types[i] if types is not None else old_type
             if old_type == "DateTime" and new_type.startswith("DateTime("):
                 encoded = new_type.encode()
-                out += _varuint_bytes(len(encoded)) + encoded
+                out += varuint(len(encoded)) + encoded
             else:
                 out += data[type_start:pos]
             if i == last and not block_info:

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Sequence
-from datetime import datetime
 from typing import Any
 
+from schemas.avro_binary import micros, varuint
 from schemas.serde import _speedups
 
 __all__ = ["EVENT_NATIVE_TYPES", "NativeEncoder", "encode_native", "event_plan"]
@@ -176,24 +176,9 @@ class NativeEncoder:
 # --- the pure-Python reference -----------------------------------------------------------
 
 
-def _varuint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def _string(value: str | bytes) -> bytes:
     raw = value.encode() if isinstance(value, str) else value
-    return _varuint(len(raw)) + raw
-
-
-def _micros(ts: datetime) -> int:
-    # Exact integer arithmetic, as Avro's timestamp-micros stores it.
-    delta = ts - datetime(1970, 1, 1, tzinfo=ts.tzinfo)
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    return varuint(len(raw)) + raw
 
 
 def _column(native_type: str, values: list[Any]) -> bytes:
@@ -204,7 +189,7 @@ def _column(native_type: str, values: list[Any]) -> bytes:
     if native_type == "Nullable(Float64)":
         return bytes(v is None for v in values) + b"".join(struct.pack("<d", 0.0 if v is None else v) for v in values)
     if native_type == "DateTime64(6, 'UTC')":
-        return b"".join(struct.pack("<q", _micros(v)) for v in values)
+        return b"".join(struct.pack("<q", micros(v)) for v in values)
     if native_type == "Bool":
         return bytes(bool(v) for v in values)
     if native_type == "UInt32":
@@ -233,7 +218,7 @@ def _column(native_type: str, values: list[Any]) -> bytes:
 def encode_native(columns: Sequence[str], types: dict[str, str], rows: Iterable[Sequence[Any]]) -> bytes:
     """One Native block of ``rows`` (values in ``columns`` order, as ``event_row`` builds them)."""
     table = list(rows)
-    out = [_varuint(len(columns)), _varuint(len(table))]
+    out = [varuint(len(columns)), varuint(len(table))]
     for i, name in enumerate(columns):
         out += [_string(name), _string(types[name]), _column(types[name], [row[i] for row in table])]
     return b"".join(out)

@@ -15,10 +15,11 @@ import dataclasses
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
 
 from pipeline.errors import InvalidEvent
+from schemas.avro_binary import micros
 from stream_processors.dedup import client_pseudonym, keyed_hash
 from stream_processors.dedup import dedup_key as _dedup_key
 from stream_processors.dedup import opinion_key as _opinion_key
@@ -48,8 +49,6 @@ _RECENT_REJECTIONS = 256
 _RECENT_REVISIONS = 8  # decisions an opinion entry remembers, so a replayed batch repeats them
 #: Payload keys only the stream sets (a producer's own value is removed): see :func:`opinion_step`.
 STREAM_KEYS = frozenset({"supersedes", "superseded_by", "rater"})
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
 
 
 @dataclass(frozen=True)
@@ -192,7 +191,7 @@ def gate_step(
     new_opinion = None
     if okey:
         ts = event["ts"]  # decoded: a datetime; a record built in Python: µs since the epoch
-        ts_us = ts if isinstance(ts, int) else (ts - _EPOCH) // _MICROSECOND
+        ts_us = ts if isinstance(ts, int) else micros(ts)
         new_opinion, supersedes, superseded_by = opinion_step(
             opinion, offset, now_s, ts_us, event["event_id"], config.dedup_window_s
         )

@@ -28,8 +28,9 @@ from pydantic import ValidationError
 from pydantic.types import AllowInfNan
 
 from pipeline.errors import InvalidEvent
+from schemas.avro_binary import from_micros, micros
 from schemas.bulk import unwrap_optional
-from schemas.models import _TS_MAX, _TS_MIN, FeedbackEvent, Payload, Scalar, _from_micros, _micros
+from schemas.models import _TS_MAX, _TS_MIN, FeedbackEvent, Payload, Scalar
 from stream_processors.enrich import RESERVED_PREFIX
 
 __all__ = ["Limits", "ValidatedEvent", "validate"]
@@ -128,7 +129,7 @@ _KNOWN_CONFIG = {
 }
 _LIMIT_ATTR = {MinLen: "min_length", MaxLen: "max_length", Ge: "ge", Gt: "gt", Le: "le", Lt: "lt"}
 _INT64 = 2**63
-_MICROS_MIN, _MICROS_MAX = _micros(_TS_MIN), _micros(_TS_MAX)  # the ts bounds as Avro's microseconds
+_MICROS_MIN, _MICROS_MAX = micros(_TS_MIN), micros(_TS_MAX)  # the ts bounds as Avro's microseconds
 
 
 class _Rules:
@@ -286,7 +287,7 @@ def _certainly_valid(record: Any) -> datetime | None:
             return None
         return ts
     if type(ts) is int and _MICROS_MIN <= ts <= _MICROS_MAX:
-        return _from_micros(ts)  # as FeedbackEvent.from_avro reads it
+        return from_micros(ts)  # as FeedbackEvent.from_avro reads it
     return None
 
 

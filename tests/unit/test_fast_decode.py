@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from pipeline.errors import PoisonEvent
 from schemas import AvroSerde, FeedbackEvent, load_schema
 from schemas import serde as serde_module
+from schemas.avro_binary import long_bytes as zigzag
 from schemas.serde import compile_program
 from tests.unit.test_fast_encode import events
 
@@ -40,16 +41,6 @@ settings_ = settings(max_examples=500, deadline=None, suppress_health_check=[Hea
 
 
 # --- helpers ------------------------------------------------------------------------
-
-
-def zigzag(n: int) -> bytes:
-    n = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def write(schema: Any, value: Any) -> bytes:

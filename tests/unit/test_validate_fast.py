@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from pipeline.errors import InvalidEvent
 from schemas import AvroSerde, FeedbackEvent
-from schemas.models import _TS_MAX, _TS_MIN, Severity, _micros
+from schemas.avro_binary import micros as _micros
+from schemas.models import _TS_MAX, _TS_MIN, Severity
 from stream_processors import validate as validate_module
 from stream_processors.validate import Limits, ValidatedEvent, _validate_reference, validate
 

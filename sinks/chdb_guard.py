@@ -351,8 +351,14 @@ def _unquote(text: str) -> str:
         c = body[i]
         if c == "\\" and i + 1 < len(body):
             nxt = body[i + 1]
-            if nxt == "x" and i + 3 < len(body):
-                out.append(chr(int(body[i + 2 : i + 4], 16)))
+            if nxt == "x":
+                digits = body[i + 2 : i + 4]
+                if len(digits) != 2 or any(c not in "0123456789abcdefABCDEF" for c in digits):
+                    raise GuardError(
+                        "Code: 62. DB::Exception: Syntax error: a \\x escape needs two hex digits. (SYNTAX_ERROR)",
+                        SYNTAX_ERROR,
+                    )
+                out.append(chr(int(digits, 16)))
                 i += 4
                 continue
             out.append(_STRING_ESCAPES.get(nxt, nxt))

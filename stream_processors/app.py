@@ -512,24 +512,41 @@ def create_app(
 
     cursors: dict[str, Any] = {}
     changes_seen: dict[str, int] = {}
+    kept_in_pass: dict[str, int] = {}  # live keys counted so far in the sweep's current pass ...
+    pass_began: dict[str, float] = {}  # ... and when it began (monotonic)
 
     def sweep(state: StateTable, expired: Callable[[dict[str, Any]], bool], event: str) -> None:
         """Look at the next entries of ``state`` and tombstone the ``expired`` ones (values remember
         their partition): a bounded step per tick, so a large table never stalls the agents; not
         during recovery. The step is twice the keys written since the last one (at least SWEEP_MIN,
         at most SWEEP_SCAN): the cursor goes round the table faster than it grows, so an expired
-        key goes within about half a window, and a quiet table costs a small scan a tick."""
+        key goes within about half a window, and a quiet table costs a small scan a tick.
+
+        The keys it leaves are counted over a pass; at the end of each pass the count is the
+        table's ``feedback_table_keys``, and the pass's duration ``feedback_table_sweep_pass_seconds``.
+        A key written behind the cursor during the pass is not counted, so the table holds at
+        least that many keys, and at most that many plus the keys written during the pass."""
         if app.in_recovery or app.rebalancing:
             return
         written = state.changes - changes_seen.get(state.name, 0)
         changes_seen[state.name] = state.changes
         step = min(SWEEP_SCAN, max(SWEEP_MIN, 2 * written))
+        if cursors.get(state.name) is None:
+            pass_began[state.name] = time.monotonic()
         entries, cursors[state.name] = state.scan_from(cursors.get(state.name), step)
-        swept = 0
+        swept = kept = 0
         for key, value in entries:
-            if value is not None and expired(value):
+            if value is None:
+                continue
+            if expired(value):
                 state.delete(key, value.get("partition", 0))
                 swept += 1
+            else:
+                kept += 1
+        kept_in_pass[state.name] = kept_in_pass.get(state.name, 0) + kept
+        if cursors[state.name] is None:  # the pass is complete
+            metrics.table_keys.labels(state.name).set(kept_in_pass.pop(state.name))
+            metrics.sweep_pass.labels(state.name).set(time.monotonic() - pass_began.pop(state.name))
         if swept:
             flush(state)
             log.info("%s count=%d", event, swept)

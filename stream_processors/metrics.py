@@ -86,6 +86,18 @@ class GateMetrics:
         self.lag = Gauge(
             "feedback_consumer_lag", "Messages behind the high watermark.", ["topic", "partition"], registry=r
         )
+        self.table_keys = Gauge(
+            "feedback_table_keys",
+            "Keys of a swept state table (gate-seen: dedup keys and opinions; gate-subjects: rate-limit buckets; "
+            "interactions) that the expiry sweep's last full pass left: at the end of the pass the table held at "
+            "least that many, and at most that many plus the keys written during the pass.",
+            ["table"], registry=r,
+        )  # fmt: skip
+        self.sweep_pass = Gauge(
+            "feedback_table_sweep_pass_seconds",
+            "How long the expiry sweep's last full pass of a table took (an expired key stays up to about that long).",
+            ["table"], registry=r,
+        )  # fmt: skip
 
     def serve(self, port: int) -> bool:
         """Start the HTTP endpoint on 127.0.0.1 (a daemon thread). A taken port disables

@@ -523,6 +523,7 @@ def test_rate_limit_keys_hold_no_ip_or_user_id_and_idle_buckets_are_swept(tmp_pa
     # as tombstones in the changelog.
     h.fa.sweeps["subjects"]((T0 + timedelta(seconds=601)).timestamp())
     assert set(h.table("subjects")) == {pseudonymize("yan", secret)}
+    assert h.metric("feedback_table_keys", table="gate-subjects") == 1
     tombstones = [k for k, v, _ in h.outputs.sent[changelog] if v is None]
     assert len(tombstones) == 2
     # A swept subject starts again from a full bucket.
@@ -567,8 +568,11 @@ def test_the_dedup_sweep_tombstones_keys_whose_window_ended(tmp_path: Path) -> N
     # At T0+75 the windows of the events at T0+0..T0+15 have ended (60 s each), the others' not.
     h.fa.sweeps["seen"]((T0 + timedelta(seconds=75)).timestamp())
     assert len(h.table("seen")) == 14
+    # The sweep's pass covered the whole (small) table: its gauge holds the keys left.
+    assert h.metric("feedback_table_keys", table="gate-seen") == 14
     changelog = h.fa.tables["seen"].changelog
     assert sum(1 for _, v, _ in h.outputs.sent[changelog] if v is None) == 16
     # Once every window has ended the table is empty: it cannot grow past a window's worth of keys.
     h.fa.sweeps["seen"]((T0 + timedelta(seconds=200)).timestamp())
     assert h.table("seen") == {}
+    assert h.metric("feedback_table_keys", table="gate-seen") == 0

@@ -105,6 +105,7 @@ WITHIN_S = 0.02  # a partial batch is handled after this long (end-to-end latenc
 FLUSH_EVENTS = 5_000  # a batch of envelopes is flushed every this many events, to bound its memory
 SWEEP_S = 1.0  # the dedup and interaction sweeps look at SWEEP_SCAN entries this often
 SWEEP_SCAN = 20_000
+SWEEP_CATCH_UP = 5.0  # a late tick looks at up to this many ticks' worth of entries
 SWEEP_MIN = 2_000
 REPUBLISH_S = 60.0
 MAX_LETTER_RAW = 512 * 1024  # a dead letter keeps the raw bytes up to this size
@@ -514,13 +515,18 @@ def create_app(
     changes_seen: dict[str, int] = {}
     kept_in_pass: dict[str, int] = {}  # live keys counted so far in the sweep's current pass ...
     pass_began: dict[str, float] = {}  # ... and when it began (monotonic)
+    last_step: dict[str, float] = {}  # when each table's sweep last ran (monotonic)
 
     def sweep(state: StateTable, expired: Callable[[dict[str, Any]], bool], event: str) -> None:
         """Look at the next entries of ``state`` and tombstone the ``expired`` ones (values remember
         their partition): a bounded step per tick, so a large table never stalls the agents; not
         during recovery. The step is twice the keys written since the last one (at least SWEEP_MIN,
-        at most SWEEP_SCAN): the cursor goes round the table faster than it grows, so an expired
-        key goes within about half a window, and a quiet table costs a small scan a tick.
+        at most SWEEP_SCAN a SWEEP_S): the cursor goes round the table faster than it grows, so an
+        expired key goes within about half a window, and a quiet table costs a small scan a tick.
+        A tick that comes late (a busy worker: timers drift by seconds on a loaded machine) looks
+        at the entries of the ticks it missed too, up to SWEEP_CATCH_UP of them: otherwise the
+        pass slows with the timer, expired keys wait longer, the table grows, and the pass slows
+        again (at 5,000 keys/s and a 120 s window the table kept growing past 1.4 x rate x window).
 
         The keys it leaves are counted over a pass; at the end of each pass the count is the
         table's ``feedback_table_keys``, and the pass's duration ``feedback_table_sweep_pass_seconds``.
@@ -530,9 +536,12 @@ def create_app(
             return
         written = state.changes - changes_seen.get(state.name, 0)
         changes_seen[state.name] = state.changes
-        step = min(SWEEP_SCAN, max(SWEEP_MIN, 2 * written))
+        now = time.monotonic()
+        ticks = min(SWEEP_CATCH_UP, max(1.0, (now - last_step.get(state.name, now)) / SWEEP_S))
+        last_step[state.name] = now
+        step = min(int(SWEEP_SCAN * ticks), max(SWEEP_MIN, 2 * written))
         if cursors.get(state.name) is None:
-            pass_began[state.name] = time.monotonic()
+            pass_began[state.name] = now
         entries, cursors[state.name] = state.scan_from(cursors.get(state.name), step)
         swept = kept = 0
         for key, value in entries:

@@ -56,10 +56,11 @@ test: setup audit
 # SIGKILLed under a steady load, every event id reconciled across the stores; test_faults_restarts.py:
 # the broker and the embedded ClickHouse SIGKILLed and started again. `make test` runs only
 # its fast subset (the tests not marked slow). test_cluster_failover.py: a three-broker cluster losing
-# one broker, then two (slow: only here).
+# one broker, then two (slow: only here). test_bounded_state.py: 10 minutes at 5,000 events/s, the
+# dedup and rate-limit tables stay bounded (slow: only here).
 test-faults: setup
 	$(BIN)/python -m pytest -m faults tests/integration/test_faults.py tests/integration/test_faults_restarts.py \
-		tests/integration/test_cluster_failover.py $(PYTEST_ARGS)
+		tests/integration/test_cluster_failover.py tests/integration/test_bounded_state.py $(PYTEST_ARGS)
 
 unit: setup
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

@@ -181,7 +181,7 @@ def test_the_broker_sigkilled_and_restarted(private_kafka: tuple[Settings, Local
         produced = load.stop()
         assert load.rounds < MAX_ROUNDS, "the load ended before the restart was over: it proved nothing"
         figures["settle_s"] = round(_settle(settings, produced, procs.all()), 1)
-        figures.update(_reconcile(settings, produced))
+        figures.update(_reconcile(settings, produced, procs.all()))
         procs.supervise()
         figures["restarted_exit_70"] = procs.restarted
         figures["clean_messages_resent"] = _clean_messages(settings) - figures["accepted_landed"]
@@ -225,7 +225,7 @@ def test_the_embedded_clickhouse_sigkilled_and_restarted(
         produced = load.stop()
         assert load.rounds < MAX_ROUNDS, "the load ended before the restart was over: it proved nothing"
         figures["settle_s"] = round(_settle(settings, produced, procs.all()), 1)
-        figures.update(_reconcile(settings, produced))
+        figures.update(_reconcile(settings, produced, procs.all()))
         procs.supervise()
         assert not procs.restarted, f"{procs.restarted} exited 70 with only ClickHouse away"
     print("fault_figures", orjson.dumps(figures).decode())

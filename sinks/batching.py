@@ -10,6 +10,9 @@ partition's *first* offset with commit metadata naming the batch's *last* offset
 committed offset and collects that partition's first batch up to exactly that
 offset, so the batch, and the ``insert_deduplication_token`` derived from its
 offset range, are the same as before the crash and ClickHouse drops the repeat.
+That first batch holds only the partitions with an intent (what the others deliver
+meanwhile waits for the next batch), so a sink that owns them all rebuilds the batch
+whole, and a token derived from all of its ranges at once is the same too.
 
 The steps for one batch, and what a kill between them leaves:
 
@@ -181,6 +184,7 @@ class BatchingSink(ABC):
         self._batch = Batch()  # the batch being collected
         self._last_taken: dict[tuple[str, int], int] = {}  # per partition, in the batch being collected
         self._closed: set[tuple[str, int]] = set()
+        self._replaying: set[tuple[str, int]] = set()  # the partitions with an intent when the batch began
         self._inflight = Batch()  # the batch last handed to flush, until its offsets are committed
         self._inflight_flushed = False
         self._pending: Future[None] | None = None  # its flush on the worker thread
@@ -313,6 +317,7 @@ class BatchingSink(ABC):
         batch = self._batch = Batch()
         self._last_taken = {}
         self._closed: set[tuple[str, int]] = set()  # partitions whose range in this batch is fixed
+        self._replaying = set(self._intents)  # a replay: only these partitions, each up to its intent
         carry, self._carry = self._carry, []
         for msg in carry:
             self._take(msg, batch)
@@ -322,8 +327,8 @@ class BatchingSink(ABC):
             if self._intents and time.monotonic() > self._intent_deadline:
                 log.warning("batch_intent_abandoned sink=%s partitions=%s", self.name, sorted(self._intents))
                 self._intents.clear()
-            if not self._intents and (len(batch) >= self.batch_rows or remaining <= 0):
-                break
+            if not self._intents and (self._replaying or len(batch) >= self.batch_rows or remaining <= 0):
+                break  # (a replay is complete once its last intent's range is in)
             # Once the batch has rows, a consume that finds nothing new within idle_ms closes it: at
             # low rates rows are written as they come instead of waiting out batch_ms; under load
             # every consume returns rows, and batches fill to batch_rows or batch_ms as before.
@@ -334,6 +339,11 @@ class BatchingSink(ABC):
             )
             if waiting and not msgs:
                 break
+            if self._intents.keys() - self._replaying:  # assigned during that consume, with intents
+                if batch:  # this batch is not their replay: it ends here, they start the next one
+                    self._carry.extend(msgs)
+                    break
+                self._replaying.update(self._intents)
             self._take_many(msgs, batch)
         return batch
 
@@ -372,8 +382,7 @@ class BatchingSink(ABC):
             return
         end = self._intents.get(key)
         if end is None:
-            if self._intents and len(batch) >= self.batch_rows:
-                # Still waiting for an intent's range: hold this partition back for the next batch.
+            if self._holds_back(key):
                 self._closed.add(key)
                 self._carry.append(msg)
                 return
@@ -387,6 +396,11 @@ class BatchingSink(ABC):
             if msg.offset() == end:
                 del self._intents[key]
                 self._closed.add(key)
+
+    def _holds_back(self, key: tuple[str, int]) -> bool:
+        """Whether a message of ``key``, a partition without an intent, waits for the next batch:
+        during a replay, which holds the partitions of the batch it rebuilds and nothing else."""
+        return bool(self._replaying)
 
     def _flush_counted(self, batch: list[Message]) -> None:
         self.flush(batch)

@@ -248,6 +248,10 @@ class EventSink(_DeadLetters, BatchingSink):
             if plan is not None and self._fast_header is not None
             else None
         )
+        # The same blocks without the statement: a small batch's partitions go in as one insert.
+        self._native_blocks = (
+            NativeEncoder(plan, self._fast_header) if self._native is not None and self._fast_header else None
+        )
         self._inserts = ThreadPoolExecutor(INSERT_THREADS, thread_name_prefix="events-insert")
         self.fast_batches = 0
 
@@ -259,9 +263,14 @@ class EventSink(_DeadLetters, BatchingSink):
             self._inserts.shutdown(wait=True)
 
     def flush(self, messages: Sequence[Message]) -> None:
+        parts = by_partition(messages)
+        if len(parts) > 1 and len(messages) <= INSERT_CHUNK_ROWS and self._insert_whole(parts):
+            self._flush_dead_letters()
+            log.info("batch_written sink=events rows=%d dead_lettered=%d", len(messages), self.dead_lettered)
+            return
         chunks = [
             (partition, chunk, token)
-            for partition, msgs in by_partition(messages).items()
+            for partition, msgs in parts.items()
             for chunk, token in insert_chunks(
                 msgs, batch_token("feedback_events", self.topic, partition, msgs[0].offset(), msgs[-1].offset())
             )
@@ -274,6 +283,41 @@ class EventSink(_DeadLetters, BatchingSink):
             written = sum(f.result() for f in futures)  # the first failure, if any, is raised here
         self._flush_dead_letters()
         log.info("batch_written sink=events rows=%d dead_lettered=%d", written, self.dead_lettered)
+
+    def _insert_whole(self, parts: dict[int, list[Message]]) -> bool:
+        """A small batch (at most INSERT_CHUNK_ROWS rows) in one insert: one Native block per
+        partition after one statement, under one token naming every partition's range. Every
+        insert costs the server a fixed ~5-20 ms of CPU and makes a part in each table its views
+        feed; a batch's partitions inserted one by one cost the embedded server ~3.5x the CPU per
+        event of one insert at 5,000 events/s over 6 partitions (docs/performance.md). A replay
+        rebuilds the batch whole (:mod:`sinks.batching`), so the token repeats. False (nothing
+        inserted) when a partition is not the fast path's or ClickHouse refuses the rows: the
+        batch then goes partition by partition, where refused rows are found and dead-lettered."""
+        encoder = self._native_blocks
+        if encoder is None or self._native is None or self._fast_header is None:
+            return False
+        blocks = [self._native.prefix]  # INSERT INTO ... FORMAT Native, then the blocks one after another
+        for partition, msgs in sorted(parts.items()):
+            block = encoder.encode(msgs, msgs[0].offset(), partition)
+            if block is None:
+                return False
+            blocks.append(block)
+        token = "+".join(
+            batch_token("feedback_events", self.topic, partition, msgs[0].offset(), msgs[-1].offset())
+            for partition, msgs in sorted(parts.items())
+        )
+        try:
+            self.clickhouse.insert_body(b"".join(blocks), token)
+        except DatabaseError as exc:
+            log.warning("whole_insert_refused partitions=%d code=%s", len(parts), _code(exc))
+            return False
+        self.fast_batches += 1
+        for partition, msgs in sorted(parts.items()):
+            log.info(
+                "inserted sink=events partition=%d first=%d last=%d rows=%d path=whole",
+                partition, msgs[0].offset(), msgs[-1].offset(), len(msgs),
+            )  # fmt: skip
+        return True
 
     def _insert_chunk(self, partition: int, msgs: Sequence[Message], token: str) -> int:
         fast = self._fast(partition, msgs, token)

@@ -314,6 +314,9 @@ def test_sink_killed_with_sigkill_leaves_exact_jsonl_and_clickhouse(isolated: Se
     assert set(lines) == set(ids) and max(lines.values()) == 1
     assert _counts(settings) == (n, n)
     assert _inserted(settings) == n  # never inserted twice, not merely merged away
+    # Batches of several partitions went in as one insert each (the replays too), not one by one.
+    logs = b"".join((tmp_path / f"sink-{attempt}.log").read_bytes() for attempt in range(4))
+    assert b"path=whole" in logs
 
 
 def test_clickhouse_down_mid_stream_loses_nothing(isolated: Settings, tmp_path: Path) -> None:
